@@ -1,0 +1,187 @@
+"""The GPT of "Build a Large Language Model (From Scratch)", chapter 4, Lightning-free.
+
+Names follow the book (``tok_emb``, ``pos_emb``, ``trf_blocks``, ``att``, ``ff``, ``norm1``, ``norm2``,
+``final_norm``, ``out_head``). Two departures, both for speed and both covered by tests against the book's
+arithmetic: the query/key/value projections are fused into one ``qkv`` Linear, and attention runs through
+``scaled_dot_product_attention`` (the book's explicit-mask softmax stays as ``attention="reference"``).
+
+Shapes: B batch, T sequence length, C ``emb_dim``, H ``n_heads``, D head size (C // H), V padded vocabulary.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lit_llm.config import GPTConfig
+
+
+class Linear(nn.Linear):
+    """``nn.Linear`` that re-initialises itself with ``normal(0, std)`` whenever ``reset_parameters`` runs.
+
+    Sharded strategies build the model on the meta device and call ``reset_parameters`` on each module to
+    materialise it, so the GPT-2 initialisation has to live here rather than in a one-off loop over modules.
+    ``std=None`` keeps PyTorch's default initialisation (what the book's model uses).
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, std: float | None = None, **kw):
+        self.std = std
+        super().__init__(in_features, out_features, bias=bias, **kw)
+
+    def reset_parameters(self) -> None:
+        if self.std is None:
+            return super().reset_parameters()
+        nn.init.normal_(self.weight, mean=0.0, std=self.std)
+        if self.bias is not None:
+            nn.init.zeros_(self.bias)
+
+
+class Embedding(nn.Embedding):
+    """``nn.Embedding`` with the same ``reset_parameters`` contract as :class:`Linear`."""
+
+    def __init__(self, num_embeddings: int, embedding_dim: int, std: float | None = None, **kw):
+        self.std = std
+        super().__init__(num_embeddings, embedding_dim, **kw)
+
+    def reset_parameters(self) -> None:
+        if self.std is None:
+            return super().reset_parameters()
+        nn.init.normal_(self.weight, mean=0.0, std=self.std)
+
+
+class MultiHeadAttention(nn.Module):
+    """Causal multi-head self-attention with a fused query/key/value projection."""
+
+    def __init__(self, config: GPTConfig) -> None:
+        super().__init__()
+        std, proj_std = _init_stds(config)
+        self.n_heads = config.n_heads
+        self.head_dim = config.head_dim
+        self.drop_rate = config.drop_rate
+        self.attention = config.attention
+        self.qkv = Linear(config.emb_dim, 3 * config.emb_dim, bias=config.qkv_bias, std=std)
+        self.out_proj = Linear(config.emb_dim, config.emb_dim, bias=config.bias, std=proj_std)
+        self.dropout = nn.Dropout(config.drop_rate)  # on attention weights (reference path)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, T, C = x.shape
+        # (B, T, 3C) -> 3 x (B, H, T, D)
+        q, k, v = self.qkv(x).view(B, T, 3, self.n_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        if self.attention == "sdpa":
+            p = self.drop_rate if self.training else 0.0
+            context = F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True)  # (B, H, T, D)
+        else:
+            context = self._reference_attention(q, k, v)
+        return self.out_proj(context.transpose(1, 2).reshape(B, T, C))
+
+    def _reference_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """The book's attention (chapter 3): scores, causal mask with -inf, scaled softmax, dropout, weighted sum."""
+        T = q.shape[-2]
+        attn_scores = q @ k.transpose(-2, -1)  # (B, H, T, T)
+        mask = torch.triu(torch.ones(T, T, dtype=torch.bool, device=q.device), diagonal=1)
+        attn_scores = attn_scores.masked_fill(mask, float("-inf"))
+        attn_weights = torch.softmax(attn_scores / self.head_dim**0.5, dim=-1)
+        attn_weights = self.dropout(attn_weights)
+        return attn_weights @ v  # (B, H, T, D)
+
+
+class FeedForward(nn.Module):
+    """Position-wise MLP: C -> 4C -> GELU (tanh approximation, as the book's GELU) -> C."""
+
+    def __init__(self, config: GPTConfig) -> None:
+        super().__init__()
+        std, proj_std = _init_stds(config)
+        self.layers = nn.Sequential(
+            Linear(config.emb_dim, 4 * config.emb_dim, bias=config.bias, std=std),
+            nn.GELU(approximate="tanh"),
+            Linear(4 * config.emb_dim, config.emb_dim, bias=config.bias, std=proj_std),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layers(x)
+
+
+class TransformerBlock(nn.Module):
+    """Pre-LayerNorm block: ``x + drop(att(norm1(x)))`` then ``x + drop(ff(norm2(x)))``.
+
+    Sharded strategies wrap each block as one unit.
+    """
+
+    def __init__(self, config: GPTConfig) -> None:
+        super().__init__()
+        self.norm1 = nn.LayerNorm(config.emb_dim, eps=1e-5, bias=config.bias)
+        self.att = MultiHeadAttention(config)
+        self.norm2 = nn.LayerNorm(config.emb_dim, eps=1e-5, bias=config.bias)
+        self.ff = FeedForward(config)
+        self.drop_shortcut = nn.Dropout(config.drop_rate)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.drop_shortcut(self.att(self.norm1(x)))
+        x = x + self.drop_shortcut(self.ff(self.norm2(x)))
+        return x
+
+
+class GPTModel(nn.Module):
+    """Token + position embeddings, dropout, ``n_layers`` blocks, final LayerNorm, linear head.
+
+    ``forward`` maps token ids ``(B, T)`` to logits ``(B, T, padded_vocab_size)``; columns from ``vocab_size`` on
+    exist only when the vocabulary is padded and are never targets (samplers mask them).
+    """
+
+    def __init__(self, config: GPTConfig) -> None:
+        super().__init__()
+        self.config = config
+        std = 0.02 if config.init == "gpt2" else None
+        V = config.padded_vocab_size
+        self.tok_emb = Embedding(V, config.emb_dim, std=std)
+        self.pos_emb = Embedding(config.context_length, config.emb_dim, std=std)
+        self.drop_emb = nn.Dropout(config.drop_rate)
+        self.trf_blocks = nn.ModuleList(TransformerBlock(config) for _ in range(config.n_layers))
+        self.final_norm = nn.LayerNorm(config.emb_dim, eps=1e-5, bias=config.bias)
+        self.out_head = Linear(config.emb_dim, V, bias=False, std=std)
+        if config.tie_weights:
+            self.out_head.weight = self.tok_emb.weight
+
+    def forward(self, in_idx: torch.Tensor) -> torch.Tensor:
+        B, T = in_idx.shape
+        if T > self.config.context_length:
+            raise ValueError(
+                f"Input sequence has {T} tokens but the model's context_length is {self.config.context_length}; "
+                f"crop the input to its last {self.config.context_length} tokens or use a model with a longer context"
+            )
+        pos = torch.arange(T, device=in_idx.device)
+        x = self.drop_emb(self.tok_emb(in_idx) + self.pos_emb(pos))  # (B, T, C)
+        for block in self.trf_blocks:
+            x = block(x)
+        return self.out_head(self.final_norm(x))  # (B, T, V)
+
+    def num_parameters(self, trainable_only: bool = False) -> int:
+        """Parameters counted once each (a tied embedding and head count once)."""
+        return sum(p.numel() for p in self.parameters() if p.requires_grad or not trainable_only)
+
+    def flops_per_token(self, seq_len: int | None = None) -> float:
+        """Training FLOPs per token by the PaLM formula ``6 N + 12 L d T``.
+
+        ``N`` counts the parameters that do matmul work: everything but the embedding lookups, plus the output
+        head (which is the token embedding when tied).
+        """
+        c = self.config
+        T = seq_len or c.context_length
+        n = self.num_parameters() - self.pos_emb.weight.numel()
+        if not c.tie_weights:
+            n -= self.tok_emb.weight.numel()
+        return 6.0 * n + 12.0 * c.n_layers * c.emb_dim * T
+
+
+def _init_stds(config: GPTConfig) -> tuple[float | None, float | None]:
+    """(std of ordinary layers, std of the projections that write into the residual stream)."""
+    if config.init == "pytorch":
+        return None, None
+    return 0.02, 0.02 / math.sqrt(2 * config.n_layers)
+
+
+# The book's class name is GPTModel; GPT is the short alias used across lit_llm.
+GPT = GPTModel

@@ -1,0 +1,216 @@
+"""What every lit_llm task shares: the GPT built in ``configure_model``, AdamW + schedule, clipping, token count."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+import torch.nn.functional as F
+from pytorch_lightning.utilities import rank_zero_info
+from torch import nn
+
+from lit_llm.config import GPTConfig
+from lit_llm.errors import ConfigError
+from lit_llm.model import GPTModel
+from lit_llm.optim import Schedule, build_adamw, lr_multiplier, parameter_groups
+
+
+def next_token_loss(logits: torch.Tensor, targets: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+    """Cross-entropy of ``logits`` ``(B, T, V)`` against ``targets`` ``(B, T)``; ``-100`` targets are ignored.
+
+    Computed in float32 even when the logits are bf16 (``bf16-true``), so the loss keeps its precision.
+    """
+    return F.cross_entropy(
+        logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100, reduction=reduction
+    )
+
+
+class GPTTask(pl.LightningModule):
+    """Base LightningModule: owns the GPT, the optimizer and the learning-rate schedule.
+
+    Subclasses implement the steps. The Trainer owns accumulation, precision, checkpointing and distribution.
+    """
+
+    def __init__(
+        self,
+        model: GPTConfig | None = None,
+        vocab_size: int | None = None,
+        learning_rate: float = 4e-4,
+        weight_decay: float = 0.1,
+        betas: tuple[float, float] = (0.9, 0.95),
+        eps: float = 1e-8,
+        decay_all: bool = False,
+        lr_schedule: Schedule = "cosine",
+        warmup_steps: int = 0,
+        min_lr_ratio: float = 0.1,
+        schedule_steps: int | None = None,
+        gradient_clip: float | None = 1.0,
+        compile: bool = False,
+        fused_adamw: bool | None = None,
+    ) -> None:
+        """
+        Args:
+            model: The GPT's shape and options (the book's ``GPT_CONFIG_124M`` keys). ``vocab_size`` here is
+                overridden by the ``vocab_size`` argument when that is given.
+            vocab_size: Vocabulary size; ``lit_llm.train`` links it from the tokenizer so the two always agree.
+            learning_rate: Peak learning rate of AdamW.
+            weight_decay: AdamW weight decay (matrices and embeddings only unless ``decay_all``).
+            betas: AdamW betas. The book uses PyTorch's default (0.9, 0.999); GPT-2 style runs use (0.9, 0.95).
+            eps: AdamW epsilon.
+            decay_all: Decay biases and LayerNorm weights too, exactly as the book's optimizer does.
+            lr_schedule: ``cosine`` or ``linear`` decay after warmup (the book's appendix D), or ``constant``.
+            warmup_steps: Optimizer steps of linear warmup.
+            min_lr_ratio: Floor of the decay as a fraction of ``learning_rate``.
+            schedule_steps: Optimizer steps the decay spans; default: the Trainer's estimated total steps.
+            gradient_clip: Clip the global gradient norm to this value (``null`` disables clipping). The pre-clip
+                norm is logged as ``train/grad_norm``. ``trainer.gradient_clip_val``, when set, takes precedence.
+            compile: ``torch.compile`` the inner GPT (never the LightningModule). The eager module stays in
+                ``self.model`` for generation, so checkpoints hold plain parameter names.
+            fused_adamw: Fused CUDA AdamW; default: on when training on a CUDA device.
+        """
+        super().__init__()
+        config = _as_config(model)
+        if vocab_size is not None:
+            config = config.replace(vocab_size=vocab_size)
+        problems = []
+        if learning_rate <= 0:
+            problems.append(f"model.learning_rate={learning_rate} must be > 0")
+        if warmup_steps < 0:
+            problems.append(f"model.warmup_steps={warmup_steps} must be >= 0")
+        if not 0.0 <= min_lr_ratio <= 1.0:
+            problems.append(f"model.min_lr_ratio={min_lr_ratio} must be in [0, 1]")
+        if gradient_clip is not None and gradient_clip <= 0:
+            problems.append(f"model.gradient_clip={gradient_clip} must be > 0 or null to disable clipping")
+        if problems:
+            raise ConfigError("Invalid task config:\n  - " + "\n  - ".join(problems))
+        self.config = config
+        # Plain types only, so checkpoints load with torch.load(weights_only=True).
+        self.save_hyperparameters(ignore=["model"])
+        self.hparams["model"] = config.to_dict()
+        self.hparams["vocab_size"] = config.vocab_size
+        self.model: GPTModel | None = None
+        self.tokens_seen = 0
+
+    # ---- model -------------------------------------------------------------------------------------------------
+    def configure_model(self) -> None:
+        """Build the GPT here (idempotent) so that sharded strategies can initialise it directly on the devices."""
+        if self.model is not None:
+            return
+        self.model = GPTModel(self.config)
+        # Stored outside nn.Module registration: no duplicate parameters, no "_orig_mod." keys in checkpoints.
+        object.__setattr__(self, "_forward", torch.compile(self.model) if self.hparams.compile else self.model)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Logits ``(B, T, V)`` for token ids ``(B, T)`` (compiled when ``compile`` is on)."""
+        if self.model is None:
+            self.configure_model()
+        return self._forward(input_ids)
+
+    # ---- optimisation ------------------------------------------------------------------------------------------
+    def configure_optimizers(self) -> dict[str, Any]:
+        hp = self.hparams
+        fused = hp.fused_adamw
+        if fused is None:
+            fused = self.device.type == "cuda" and "deepspeed" not in type(self.trainer.strategy).__name__.lower()
+        groups = parameter_groups(self, hp.weight_decay, decay_all=hp.decay_all)
+        optimizer = build_adamw(groups, hp.learning_rate, tuple(hp.betas), hp.eps, fused=fused)
+        total = hp.schedule_steps or self._estimated_steps()
+        rank_zero_info(
+            f"AdamW lr={hp.learning_rate} wd={hp.weight_decay}; {hp.lr_schedule} schedule, "
+            f"{hp.warmup_steps} warmup steps over {total} optimizer steps; "
+            f"{self.model.num_parameters(trainable_only=True):,} trainable parameters"
+        )
+        schedule = torch.optim.lr_scheduler.LambdaLR(
+            optimizer,
+            lambda step: lr_multiplier(
+                step,
+                warmup_steps=hp.warmup_steps,
+                total_steps=total,
+                schedule=hp.lr_schedule,
+                min_lr_ratio=hp.min_lr_ratio,
+            ),
+        )
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+    def _estimated_steps(self) -> int:
+        try:
+            steps = self.trainer.estimated_stepping_batches
+        except Exception:  # no trainer attached, or a dataloader of unknown length
+            steps = float("inf")
+        if steps == float("inf") or steps is None:
+            if self.hparams.lr_schedule != "constant":
+                raise ConfigError(
+                    f"model.lr_schedule={self.hparams.lr_schedule!r} needs to know the number of optimizer steps; "
+                    "set trainer.max_steps, or model.schedule_steps, or use model.lr_schedule: constant"
+                )
+            return 1
+        return max(1, int(steps))
+
+    def configure_gradient_clipping(
+        self,
+        optimizer: torch.optim.Optimizer,
+        gradient_clip_val: float | None = None,
+        gradient_clip_algorithm: str | None = None,
+    ) -> None:
+        # Overridden because Lightning's built-in norm clipping raises under FSDP; the sharded module clips itself.
+        max_norm = gradient_clip_val or self.hparams.gradient_clip
+        if not max_norm:
+            return
+        strategy = type(self.trainer.strategy).__name__
+        if "FSDP" in strategy:
+            norm = self.trainer.strategy.model.clip_grad_norm_(max_norm)
+        else:
+            norm = nn.utils.clip_grad_norm_(self.parameters(), max_norm)
+        self.log("train/grad_norm", norm, on_step=True, on_epoch=False)
+
+    def count_tokens(self, input_ids: torch.Tensor) -> None:
+        """Add a training batch's tokens, over all ranks, to ``tokens_seen`` and log it."""
+        world = self.trainer.world_size if self._trainer is not None else 1
+        self.tokens_seen += input_ids.numel() * world
+        self.log("train/tokens_seen", float(self.tokens_seen), on_step=True, on_epoch=False)
+
+    def log_lr(self) -> None:
+        schedulers = self.lr_schedulers()
+        if schedulers is not None:
+            lr = schedulers.get_last_lr()[0] if not isinstance(schedulers, list) else schedulers[0].get_last_lr()[0]
+            self.log("train/lr", lr, on_step=True, on_epoch=False)
+
+    # ---- checkpoint extras -------------------------------------------------------------------------------------
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["tokens_seen"] = self.tokens_seen
+        checkpoint["model_config"] = self.config.to_dict()
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.tokens_seen = int(checkpoint.get("tokens_seen", 0))
+        saved = checkpoint.get("model_config")
+        if saved is not None:
+            check_same_architecture(saved, self.config.to_dict())
+
+
+def check_same_architecture(saved: dict[str, Any], current: dict[str, Any]) -> None:
+    """Raise :class:`~lit_llm.errors.CheckpointError` listing every shape field that differs."""
+    from lit_llm.errors import CheckpointError
+
+    shape_fields = ("vocab_size", "context_length", "emb_dim", "n_heads", "n_layers", "qkv_bias", "bias",
+                    "tie_weights", "pad_vocab_multiple")
+    diffs = [f"{k}: checkpoint={saved.get(k)!r} config={current.get(k)!r}" for k in shape_fields
+             if k in saved and saved.get(k) != current.get(k)]
+    if diffs:
+        raise CheckpointError(
+            "The checkpoint was trained with a different model architecture:\n  - " + "\n  - ".join(diffs)
+            + "\nUse the model settings the checkpoint was trained with (see config.yaml in its run directory)."
+        )
+
+
+def _as_config(model: GPTConfig | dict | None) -> GPTConfig:
+    if model is None:
+        return GPTConfig()
+    if isinstance(model, GPTConfig):
+        return model
+    if isinstance(model, dict):
+        return GPTConfig.from_dict(model)
+    if dataclasses.is_dataclass(model):  # a GPTConfig from another import path (e.g. reloaded module)
+        return GPTConfig.from_dict(dataclasses.asdict(model))
+    raise ConfigError(f"model must be a GPTConfig or a mapping of its fields, got {type(model).__name__}")

@@ -1,0 +1,101 @@
+"""``python -m lit_llm.train {fit,validate,test,predict} --config configs/....yaml``
+
+LightningCLI with omegaconf interpolation. Two values are linked so they cannot disagree: the tokenizer's
+vocabulary size flows from the DataModule into the model, and the model's context length flows into the
+DataModule's window length.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import sys
+from pathlib import Path
+
+import pytorch_lightning as pl
+from jsonargparse import Namespace
+from pytorch_lightning.cli import LightningCLI
+
+from lit_llm.errors import LitLLMError
+from lit_llm.tasks.base import GPTTask
+
+DEFAULT_ROOT = "checkpoints/run"
+
+
+class _NoAdvertisements(logging.Filter):
+    """Drop Lightning's "Tip: try installing <cloud service>" lines, which are noise in a training log."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("💡 Tip")
+
+
+logging.getLogger("pytorch_lightning.utilities.rank_zero").addFilter(_NoAdvertisements())
+
+
+class LitLLMCLI(LightningCLI):
+    """LightningCLI that links tokenizer -> model and model -> data, and sets up lit_llm's default loggers."""
+
+    def add_arguments_to_parser(self, parser) -> None:  # noqa: ANN001 - jsonargparse parser
+        parser.link_arguments(
+            "model.init_args.model.context_length", "data.init_args.context_length", apply_on="parse"
+        )
+        parser.link_arguments("data.vocab_size", "model.init_args.vocab_size", apply_on="instantiate")
+
+    def before_instantiate_classes(self) -> None:
+        config = self.config[self.subcommand] if self.subcommand else self.config
+        trainer = config.trainer
+        if trainer.get("default_root_dir") is None:
+            trainer.default_root_dir = DEFAULT_ROOT
+        if trainer.get("logger") in (None, True) and not trainer.get("fast_dev_run"):
+            trainer.logger = default_loggers(trainer.default_root_dir)
+
+
+def default_loggers(root: str) -> list[Namespace]:
+    """CSV and TensorBoard loggers sharing one folder per run: ``<root>/logs/version_N`` holds ``metrics.csv``,
+    ``config.yaml``, the loss plot and samples; TensorBoard's event files go in its ``tensorboard/`` subfolder."""
+    version = f"version_{next_version(Path(root) / 'logs')}"
+    common = {"save_dir": root, "name": "logs", "version": version}
+    return [
+        Namespace(class_path="pytorch_lightning.loggers.CSVLogger", init_args=Namespace(**common)),
+        Namespace(
+            class_path="pytorch_lightning.loggers.TensorBoardLogger",
+            init_args=Namespace(**common, sub_dir="tensorboard"),
+        ),
+    ]
+
+
+def next_version(logs: Path) -> int:
+    numbers = [int(m.group(1)) for p in logs.glob("version_*") if (m := re.fullmatch(r"version_(\d+)", p.name))]
+    return max(numbers, default=-1) + 1
+
+
+def cli(args: list[str] | None = None, run: bool = True) -> LitLLMCLI:
+    """Build (and by default run) the CLI; ``args`` replaces ``sys.argv[1:]`` (used by tests)."""
+    return LitLLMCLI(
+        GPTTask,
+        pl.LightningDataModule,
+        subclass_mode_model=True,
+        subclass_mode_data=True,
+        parser_kwargs={"parser_mode": "omegaconf"},
+        save_config_kwargs={"overwrite": True},
+        trainer_defaults={"default_root_dir": DEFAULT_ROOT},
+        args=args,
+        run=run,
+        auto_configure_optimizers=False,
+    )
+
+
+def main(args: list[str] | None = None) -> None:
+    try:
+        cli(args)
+    except LitLLMError as e:
+        if os.environ.get("LIT_LLM_DEBUG"):
+            raise
+        # One clear message, not a traceback through Lightning's internals (LIT_LLM_DEBUG=1 shows it).
+        print(f"error: {type(e).__name__}: {e}", file=sys.stderr)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()
