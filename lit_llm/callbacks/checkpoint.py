@@ -1,0 +1,139 @@
+"""ModelCheckpoint that saves into the run's own folder, so ``fit --ckpt_path last`` finds the previous run."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import warnings
+from collections.abc import Iterator
+from datetime import timedelta
+from typing import Literal
+
+import pytorch_lightning as pl
+from lightning_fabric.utilities.cloud_io import get_filesystem
+from pytorch_lightning.callbacks import ModelCheckpoint
+
+
+class Checkpoint(ModelCheckpoint):
+    """Lightning's ``ModelCheckpoint``, except that without ``dirpath`` it saves straight into
+    ``trainer.default_root_dir`` and keeps ``last.ckpt`` by default.
+
+    Lightning's own default is ``<logger dir>/<name>/version_N/checkpoints``, and each run gets a new version, so
+    ``ckpt_path="last"`` (which looks only in the directory the current run would write to) never sees the previous
+    run's checkpoint. With lit_llm's layout a run lives in ``checkpoints/<run>/`` (its ``default_root_dir``), so
+    ``checkpoints/<run>/last.ckpt`` is found by the next ``fit --ckpt_path last`` of the same run.
+
+    Lightning resolves the directory in two places, both redirected here: in ``setup``, and, earlier, when
+    ``ckpt_path="last"`` is turned into a file through ``_find_last_checkpoints``.
+    """
+
+    def __init__(
+        self,
+        dirpath: str | None = None,
+        filename: str | None = None,
+        monitor: str | None = None,
+        verbose: bool = False,
+        save_last: bool | Literal["link"] | None = True,
+        save_top_k: int = 1,
+        save_on_exception: bool = False,
+        save_weights_only: bool = False,
+        mode: Literal["min", "max"] = "min",
+        auto_insert_metric_name: bool = True,
+        every_n_train_steps: int | None = None,
+        train_time_interval: timedelta | None = None,
+        every_n_epochs: int | None = None,
+        save_on_train_epoch_end: bool | None = None,
+        enable_version_counter: bool = True,
+    ) -> None:
+        """Save checkpoints into the run's folder.
+
+        Args:
+            dirpath: Directory to save into. None (the default) uses ``trainer.default_root_dir`` itself, not a
+                ``checkpoints/`` folder inside the logger's version directory as Lightning does.
+            filename: Checkpoint file name pattern, e.g. ``"{epoch}-{step}-{val/loss:.3f}"``. None gives
+                ``"{epoch}-{step}"``.
+            monitor: Metric to rank checkpoints by (e.g. ``"val/loss"``). None keeps the latest ones.
+            verbose: Print a line at every save.
+            save_last: Also keep ``last.ckpt``, the latest state, which ``fit --ckpt_path last`` resumes from.
+                ``"link"`` makes it a symbolic link to the latest checkpoint instead of a copy.
+            save_top_k: Keep this many best checkpoints by ``monitor`` (the latest ones when ``monitor`` is None);
+                0 keeps none (except ``last.ckpt``), -1 keeps all.
+            save_on_exception: Also save a checkpoint when training stops on an exception.
+            save_weights_only: Save only the weights, not optimizer and loop state (such a checkpoint cannot resume).
+            mode: ``"min"`` or ``"max"``: whether a lower or a higher ``monitor`` value is better.
+            auto_insert_metric_name: Write ``name=value`` for each metric in ``filename``.
+            every_n_train_steps: Save every this many optimizer steps.
+            train_time_interval: Save at this wall-clock interval (cannot be combined with the step/epoch intervals).
+            every_n_epochs: Save every this many epochs.
+            save_on_train_epoch_end: Save at the end of the training epoch rather than after validation.
+            enable_version_counter: Add ``-v1``, ``-v2`` to a file name that already exists instead of overwriting.
+        """
+        extra = {}
+        # Passed only when set, so lit_llm keeps working with Lightning releases whose ModelCheckpoint lacks it.
+        if save_on_exception:
+            extra["save_on_exception"] = True
+        super().__init__(
+            dirpath=dirpath,
+            filename=filename,
+            monitor=monitor,
+            verbose=verbose,
+            save_last=save_last,
+            save_top_k=save_top_k,
+            save_weights_only=save_weights_only,
+            mode=mode,
+            auto_insert_metric_name=auto_insert_metric_name,
+            every_n_train_steps=every_n_train_steps,
+            train_time_interval=train_time_interval,
+            every_n_epochs=every_n_epochs,
+            save_on_train_epoch_end=save_on_train_epoch_end,
+            enable_version_counter=enable_version_counter,
+            **extra,
+        )
+        self._dirpath_from_root = dirpath is None
+        self._resuming_last = False
+
+    def _use_root_dir(self, trainer: pl.Trainer) -> None:
+        # Setting dirpath makes ModelCheckpoint's own (private) directory resolution return it unchanged.
+        root = str(trainer.default_root_dir)
+        if "://" not in root:  # local path: normalise as ModelCheckpoint does for a dirpath given to it
+            root = os.path.realpath(os.path.expanduser(root))
+        self.dirpath = root
+        self._fs = get_filesystem(root)
+
+    def _find_last_checkpoints(self, trainer: pl.Trainer) -> set[str]:
+        # Called while resolving ckpt_path="last", before setup.
+        if self._dirpath_from_root:
+            self._use_root_dir(trainer)
+        found = super()._find_last_checkpoints(trainer)
+        self._resuming_last = bool(found)
+        return found
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if self._dirpath_from_root:
+            self._use_root_dir(trainer)
+            # The run folder normally holds logs and config.yaml, which Lightning's "not empty" warning would
+            # flag on every run; it still warns when earlier checkpoints are there and this run does not resume.
+            quiet = self._resuming_last or not self._holds_checkpoints()
+        else:
+            quiet = False
+        self._resuming_last = False
+        with _ignore_not_empty_warning(quiet):
+            super().setup(trainer, pl_module, stage)
+
+    def _holds_checkpoints(self) -> bool:
+        assert self.dirpath is not None
+        try:
+            entries = self._fs.ls(self.dirpath, detail=False)
+        except (FileNotFoundError, NotADirectoryError):
+            return False
+        return any(str(entry).endswith(self.FILE_EXTENSION) for entry in entries)
+
+
+@contextlib.contextmanager
+def _ignore_not_empty_warning(active: bool) -> Iterator[None]:
+    if not active:
+        yield
+        return
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
+        yield

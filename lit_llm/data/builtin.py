@@ -1,0 +1,54 @@
+"""Corpora that ship with Python itself, so defaults and smoke runs work offline.
+
+A builtin source is named ``builtin:<name>`` wherever a data source is accepted.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import datasets
+
+from lit_llm.errors import DataError
+
+
+def _pydoc_topics() -> dict[str, list[str]]:
+    # pydoc_data is part of CPython's stdlib; its text differs slightly between Python versions,
+    # which the dataset fingerprint (hashed from the content) picks up.
+    from pydoc_data.topics import topics
+
+    titles = sorted(topics)  # dict order is an implementation detail; sort for determinism
+    return {"title": titles, "text": [topics[t] for t in titles]}
+
+
+_BUILTINS: dict[str, tuple[Callable[[], dict[str, list[str]]], str]] = {
+    "pydoc": (
+        _pydoc_topics,
+        "CPython's pydoc help topics (pydoc_data.topics): 79 documents, about 465k characters of English",
+    ),
+}
+
+
+def available_builtins() -> dict[str, str]:
+    """Names of the builtin corpora mapped to one-line descriptions."""
+    return {name: desc for name, (_, desc) in _BUILTINS.items()}
+
+
+def load_builtin(name: str, *, key: str = "data.source") -> datasets.Dataset:
+    """Load a builtin corpus as a dataset with at least a ``text`` column.
+
+    Args:
+        name: The name after ``builtin:``, e.g. ``"pydoc"``.
+        key: The config key named in error messages.
+
+    Returns:
+        One row per document, in a deterministic order.
+
+    Raises:
+        DataError: ``name`` is not a builtin corpus.
+    """
+    if name not in _BUILTINS:
+        choices = ", ".join(f"builtin:{n} ({d})" for n, d in available_builtins().items())
+        raise DataError(f"{key}: unknown builtin corpus 'builtin:{name}'. Available: {choices}.")
+    columns = _BUILTINS[name][0]()
+    return datasets.Dataset.from_dict(columns)

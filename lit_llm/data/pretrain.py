@@ -1,0 +1,571 @@
+"""Next-token prediction data: a corpus tokenized once into memory-mapped arrays, read as sliding windows.
+
+``prepare_data`` tokenizes the documents (cached ``Dataset.map``), appends ``<|endoftext|>`` after
+every document, and writes one ``.npy`` token array per split into the cache. ``setup`` maps the
+arrays and cuts them into the book's windows: ``inputs = ids[i*stride : i*stride+T]`` and
+``targets`` the same shifted by one. Each split has its own array, so no window crosses the
+train/validation boundary.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import datasets
+import numpy as np
+import pyarrow.compute as pc
+import pytorch_lightning as pl
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from lit_llm.data.sources import default_cache_dir, load_documents
+from lit_llm.errors import ConfigError, DataError
+from lit_llm.tokenizer import Tokenizer, load_tokenizer, train_bpe
+
+# Bump when the packed layout changes so old cache entries are not reused.
+_FORMAT_VERSION = 1
+# Documents per tokenize/write batch: small enough that a batch of long documents stays well under a GB.
+_MAP_BATCH = 64
+_COPY_CHUNK = 1 << 22  # tokens per write into the memmap: bounded RAM whatever the corpus size
+# BPE training keeps word counts in RAM; a sample of this many characters is plenty for a good vocabulary.
+_TOKENIZER_SAMPLE_CHARS = 200_000_000
+
+
+def num_windows(n_tokens: int, context_length: int, stride: int) -> int:
+    """Number of (inputs, targets) windows in ``n_tokens`` tokens; the book's ``range(0, n - T, stride)``."""
+    if n_tokens < context_length + 1:
+        return 0
+    return (n_tokens - context_length - 1) // stride + 1
+
+
+class TokenWindows(Dataset):
+    """Sliding windows over a 1-D token array (a ``.npy`` path, memory-mapped lazily, or an array).
+
+    Item ``i`` is ``(inputs, targets)``, int64 tensors of length ``context_length``, with
+    ``targets`` equal to ``inputs`` shifted one token to the left.
+    """
+
+    def __init__(self, ids: str | Path | np.ndarray, context_length: int, stride: int) -> None:
+        self.path = None if isinstance(ids, np.ndarray) else Path(ids)
+        self._ids = ids if isinstance(ids, np.ndarray) else None
+        self.context_length = context_length
+        self.stride = stride
+        self.n_tokens = len(self.ids)
+
+    @property
+    def ids(self) -> np.ndarray:
+        if self._ids is None:
+            self._ids = np.load(self.path, mmap_mode="r")
+        return self._ids
+
+    def __getstate__(self) -> dict[str, Any]:
+        # Pickling a memmap copies its data into every worker; send the path and re-map instead.
+        state = self.__dict__.copy()
+        if self.path is not None:
+            state["_ids"] = None
+        return state
+
+    def __len__(self) -> int:
+        return num_windows(self.n_tokens, self.context_length, self.stride)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if not 0 <= i < len(self):
+            raise IndexError(f"window {i} out of range for {len(self)} windows")
+        start = i * self.stride
+        chunk = torch.from_numpy(self.ids[start : start + self.context_length + 1].astype(np.int64))
+        return chunk[:-1], chunk[1:]
+
+
+@dataclass
+class _Rows:
+    """Rows of a tokenized dataset, written in order."""
+
+    ds: datasets.Dataset
+    rows: range | np.ndarray
+
+    def n_tokens(self) -> int:
+        return int(self.ds.select_columns(["n_tokens"]).with_format("numpy")[self.rows]["n_tokens"].sum())
+
+    def chunks(self) -> Iterator[np.ndarray]:
+        part = self.ds.select(self.rows)
+        for batch in part.with_format("arrow").iter(batch_size=_MAP_BATCH):
+            yield batch.column("ids").combine_chunks().flatten().to_numpy(zero_copy_only=False)
+
+
+_Piece = _Rows | np.ndarray
+
+
+def _piece_len(piece: _Piece) -> int:
+    return len(piece) if isinstance(piece, np.ndarray) else (piece.n_tokens() if len(piece.rows) else 0)
+
+
+def _piece_chunks(piece: _Piece) -> Iterator[np.ndarray]:
+    if isinstance(piece, np.ndarray):
+        for start in range(0, len(piece), _COPY_CHUNK):
+            yield piece[start : start + _COPY_CHUNK]
+    elif len(piece.rows):
+        yield from piece.chunks()
+
+
+def _write_npy(path: Path, pieces: list[_Piece], dtype: type) -> int:
+    """Write the concatenated pieces to ``path`` through a temp file and an atomic rename."""
+    total = sum(_piece_len(p) for p in pieces)
+    tmp = path.with_name(f"{path.stem}.{os.getpid()}.tmp.npy")
+    out = np.lib.format.open_memmap(tmp, mode="w+", dtype=dtype, shape=(total,))
+    pos = 0
+    for piece in pieces:
+        for chunk in _piece_chunks(piece):
+            out[pos : pos + len(chunk)] = chunk
+            pos += len(chunk)
+    assert pos == total, f"wrote {pos} tokens, expected {total}"
+    out.flush()
+    del out
+    os.replace(tmp, path)
+    return total
+
+
+def _hash(*parts: object) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+class PretrainDataModule(pl.LightningDataModule):
+    """Packed next-token-prediction data from any text source.
+
+    Args:
+        source: The corpus: ``builtin:<name>``, an ``https://`` URL (with ``sha256``), ``hf:<dataset>[:<config>]``,
+            or a local file / directory / glob / list of them (``.txt``, ``.md``, ``.json(l)``, ``.csv``, ``.tsv``,
+            ``.parquet``).
+        tokenizer: Path or Hub name for ``load_tokenizer`` (e.g. a directory with GPT-2's ``encoder.json`` +
+            ``vocab.bpe``), or ``"train"`` to train a byte-level BPE on the training split.
+        tokenizer_vocab_size: Size of the BPE trained when ``tokenizer == "train"``.
+        context_length: Tokens per window; LightningCLI links it from the model's context length.
+        stride: Step between window starts; ``None`` means ``context_length`` (no overlap). The book's sliding window.
+        batch_size: Windows per batch.
+        val_split: Fraction of the corpus held out for validation; 0 means no validation loader.
+        split_by: How ``val_split`` cuts the corpus: ``"characters"`` (the book's split of the raw text; the tail
+            goes to validation), ``"documents"`` (a seeded random choice of whole documents) or ``"tokens"`` (the
+            tail of the token stream).
+        val_source: An explicit validation corpus (same forms as ``source``) instead of splitting ``source``.
+        text_column: Column holding the text in json/csv/parquet/hf sources.
+        sha256: SHA-256 of a URL ``source`` (required for URLs).
+        hf_split: Split of an ``hf:`` source.
+        streaming: Read the source lazily instead of converting it to arrow first (huge or remote corpora); needs
+            ``split_by="tokens"`` or ``val_source``.
+        shuffle: Shuffle training windows (seeded by ``seed``).
+        drop_last: Drop the last incomplete training batch (validation never drops).
+        num_workers: DataLoader worker processes.
+        pin_memory: Pin batches in page-locked memory; ``None`` means when CUDA is available.
+        seed: Seed of the training shuffle and of the ``"documents"`` split.
+        cache_dir: Where downloads, tokenized data and trained tokenizers go; ``None`` means ``$LIT_LLM_CACHE``
+            or ``~/.cache/lit_llm``.
+    """
+
+    def __init__(
+        self,
+        source: str | list[str] = "builtin:pydoc",
+        tokenizer: str = "gpt2",
+        tokenizer_vocab_size: int = 4096,
+        context_length: int = 256,
+        stride: int | None = None,
+        batch_size: int = 8,
+        val_split: float = 0.1,
+        split_by: Literal["characters", "documents", "tokens"] = "characters",
+        val_source: str | list[str] | None = None,
+        text_column: str = "text",
+        sha256: str | None = None,
+        hf_split: str = "train",
+        streaming: bool = False,
+        shuffle: bool = True,
+        drop_last: bool = True,
+        num_workers: int = 0,
+        pin_memory: bool | None = None,
+        seed: int = 0,
+        cache_dir: str | None = None,
+    ) -> None:
+        super().__init__()
+        self._validate(locals())
+        self.save_hyperparameters()
+        self.source = source
+        self.tokenizer_source = tokenizer
+        self.tokenizer_vocab_size = tokenizer_vocab_size
+        self.context_length = context_length
+        self.stride = stride if stride is not None else context_length
+        self.batch_size = batch_size
+        self.val_split = val_split
+        self.split_by = split_by
+        self.val_source = val_source
+        self.text_column = text_column
+        self.sha256 = sha256
+        self.hf_split = hf_split
+        self.streaming = streaming
+        self.shuffle = shuffle
+        self.drop_last = drop_last
+        self.num_workers = num_workers
+        self.pin_memory = torch.cuda.is_available() if pin_memory is None else pin_memory
+        self.seed = seed
+        self.cache_dir = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
+        self._tokenizer: Tokenizer | None = None
+        self._docs: dict[str, datasets.Dataset | datasets.IterableDataset] = {}
+        self.train_dataset: TokenWindows | None = None
+        self.val_dataset: TokenWindows | None = None
+
+    @staticmethod
+    def _validate(args: dict[str, Any]) -> None:
+        problems = []
+        if not args["source"]:
+            problems.append("data.source is empty; try builtin:pydoc or a path to your text")
+        if not args["tokenizer"]:
+            problems.append("data.tokenizer is empty; give a tokenizer directory, a Hub name like gpt2, or 'train'")
+        if args["tokenizer"] == "train" and args["tokenizer_vocab_size"] <= 257:
+            problems.append(f"data.tokenizer_vocab_size={args['tokenizer_vocab_size']} must be > 257 (256 bytes + eos)")
+        if args["context_length"] < 1:
+            problems.append(f"data.context_length={args['context_length']} must be >= 1")
+        if args["stride"] is not None and args["stride"] < 1:
+            problems.append(f"data.stride={args['stride']} must be >= 1 (or null for stride = context_length)")
+        if args["batch_size"] < 1:
+            problems.append(f"data.batch_size={args['batch_size']} must be >= 1")
+        if not 0 <= args["val_split"] < 1:
+            problems.append(f"data.val_split={args['val_split']} must be in [0, 1); use 0 for no validation")
+        if args["split_by"] not in ("characters", "documents", "tokens"):
+            problems.append(f"data.split_by={args['split_by']!r} must be one of characters, documents, tokens")
+        if args["num_workers"] < 0:
+            problems.append(f"data.num_workers={args['num_workers']} must be >= 0")
+        if args["streaming"] and args["split_by"] != "tokens" and args["val_source"] is None:
+            problems.append(
+                f"data.streaming=true cannot split by {args['split_by']!r} without reading the corpus twice; "
+                "set data.split_by=tokens or give data.val_source"
+            )
+        is_url = isinstance(args["source"], str) and args["source"].startswith(("http://", "https://"))
+        if is_url and not args["sha256"]:
+            problems.append("data.sha256 is required for a URL data.source; compute it with `sha256sum FILE`")
+        val = args["val_source"]
+        if any(str(v).startswith(("http://", "https://")) for v in ([val] if isinstance(val, str) else val or [])):
+            problems.append("data.val_source cannot be a URL (data.sha256 covers data.source only); download it first")
+        if problems:
+            raise ConfigError("invalid data settings:\n  - " + "\n  - ".join(problems))
+        if val is not None and (args["val_split"] != 0.1 or args["split_by"] != "characters"):
+            warnings.warn("data.val_source is set, so data.val_split and data.split_by are ignored", stacklevel=3)
+
+    # ---- tokenizer -------------------------------------------------------------------------------------------
+
+    @property
+    def tokenizer(self) -> Tokenizer:
+        """The tokenizer, loaded (or trained and cached) on first access; works before ``prepare_data``."""
+        if self._tokenizer is None:
+            if self.tokenizer_source == "train":
+                self._tokenizer = self._trained_tokenizer()
+            else:
+                self._tokenizer = load_tokenizer(self.tokenizer_source)
+        return self._tokenizer
+
+    @property
+    def vocab_size(self) -> int:
+        """Number of token ids (the model's vocabulary size)."""
+        return self.tokenizer.vocab_size
+
+    @property
+    def eos_id(self) -> int:
+        """Id of ``<|endoftext|>``, appended after every document."""
+        return self.tokenizer.eos_id
+
+    def _trained_tokenizer(self) -> Tokenizer:
+        key = _hash(_FORMAT_VERSION, self._corpus_id("source"), self._split_settings(), self.tokenizer_vocab_size)
+        path = self.cache_dir / "tokenizers" / f"bpe{self.tokenizer_vocab_size}-{key}.json"
+        if path.is_file():
+            return Tokenizer.from_json(path.read_text(encoding="utf-8"))
+        tokenizer = train_bpe(self._tokenizer_texts(), self.tokenizer_vocab_size)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+        tmp.write_text(tokenizer.to_json(), encoding="utf-8")
+        os.replace(tmp, path)
+        return tokenizer
+
+    def _tokenizer_texts(self) -> Iterator[str]:
+        """The training side of the corpus (capped), so validation text never shapes the vocabulary."""
+        docs = self._documents("source")
+        budget = _TOKENIZER_SAMPLE_CHARS
+        if isinstance(docs, datasets.IterableDataset):
+            parts: list[tuple[datasets.Dataset | datasets.IterableDataset, Any]] = [(docs, None)]
+        elif self.val_source is not None or self.val_split == 0:
+            parts = [(docs, range(len(docs)))]
+        elif self.split_by == "documents":
+            parts = [(docs, np.flatnonzero(~self._val_mask(len(docs))))]
+        else:  # "tokens" is unknown before tokenizing; the character split is a close stand-in
+            k, offset = self._char_cut(docs)
+            parts = [(docs, range(k))]
+            if offset:
+                budget -= offset
+                yield docs[k]["text"][:offset]
+        for ds, rows in parts:
+            part = ds if rows is None else ds.select(rows)
+            for batch in part.iter(batch_size=_MAP_BATCH):
+                for text in batch["text"]:
+                    if budget <= 0:
+                        return
+                    text = text or ""
+                    budget -= len(text)
+                    yield text
+
+    # ---- corpus ----------------------------------------------------------------------------------------------
+
+    def _documents(self, which: Literal["source", "val_source"]) -> datasets.Dataset | datasets.IterableDataset:
+        if which not in self._docs:
+            self._docs[which] = load_documents(
+                self.source if which == "source" else self.val_source,
+                text_column=self.text_column,
+                sha256=self.sha256 if which == "source" else None,
+                cache_dir=self.cache_dir,
+                hf_split=self.hf_split,
+                streaming=self.streaming,
+                key=f"data.{which}",
+            )
+        return self._docs[which]
+
+    def _corpus_id(self, which: Literal["source", "val_source"]) -> str:
+        docs = self._documents(which)
+        if isinstance(docs, datasets.Dataset):
+            return docs._fingerprint  # content-derived by `datasets` (file paths + mtimes, or hashed data)
+        # A stream has no fingerprint; identify it by its configuration.
+        spec = self.source if which == "source" else self.val_source
+        return _hash("stream", spec, self.text_column, self.hf_split, self.sha256)
+
+    def _split_settings(self) -> dict[str, Any]:
+        if self.val_source is not None:
+            return {"val_source": self._corpus_id("val_source")}
+        if self.val_split == 0:
+            return {"val_split": 0}
+        settings: dict[str, Any] = {"val_split": self.val_split, "split_by": self.split_by}
+        if self.split_by == "documents":
+            settings["seed"] = self.seed
+        return settings
+
+    def _val_mask(self, n_docs: int) -> np.ndarray:
+        n_val = max(1, round(self.val_split * n_docs))
+        if n_val >= n_docs:
+            raise DataError(
+                f"data.split_by=documents with data.val_split={self.val_split} leaves no training document "
+                f"({n_docs} documents in {self.source}); lower data.val_split or use data.split_by=characters."
+            )
+        mask = np.zeros(n_docs, dtype=bool)
+        mask[np.random.default_rng(self.seed).permutation(n_docs)[:n_val]] = True
+        return mask
+
+    def _char_cut(self, docs: datasets.Dataset) -> tuple[int, int]:
+        """Where the book's ``int(train_ratio * len(text))`` lands: document ``k`` at character ``offset``."""
+        lengths = np.concatenate(
+            [pc.utf8_length(b.column("text")).fill_null(0).to_numpy() for b in docs.with_format("arrow").iter(10_000)]
+        ).astype(np.int64)
+        cut = int((1.0 - self.val_split) * int(lengths.sum()))
+        ends = np.cumsum(lengths)
+        k = int(np.searchsorted(ends, cut, side="right"))
+        return k, cut - (int(ends[k - 1]) if k else 0)
+
+    # ---- packing ---------------------------------------------------------------------------------------------
+
+    @property
+    def _dtype(self) -> type:
+        return np.uint16 if self.vocab_size < 2**16 else np.uint32
+
+    def _pack_dir(self) -> Path:
+        key = _hash(_FORMAT_VERSION, self._corpus_id("source"), self.tokenizer.fingerprint, self._split_settings())
+        return self.cache_dir / "pretrain" / key
+
+    def _split_paths(self) -> dict[str, Path]:
+        directory = self._pack_dir()
+        has_val = self.val_source is not None or self.val_split > 0
+        return {"train": directory / "train.npy", **({"val": directory / "val.npy"} if has_val else {})}
+
+    def _tokenize_batch(self, batch: dict[str, list]) -> dict[str, list]:
+        tok, dtype = self.tokenizer, self._dtype
+        eos = np.asarray([tok.eos_id], dtype=dtype)
+        ids = [np.concatenate([e, eos]) for e in tok.encode_arrays([t or "" for t in batch["text"]], dtype=dtype)]
+        return {"ids": ids, "n_tokens": [len(i) for i in ids]}
+
+    def _encode(self, text: str, eos: bool) -> np.ndarray:
+        ids = self.tokenizer.encode_arrays([text], dtype=self._dtype)[0]
+        return np.append(ids, np.asarray([self.eos_id], dtype=self._dtype)) if eos else ids
+
+    def _tokenized(self, which: Literal["source", "val_source"]) -> datasets.Dataset | datasets.IterableDataset:
+        docs = self._documents(which)
+        if isinstance(docs, datasets.IterableDataset):
+            return docs.map(self._tokenize_batch, batched=True, batch_size=_MAP_BATCH, remove_columns=["text"])
+        features = datasets.Features(
+            {"ids": datasets.List(datasets.Value(np.dtype(self._dtype).name)), "n_tokens": datasets.Value("int64")}
+        )
+        return docs.map(
+            self._tokenize_batch,
+            batched=True,
+            batch_size=_MAP_BATCH,
+            remove_columns=["text"],
+            features=features,
+            # An explicit fingerprint (the function is a bound method `datasets` cannot hash stably) makes re-runs
+            # with the same corpus and tokenizer load the cached arrow file instead of tokenizing again.
+            new_fingerprint=_hash("tokenize", _FORMAT_VERSION, docs._fingerprint, self.tokenizer.fingerprint),
+            desc="Tokenizing",
+        )
+
+    def _plan(self) -> dict[str, list[_Piece]]:
+        """Which tokens go to which split, as ordered pieces (map-style sources)."""
+        tok = self._tokenized("source")
+        n = len(tok)
+        if self.val_source is not None:
+            val = self._tokenized("val_source")
+            return {"train": [_Rows(tok, range(n))], "val": [_Rows(val, range(len(val)))]}
+        if self.val_split == 0:
+            return {"train": [_Rows(tok, range(n))]}
+        if self.split_by == "documents":
+            mask = self._val_mask(n)
+            return {"train": [_Rows(tok, np.flatnonzero(~mask))], "val": [_Rows(tok, np.flatnonzero(mask))]}
+        if self.split_by == "characters":
+            k, offset = self._char_cut(self._documents("source"))
+            if offset == 0:
+                return {"train": [_Rows(tok, range(k))], "val": [_Rows(tok, range(k, n))]}
+            # The cut document's head stays in train without eos (the document goes on in val), as in the book.
+            text = self._documents("source")[k]["text"]
+            return {
+                "train": [_Rows(tok, range(k)), self._encode(text[:offset], eos=False)],
+                "val": [self._encode(text[offset:], eos=True), _Rows(tok, range(k + 1, n))],
+            }
+        counts = tok.select_columns(["n_tokens"]).with_format("numpy")[:]["n_tokens"]
+        cut = int((1.0 - self.val_split) * int(counts.sum()))
+        ends = np.cumsum(counts)
+        k = int(np.searchsorted(ends, cut, side="right"))
+        train: list[_Piece] = [_Rows(tok, range(k))]
+        val: list[_Piece] = []
+        if k < n:
+            ids = np.asarray(tok[k]["ids"], dtype=self._dtype)
+            head = cut - (int(ends[k - 1]) if k else 0)
+            train.append(ids[:head])
+            val = [ids[head:], _Rows(tok, range(k + 1, n))]
+        return {"train": train, "val": val}
+
+    def _pack_stream(self, paths: dict[str, Path]) -> None:
+        """Streaming sources: append tokens to raw files (total unknown up front), then convert to .npy."""
+        raw_names = {"train": "source", "val": "val_source"} if self.val_source is not None else {"all": "source"}
+        raws: dict[str, np.ndarray] = {}
+        for name, which in raw_names.items():
+            raw = paths["train"].with_name(f"{name}.{os.getpid()}.tmp.bin")
+            with open(raw, "wb") as f:
+                for batch in self._tokenized(which).iter(batch_size=_MAP_BATCH):
+                    for ids in batch["ids"]:
+                        f.write(np.asarray(ids, dtype=self._dtype).tobytes())
+            size = raw.stat().st_size
+            raws[name] = np.memmap(raw, dtype=self._dtype, mode="r") if size else np.zeros(0, self._dtype)
+        if "all" in raws:
+            cut = int((1.0 - self.val_split) * len(raws["all"]))
+            raws = {"train": raws["all"][:cut], "val": raws["all"][cut:]}
+        for split, path in paths.items():
+            _write_npy(path, [raws[split]], self._dtype)
+        for raw in paths["train"].parent.glob(f"*.{os.getpid()}.tmp.bin"):
+            raw.unlink()
+
+    def prepare_data(self) -> None:
+        """Download and tokenize the corpus into ``<cache_dir>/pretrain/<key>/{train,val}.npy`` (once)."""
+        paths = self._split_paths()
+        if all(p.is_file() for p in paths.values()):
+            return
+        directory = paths["train"].parent
+        directory.mkdir(parents=True, exist_ok=True)
+        if isinstance(self._documents("source"), datasets.IterableDataset):
+            self._pack_stream(paths)
+        else:
+            plan = self._plan()
+            # Validation first: train.npy's presence then implies a complete set.
+            for split in sorted(paths, reverse=True):
+                _write_npy(paths[split], plan[split], self._dtype)
+        meta = {
+            "source": self.source,
+            "val_source": self.val_source,
+            "tokenizer_fingerprint": self.tokenizer.fingerprint,
+            "split": self._split_settings(),
+            "tokens": {s: int(np.load(p, mmap_mode="r").shape[0]) for s, p in paths.items()},
+        }
+        (directory / "meta.json").write_text(json.dumps(meta, indent=2, default=str), encoding="utf-8")
+
+    # ---- Lightning hooks -------------------------------------------------------------------------------------
+
+    def _windows(self, split: str, path: Path) -> TokenWindows:
+        windows = TokenWindows(path, self.context_length, self.stride)
+        if len(windows) == 0:
+            name = "training" if split == "train" else "validation"
+            fix = "lower data.val_split" if split == "train" else "raise data.val_split (or 0 for no validation)"
+            raise DataError(
+                f"the {name} split of {self.source} has {windows.n_tokens} tokens but one window needs "
+                f"{self.context_length + 1} (data.context_length + 1). Lower model.context_length, {fix}, or add text."
+            )
+        return windows
+
+    def setup(self, stage: str | None = None) -> None:
+        """Memory-map the packed arrays as window datasets; save the tokenizer into the run directory."""
+        paths = self._split_paths()
+        if not all(p.is_file() for p in paths.values()):
+            self.prepare_data()  # called outside a Trainer, or the cache was cleared
+        self.train_dataset = self._windows("train", paths["train"])
+        self.val_dataset = self._windows("val", paths["val"]) if "val" in paths else None
+        trainer = self.trainer
+        if trainer is not None and trainer.is_global_zero:
+            self.tokenizer.save(trainer.default_root_dir)
+
+    def _loader(self, dataset: TokenWindows, train: bool) -> DataLoader:
+        return DataLoader(
+            dataset,
+            batch_size=self.batch_size,
+            shuffle=self.shuffle and train,
+            generator=torch.Generator().manual_seed(self.seed) if train else None,
+            drop_last=self.drop_last and train,
+            num_workers=self.num_workers,
+            pin_memory=self.pin_memory,
+            persistent_workers=self.num_workers > 0,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        """Shuffled (seeded) training windows, batched as ``(inputs[B, T], targets[B, T])``."""
+        if self.train_dataset is None:
+            self.setup("fit")
+        assert self.train_dataset is not None
+        if self.drop_last and len(self.train_dataset) < self.batch_size:
+            raise DataError(
+                f"the training split has {len(self.train_dataset)} windows, fewer than data.batch_size="
+                f"{self.batch_size}, so drop_last leaves no batch. Lower data.batch_size or data.stride, "
+                "set data.drop_last=false, or add text."
+            )
+        return self._loader(self.train_dataset, train=True)
+
+    def val_dataloader(self) -> DataLoader | list:
+        """Validation windows in order (every window kept); ``[]`` when there is no validation split."""
+        if self.train_dataset is None:
+            self.setup("validate")
+        return [] if self.val_dataset is None else self._loader(self.val_dataset, train=False)
+
+    def test_dataloader(self) -> DataLoader | list:
+        """The validation windows (pretraining has no separate test split)."""
+        return self.val_dataloader()
+
+    # ---- checkpoints -----------------------------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        """The tokenizer, so a checkpoint records which ids its weights mean."""
+        return {"tokenizer_json": self.tokenizer.to_json(), "tokenizer_fingerprint": self.tokenizer.fingerprint}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Check that the checkpoint was trained with this tokenizer.
+
+        Raises:
+            DataError: The checkpoint's tokenizer differs from the configured one.
+        """
+        saved = state_dict.get("tokenizer_fingerprint")
+        if saved is None:
+            return
+        if saved != self.tokenizer.fingerprint:
+            raise DataError(
+                f"tokenizer mismatch between the checkpoint ({saved[:12]}) and data.tokenizer="
+                f"{self.tokenizer_source!r} ({self.tokenizer.fingerprint[:12]}). Use the tokenizer the checkpoint was "
+                "trained with: it is saved as tokenizer.json in the run directory (set data.tokenizer to that file)."
+            )

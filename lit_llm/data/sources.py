@@ -1,0 +1,369 @@
+"""Turn one ``source`` string into a Hugging Face dataset, the same way for every DataModule.
+
+Accepted forms (also as a list of local paths):
+
+- ``builtin:<name>``: a corpus shipped with Python (see ``lit_llm.data.builtin``), works offline.
+- ``https://...`` / ``http://...``: downloaded once into ``<cache_dir>/downloads/`` and verified
+  against a required SHA-256; then read like a local file (zip archives are extracted).
+- ``hf:<dataset>`` or ``hf:<dataset>:<config>``: ``datasets.load_dataset`` (Hub or its cache).
+- a local file, directory (supported files inside, recursively, sorted), or glob.
+  ``.txt``/``.md``/``.text``: one document per file; ``.json``/``.jsonl``, ``.csv``, ``.tsv``,
+  ``.parquet``: one record per row.
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import os
+import re
+import shutil
+import tempfile
+import urllib.error
+import urllib.parse
+import urllib.request
+import warnings
+import zipfile
+from collections.abc import Sequence
+from pathlib import Path
+
+import datasets
+
+from lit_llm.data.builtin import load_builtin
+from lit_llm.errors import ConfigError, DataError
+
+Records = datasets.Dataset | datasets.IterableDataset
+
+# File extension -> (datasets builder, extra builder kwargs).
+_FILE_TYPES: dict[str, tuple[str, dict]] = {
+    ".txt": ("text", {"sample_by": "document"}),
+    ".md": ("text", {"sample_by": "document"}),
+    ".text": ("text", {"sample_by": "document"}),
+    ".json": ("json", {}),
+    ".jsonl": ("json", {}),
+    ".csv": ("csv", {}),
+    ".tsv": ("csv", {"delimiter": "\t"}),
+    ".parquet": ("parquet", {}),
+}
+_ARCHIVES = (".zip",)
+_FORMS = (
+    "builtin:<name> (e.g. builtin:pydoc), an https:// URL with data.sha256, hf:<dataset>[:<config>], "
+    "or a local file / directory / glob / list of them (.txt .md .text .json .jsonl .csv .tsv .parquet, .zip)"
+)
+_CHUNK = 1 << 20
+
+
+def default_cache_dir() -> Path:
+    """The cache root: ``$LIT_LLM_CACHE`` or ``~/.cache/lit_llm``."""
+    return Path(os.environ.get("LIT_LLM_CACHE", "~/.cache/lit_llm")).expanduser()
+
+
+def _sibling(key: str, name: str) -> str:
+    # "data.source" -> "data.sha256": errors name the key the user actually sets.
+    prefix, dot, _ = key.rpartition(".")
+    return f"{prefix}{dot}{name}"
+
+
+def _file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(_CHUNK):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _check_sha256(sha256: str | None, url: str, key: str) -> str:
+    sha_key = _sibling(key, "sha256")
+    if not sha256:
+        raise ConfigError(
+            f"{sha_key} is required for URL sources ({url}): every download is verified. Download the file once, "
+            f"compute it with `sha256sum FILE`, and set {sha_key}: <64 hex digits>."
+        )
+    sha256 = sha256.strip().lower()
+    if not re.fullmatch(r"[0-9a-f]{64}", sha256):
+        raise ConfigError(f"{sha_key}={sha256!r} is not a SHA-256 hex digest (64 hex digits from `sha256sum FILE`).")
+    return sha256
+
+
+def download(url: str, sha256: str | None, cache_dir: str | Path | None = None, *, key: str = "data.source") -> Path:
+    """Download ``url`` once into ``<cache_dir>/downloads/`` and verify its SHA-256.
+
+    The file is written to a temporary name, verified, then renamed, so a file under its final
+    name is always complete and verified; later calls return it without touching the network.
+
+    Args:
+        url: An ``http://`` or ``https://`` URL.
+        sha256: The expected SHA-256 hex digest (required).
+        cache_dir: Cache root; defaults to ``default_cache_dir()``.
+        key: The config key named in error messages.
+
+    Returns:
+        The path of the verified file.
+
+    Raises:
+        ConfigError: ``sha256`` is missing or malformed.
+        DataError: The download failed or the hash does not match.
+    """
+    sha256 = _check_sha256(sha256, url, key)
+    base = os.path.basename(urllib.parse.unquote(urllib.parse.urlparse(url).path)) or "download"
+    base = re.sub(r"[^A-Za-z0-9._-]", "_", base)
+    url_tag = hashlib.sha256(url.encode("utf-8")).hexdigest()[:8]
+    dest = Path(cache_dir or default_cache_dir()).expanduser() / "downloads" / f"{url_tag}-{sha256[:12]}-{base}"
+    if dest.is_file():
+        return dest
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(dir=dest.parent, prefix=dest.name + ".", suffix=".part")
+    tmp = Path(tmp_name)
+    digest = hashlib.sha256()
+    try:
+        with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=60) as response:
+            while block := response.read(_CHUNK):
+                digest.update(block)
+                out.write(block)
+    except (urllib.error.URLError, OSError) as err:
+        tmp.unlink(missing_ok=True)
+        raise DataError(
+            f"{key}: could not download {url}: {err}. Check the URL and the network, or download the file "
+            f"yourself and set {key} to its local path."
+        ) from err
+    actual = digest.hexdigest()
+    if actual != sha256:
+        tmp.unlink(missing_ok=True)
+        raise DataError(
+            f"{key}: SHA-256 mismatch for {url}: expected {sha256}, got {actual}. The file was not kept. "
+            f"If the file changed on purpose, set {_sibling(key, 'sha256')} to the new hash."
+        )
+    os.replace(tmp, dest)
+    return dest
+
+
+def _extract(archive: Path, cache_dir: Path) -> Path:
+    stat = archive.stat()
+    tag = hashlib.sha256(f"{archive.resolve()}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()[:16]
+    dest = cache_dir / "extracted" / f"{archive.stem}-{tag}"
+    if dest.is_dir():
+        return dest
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix=dest.name + ".", suffix=".part"))
+    try:
+        with zipfile.ZipFile(archive) as zf:
+            zf.extractall(tmp)  # extractall drops absolute paths and ".." components
+        os.replace(tmp, dest)
+    except zipfile.BadZipFile as err:
+        raise DataError(f"{archive} is not a valid zip archive: {err}") from err
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return dest
+
+
+def _visible(path: Path, root: Path) -> bool:
+    parts = path.relative_to(root).parts
+    return not any(p.startswith(".") or p == "__MACOSX" for p in parts)
+
+
+def _expand_dir(directory: Path, cache_dir: Path) -> list[Path]:
+    found: list[Path] = []
+    for path in sorted(p for p in directory.rglob("*") if p.is_file() and _visible(p, directory)):
+        suffix = path.suffix.lower()
+        if suffix in _ARCHIVES:
+            found.extend(_expand_dir(_extract(path, cache_dir), cache_dir))
+        elif suffix in _FILE_TYPES:
+            found.append(path)
+    return found
+
+
+def _expand_existing(path: Path, cache_dir: Path, key: str) -> list[Path]:
+    if path.is_dir():
+        files = _expand_dir(path, cache_dir)
+        if not files:
+            raise DataError(
+                f"{key}: the directory {path} holds no supported files ({' '.join(sorted(_FILE_TYPES))} .zip)."
+            )
+        return files
+    if path.suffix.lower() in _ARCHIVES:
+        return _expand_dir(_extract(path, cache_dir), cache_dir)
+    return [path]
+
+
+def _expand_local(spec: str | Path, cache_dir: Path, key: str) -> list[Path]:
+    text = os.path.expanduser(str(spec))
+    path = Path(text)
+    if path.exists():
+        return _expand_existing(path, cache_dir, key)
+    if glob.has_magic(text):
+        matches = sorted(glob.glob(text, recursive=True))
+        if not matches:
+            raise DataError(f"{key}: the glob {text!r} matches no files (cwd: {Path.cwd()}).")
+        return [f for m in matches for f in _expand_existing(Path(m), cache_dir, key)]
+    hint = ""
+    if re.fullmatch(r"[\w.-]+/[\w.-]+", str(spec)):
+        hint = f" Did you mean hf:{spec}?"
+    raise DataError(f"{key}: {str(spec)!r} does not exist (cwd: {Path.cwd()}). Accepted forms: {_FORMS}.{hint}")
+
+
+def _file_type(path: Path, key: str) -> str:
+    suffix = path.suffix.lower()
+    if suffix not in _FILE_TYPES:
+        raise DataError(
+            f"{key}: cannot tell how to read {path} from its extension {suffix!r}; "
+            f"supported: {' '.join(sorted(_FILE_TYPES))} (and .zip archives of them)."
+        )
+    return "tsv" if suffix == ".tsv" else _FILE_TYPES[suffix][0]
+
+
+def _load_files(files: list[Path], *, cache_dir: Path, streaming: bool, key: str, sha256: str | None = None) -> Records:
+    kinds = {_file_type(f, key) for f in files}
+    if len(kinds) > 1:
+        examples = {k: next(str(f) for f in files if _file_type(f, key) == k) for k in sorted(kinds)}
+        raise DataError(
+            f"{key}: mixes file types {sorted(kinds)} (e.g. {examples}); one source must hold one type. "
+            "Convert the files to one format or point at one kind of file with a glob."
+        )
+    for f in files:
+        if f.stat().st_size == 0:
+            raise DataError(f"{key}: {f} is empty; remove it from the source or add text to it.")
+    if sha256 is not None:
+        if len(files) == 1:
+            actual = _file_sha256(files[0])
+            if actual != sha256.strip().lower():
+                raise DataError(f"{key}: SHA-256 mismatch for {files[0]}: expected {sha256}, got {actual}.")
+        else:
+            warnings.warn(
+                f"{_sibling(key, 'sha256')} is only checked for URLs and single files; ignored for {len(files)} files.",
+                stacklevel=3,
+            )
+    builder, kwargs = _FILE_TYPES[files[0].suffix.lower()]
+    try:
+        ds = datasets.load_dataset(
+            builder,
+            data_files=[str(f) for f in files],
+            split="train",
+            cache_dir=str(cache_dir / "datasets"),
+            streaming=streaming,
+            **kwargs,
+        )
+    except Exception as err:  # builders raise many types (ArrowInvalid, DatasetGenerationError, ...)
+        where = str(files[0]) if len(files) == 1 else f"{len(files)} files ({files[0]}, ...)"
+        raise DataError(f"{key}: could not read {where} as {builder}: {type(err).__name__}: {err}") from err
+    if not streaming and len(ds) == 0:
+        raise DataError(f"{key}: {files[0] if len(files) == 1 else files} holds no records; add data.")
+    return ds
+
+
+def _load_hf(spec: str, *, hf_split: str, streaming: bool, key: str) -> Records:
+    name, _, config = spec.partition(":")
+    if not name:
+        raise ConfigError(f"{key}: {('hf:' + spec)!r} names no dataset; write hf:<dataset> or hf:<dataset>:<config>.")
+    try:
+        return datasets.load_dataset(name, config or None, split=hf_split, streaming=streaming)
+    except Exception as err:  # network, offline mode, unknown name/config/split all land here
+        raise DataError(
+            f"{key}: could not load the Hugging Face dataset {name!r} (config {config or None!r}, split "
+            f"{hf_split!r}; {_sibling(key, 'hf_split')} picks the split): {type(err).__name__}: {err}. Check the name "
+            "and the network (HF_HUB_OFFLINE / HF_DATASETS_OFFLINE must be unset to download), or download the "
+            f"data and set {key} to the local files."
+        ) from err
+
+
+def load_records(
+    source: str | Sequence[str],
+    *,
+    sha256: str | None = None,
+    cache_dir: str | Path | None = None,
+    hf_split: str = "train",
+    streaming: bool = False,
+    key: str = "data.source",
+) -> Records:
+    """Load a source with all of its columns.
+
+    Args:
+        source: See the module docstring for the accepted forms.
+        sha256: Expected SHA-256 of a URL source (required for URLs; checked for a single local file).
+        cache_dir: Cache root for downloads, extracted archives and arrow files; defaults to
+            ``$LIT_LLM_CACHE`` or ``~/.cache/lit_llm``. ``hf:`` sources use Hugging Face's own cache.
+        hf_split: The split of an ``hf:`` dataset.
+        streaming: Return an ``IterableDataset`` that reads lazily.
+        key: The config key named in error messages.
+
+    Returns:
+        A dataset with one record per row.
+
+    Raises:
+        ConfigError: The source is malformed (e.g. a URL without ``sha256``).
+        DataError: The source is missing, empty, unreadable or failed to download.
+    """
+    cache = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
+    if isinstance(source, (str, Path)):
+        specs = [str(source)]
+    else:
+        specs = [str(s) for s in source]
+    if not specs or any(not s.strip() for s in specs):
+        raise ConfigError(f"{key} is empty; give one of: {_FORMS}.")
+    if len(specs) == 1:
+        spec = specs[0]
+        if spec.startswith("builtin:"):
+            ds = load_builtin(spec.removeprefix("builtin:"), key=key)
+            return ds.to_iterable_dataset() if streaming else ds
+        if spec.startswith("hf:"):
+            return _load_hf(spec.removeprefix("hf:"), hf_split=hf_split, streaming=streaming, key=key)
+        if spec.startswith(("http://", "https://")):
+            path = download(spec, sha256, cache, key=key)
+            return _load_files(_expand_local(path, cache, key), cache_dir=cache, streaming=streaming, key=key)
+    elif any(s.startswith(("builtin:", "hf:", "http://", "https://")) for s in specs):
+        raise ConfigError(f"{key}: a list may hold only local paths or globs; got {specs}. Use one remote source.")
+    files: list[Path] = []
+    seen: set[Path] = set()
+    for spec in specs:
+        for f in _expand_local(spec, cache, key):
+            if f.resolve() not in seen:  # overlapping globs/directories must not duplicate documents
+                seen.add(f.resolve())
+                files.append(f)
+    return _load_files(files, cache_dir=cache, streaming=streaming, key=key, sha256=sha256)
+
+
+def load_documents(
+    source: str | Sequence[str],
+    *,
+    text_column: str = "text",
+    sha256: str | None = None,
+    cache_dir: str | Path | None = None,
+    hf_split: str = "train",
+    streaming: bool = False,
+    key: str = "data.source",
+) -> Records:
+    """Load a source as documents: a dataset whose only column, ``text``, holds one document per row.
+
+    Args:
+        source: See the module docstring for the accepted forms.
+        text_column: The column that holds the text (renamed to ``text``; other columns dropped).
+        sha256: Expected SHA-256 of a URL source.
+        cache_dir: Cache root; see ``load_records``.
+        hf_split: The split of an ``hf:`` dataset.
+        streaming: Return an ``IterableDataset``.
+        key: The config key named in error messages.
+
+    Returns:
+        The documents.
+
+    Raises:
+        ConfigError: See ``load_records``.
+        DataError: See ``load_records``; also when ``text_column`` is missing or not text.
+    """
+    ds = load_records(source, sha256=sha256, cache_dir=cache_dir, hf_split=hf_split, streaming=streaming, key=key)
+    column_key = _sibling(key, "text_column")
+    columns = ds.column_names
+    if columns is not None:  # unknown for some streaming datasets until read
+        if text_column not in columns:
+            raise DataError(
+                f"{column_key}={text_column!r} is not a column of {source}; columns found: {columns}. "
+                f"Set {column_key} to the column that holds the text."
+            )
+        feature = ds.features[text_column] if ds.features is not None else None
+        if feature is not None and getattr(feature, "dtype", None) not in ("string", "large_string"):
+            raise DataError(
+                f"{column_key}={text_column!r} in {source} holds {feature}, not text; "
+                f"set {column_key} to a string column (columns: {columns})."
+            )
+    ds = ds.select_columns([text_column])
+    return ds if text_column == "text" else ds.rename_column(text_column, "text")

@@ -1,0 +1,28 @@
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED_DATA = ROOT.parent / "shared" / "data"
+
+# Set before any test module imports `datasets` (which reads its cache location at import time): keep lit_llm's
+# and Hugging Face's caches out of the user's home, and never reach for the Hub by accident.
+_CACHE = Path(tempfile.mkdtemp(prefix="lit_llm_tests_"))
+os.environ["LIT_LLM_CACHE"] = str(_CACHE / "lit_llm")
+os.environ["HF_DATASETS_CACHE"] = str(_CACHE / "hf_datasets")
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["HF_DATASETS_OFFLINE"] = "1"
+
+
+def pytest_sessionfinish(session, exitstatus):
+    shutil.rmtree(_CACHE, ignore_errors=True)
+
+
+@pytest.fixture
+def in_repo_root(monkeypatch):
+    """Run from the repository root, where the shipped configs' relative paths point."""
+    monkeypatch.chdir(ROOT)
+    return ROOT
