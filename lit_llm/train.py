@@ -38,7 +38,7 @@ class LitLLMCLI(LightningCLI):
 
     def add_arguments_to_parser(self, parser) -> None:  # noqa: ANN001 - jsonargparse parser
         parser.link_arguments(
-            "model.init_args.model.context_length", "data.init_args.context_length", apply_on="parse"
+            "model.init_args.model", "data.init_args.context_length", compute_fn=_context_length, apply_on="parse"
         )
         parser.link_arguments("data.vocab_size", "model.init_args.vocab_size", apply_on="instantiate")
 
@@ -49,6 +49,21 @@ class LitLLMCLI(LightningCLI):
             trainer.default_root_dir = DEFAULT_ROOT
         if trainer.get("logger") in (None, True) and not trainer.get("fast_dev_run"):
             trainer.logger = default_loggers(trainer.default_root_dir)
+        if trainer.get("enable_progress_bar") is False and trainer.get("callbacks"):
+            # Lightning refuses a progress-bar callback together with enable_progress_bar=false; the flag wins.
+            trainer.callbacks = [
+                cb for cb in trainer.callbacks if not str(cb.get("class_path", "")).endswith("ProgressBar")
+            ]
+
+
+def _context_length(model: Namespace | None) -> int:
+    """``context_length`` of the parsed model config (jsonargparse nests a dataclass under ``init_args``)."""
+    if model is None:
+        from lit_llm.config import GPTConfig
+
+        return GPTConfig().context_length
+    values = model.get("init_args", model)
+    return values.context_length
 
 
 def default_loggers(root: str) -> list[Namespace]:

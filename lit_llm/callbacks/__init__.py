@@ -1,11 +1,13 @@
-"""Callbacks: throughput and MFU, sample generation, the loss plot, checkpoints in the run folder.
+"""Callbacks: throughput and MFU, sample generation, the loss plot, checkpoints in the run folder,
+a Rich progress bar.
 
 Importable as ``lit_llm.callbacks.X`` from configs (``class_path: lit_llm.callbacks.Throughput``).
 """
 
 from lit_llm.callbacks.checkpoint import Checkpoint
 from lit_llm.callbacks.loss_plot import LossPlot
+from lit_llm.callbacks.progress import ProgressBar
 from lit_llm.callbacks.samples import SampleGeneration
 from lit_llm.callbacks.throughput import Throughput, get_peak_flops
 
-__all__ = ["Checkpoint", "LossPlot", "SampleGeneration", "Throughput", "get_peak_flops"]
+__all__ = ["Checkpoint", "LossPlot", "ProgressBar", "SampleGeneration", "Throughput", "get_peak_flops"]

@@ -548,6 +548,10 @@ class PretrainDataModule(pl.LightningDataModule):
         """The validation windows (pretraining has no separate test split)."""
         return self.val_dataloader()
 
+    def predict_dataloader(self) -> DataLoader | list:
+        """The validation windows, scored by ``predict`` (per-window loss and perplexity)."""
+        return self.val_dataloader()
+
     # ---- checkpoints -----------------------------------------------------------------------------------------
 
     def state_dict(self) -> dict[str, Any]:
