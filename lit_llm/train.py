@@ -11,6 +11,7 @@ import logging
 import os
 import re
 import sys
+import warnings
 from pathlib import Path
 
 import pytorch_lightning as pl
@@ -31,6 +32,8 @@ class _NoAdvertisements(logging.Filter):
 
 
 logging.getLogger("pytorch_lightning.utilities.rank_zero").addFilter(_NoAdvertisements())
+# Emitted by Lightning's own pytree helper on every step with recent torch; nothing a user can act on.
+warnings.filterwarnings("ignore", message=r".*LeafSpec.*is deprecated")
 
 
 class LitLLMCLI(LightningCLI):
@@ -49,6 +52,11 @@ class LitLLMCLI(LightningCLI):
             trainer.default_root_dir = DEFAULT_ROOT
         if trainer.get("logger") in (None, True) and not trainer.get("fast_dev_run"):
             trainer.logger = default_loggers(trainer.default_root_dir)
+        if self.subcommand == "predict":
+            callbacks = list(trainer.get("callbacks") or [])
+            if not any(str(cb.get("class_path", "")).endswith("PredictionWriter") for cb in callbacks):
+                callbacks.append(Namespace(class_path="lit_llm.callbacks.PredictionWriter", init_args=Namespace()))
+            trainer.callbacks = callbacks
         if trainer.get("enable_progress_bar") is False and trainer.get("callbacks"):
             # Lightning refuses a progress-bar callback together with enable_progress_bar=false; the flag wins.
             trainer.callbacks = [

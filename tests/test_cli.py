@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -203,3 +204,51 @@ def test_gpt2_tokenizer_links_vocab(in_repo_root, corpus, tmp_path):
              "--data.init_args.sha256=null", f"--data.init_args.tokenizer={SHARED_DATA / 'gpt2'}",
              f"--trainer.default_root_dir={tmp_path}"], run=False)
     assert c.model.config.vocab_size == 50257 and c.model.config.padded_vocab_size == 50257
+
+
+def test_eval_train_batches_logs_the_books_train_loss(corpus, tmp_path, in_repo_root):
+    quick = ROOT / "configs/pretrain/quickstart.yaml"
+    c = cli(["fit", "--config", str(quick), *tiny_overrides(quick, corpus, tmp_path),
+             f"--data.init_args.source={corpus}", "--data.init_args.tokenizer_vocab_size=300",
+             "--data.init_args.eval_train_batches=2", "--trainer.max_steps=4", "--trainer.val_check_interval=2",
+             "--trainer.enable_progress_bar=false"])
+    metrics = c.trainer.callback_metrics
+    assert {"val/loss", "val/ppl", "train_eval/loss"} <= set(metrics)
+    assert torch.isfinite(metrics["train_eval/loss"])
+    # The eval-mode pass covers exactly the first two training batches, in order.
+    loaders = c.datamodule.val_dataloader()
+    assert len(loaders) == 2 and len(loaders[1].dataset) == 2 * c.datamodule.batch_size
+
+
+def test_resume_with_another_tokenizer_or_shape_is_refused(corpus, tmp_path, in_repo_root):
+    from lit_llm.errors import CheckpointError, DataError
+
+    quick = ROOT / "configs/pretrain/quickstart.yaml"
+    common = [*tiny_overrides(quick, corpus, tmp_path), "--trainer.enable_progress_bar=false",
+              "--trainer.max_steps=2", "--trainer.val_check_interval=2"]
+    cli(["fit", "--config", str(quick), *common, "--data.init_args.tokenizer_vocab_size=300"])
+    with pytest.raises(DataError, match="tokenizer mismatch"):
+        cli(["fit", "--config", str(quick), *common, "--data.init_args.tokenizer_vocab_size=320",
+             "--trainer.max_steps=4", "--ckpt_path=last"])
+    with pytest.raises(CheckpointError, match=r"n_layers: checkpoint=2 config=3"):
+        cli(["fit", "--config", str(quick), *common, "--data.init_args.tokenizer_vocab_size=300",
+             "--model.init_args.model.n_layers=3", "--trainer.max_steps=4", "--ckpt_path=last"])
+
+
+def test_validate_and_predict_from_checkpoint(corpus, tmp_path, in_repo_root):
+    import json
+
+    quick = ROOT / "configs/pretrain/quickstart.yaml"
+    common = [*tiny_overrides(quick, corpus, tmp_path), "--data.init_args.tokenizer_vocab_size=300",
+              "--trainer.enable_progress_bar=false"]
+    fit = cli(["fit", "--config", str(quick), *common, "--trainer.max_steps=2", "--trainer.val_check_interval=2"])
+    fitted = fit.trainer.callback_metrics["val/loss"].item()
+    ckpt = str(tmp_path / "last.ckpt")
+    val = cli(["validate", "--config", str(quick), *common, f"--ckpt_path={ckpt}"])
+    assert val.trainer.callback_metrics["val/loss"].item() == pytest.approx(fitted, rel=1e-5)
+    cli(["predict", "--config", str(quick), *common, f"--ckpt_path={ckpt}"])
+    rows = [json.loads(line) for line in (tmp_path / "predictions.jsonl").read_text().splitlines()]
+    assert len(rows) == len(val.datamodule.val_dataset)
+    mean = sum(r["loss"] for r in rows) / len(rows)  # every window has the same token count
+    assert mean == pytest.approx(fitted, rel=1e-4)
+    assert all(r["ppl"] == pytest.approx(math.exp(r["loss"]), rel=1e-5) for r in rows)

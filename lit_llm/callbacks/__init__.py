@@ -6,8 +6,17 @@ Importable as ``lit_llm.callbacks.X`` from configs (``class_path: lit_llm.callba
 
 from lit_llm.callbacks.checkpoint import Checkpoint
 from lit_llm.callbacks.loss_plot import LossPlot
+from lit_llm.callbacks.predictions import PredictionWriter
 from lit_llm.callbacks.progress import ProgressBar
 from lit_llm.callbacks.samples import SampleGeneration
 from lit_llm.callbacks.throughput import Throughput, get_peak_flops
 
-__all__ = ["Checkpoint", "LossPlot", "ProgressBar", "SampleGeneration", "Throughput", "get_peak_flops"]
+__all__ = [
+    "Checkpoint",
+    "LossPlot",
+    "PredictionWriter",
+    "ProgressBar",
+    "SampleGeneration",
+    "Throughput",
+    "get_peak_flops",
+]

@@ -90,6 +90,10 @@ class LossPlot(pl.Callback):
         if val is None and not self._warned_no_val:
             rank_zero_warn("LossPlot: no 'val/loss' among the logged metrics; the validation curve will be empty")
             self._warned_no_val = True
+        # The book plots the training loss measured in eval mode; use it when the data module provides it.
+        train_eval = trainer.callback_metrics.get("train_eval/loss")
+        if train_eval is not None:
+            loss_sum, count = float(train_eval), 1
         num_batches = trainer.num_training_batches
         epoch = float(trainer.current_epoch)
         if isinstance(num_batches, int) and num_batches > 0:

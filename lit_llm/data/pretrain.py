@@ -23,7 +23,7 @@ import numpy as np
 import pyarrow.compute as pc
 import pytorch_lightning as pl
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Subset
 
 from lit_llm.data.sources import default_cache_dir, load_documents
 from lit_llm.errors import ConfigError, DataError
@@ -165,6 +165,9 @@ class PretrainDataModule(pl.LightningDataModule):
         seed: Seed of the training shuffle and of the ``"documents"`` split.
         cache_dir: Where downloads, tokenized data and trained tokenizers go; ``None`` means ``$LIT_LLM_CACHE``
             or ``~/.cache/lit_llm``.
+        eval_train_batches: Also evaluate this many training batches (the first ones, in order) at every
+            validation, in eval mode without dropout, logged as ``train_eval/loss``: the book's "train loss".
+            0 turns it off; -1 evaluates the whole training split.
     """
 
     def __init__(
@@ -188,6 +191,7 @@ class PretrainDataModule(pl.LightningDataModule):
         pin_memory: bool | None = None,
         seed: int = 0,
         cache_dir: str | None = None,
+        eval_train_batches: int = 0,
     ) -> None:
         super().__init__()
         self._validate(locals())
@@ -211,6 +215,7 @@ class PretrainDataModule(pl.LightningDataModule):
         self.pin_memory = torch.cuda.is_available() if pin_memory is None else pin_memory
         self.seed = seed
         self.cache_dir = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
+        self.eval_train_batches = eval_train_batches
         self._tokenizer: Tokenizer | None = None
         self._docs: dict[str, datasets.Dataset | datasets.IterableDataset] = {}
         self.train_dataset: TokenWindows | None = None
@@ -235,6 +240,8 @@ class PretrainDataModule(pl.LightningDataModule):
             problems.append(f"data.val_split={args['val_split']} must be in [0, 1); use 0 for no validation")
         if args["split_by"] not in ("characters", "documents", "tokens"):
             problems.append(f"data.split_by={args['split_by']!r} must be one of characters, documents, tokens")
+        if args["eval_train_batches"] < -1:
+            problems.append(f"data.eval_train_batches={args['eval_train_batches']} must be >= 0, or -1 for all")
         if args["num_workers"] < 0:
             problems.append(f"data.num_workers={args['num_workers']} must be >= 0")
         if args["streaming"] and args["split_by"] != "tokens" and args["val_source"] is None:
@@ -539,18 +546,36 @@ class PretrainDataModule(pl.LightningDataModule):
         return self._loader(self.train_dataset, train=True)
 
     def val_dataloader(self) -> DataLoader | list:
-        """Validation windows in order (every window kept); ``[]`` when there is no validation split."""
+        """Validation windows in order (every window kept); ``[]`` when there is no validation split.
+
+        With ``eval_train_batches``, a list: the validation loader, then the first training batches in order.
+        """
         if self.train_dataset is None:
             self.setup("validate")
-        return [] if self.val_dataset is None else self._loader(self.val_dataset, train=False)
+        if self.val_dataset is None:
+            if self.eval_train_batches:
+                warnings.warn("data.eval_train_batches needs a validation split; it is ignored", stacklevel=2)
+            return []
+        val = self._loader(self.val_dataset, train=False)
+        if not self.eval_train_batches:
+            return val
+        n = len(self.train_dataset)
+        if self.eval_train_batches > 0:
+            n = min(n, self.eval_train_batches * self.batch_size)
+        return [val, self._loader(Subset(self.train_dataset, range(n)), train=False)]
 
     def test_dataloader(self) -> DataLoader | list:
         """The validation windows (pretraining has no separate test split)."""
-        return self.val_dataloader()
+        return self._val_only()
 
     def predict_dataloader(self) -> DataLoader | list:
         """The validation windows, scored by ``predict`` (per-window loss and perplexity)."""
-        return self.val_dataloader()
+        return self._val_only()
+
+    def _val_only(self) -> DataLoader | list:
+        if self.train_dataset is None:
+            self.setup("validate")
+        return [] if self.val_dataset is None else self._loader(self.val_dataset, train=False)
 
     # ---- checkpoints -----------------------------------------------------------------------------------------
 

@@ -184,6 +184,13 @@ class GPTTask(pl.LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self.tokens_seen = int(checkpoint.get("tokens_seen", 0))
+        # Lightning restores the model before the DataModule; check the tokenizer first, so that a checkpoint trained
+        # with another tokenizer gets that message rather than a vocabulary-size mismatch.
+        datamodule = self._trainer.datamodule if self._trainer is not None else None
+        if datamodule is not None and hasattr(datamodule, "load_state_dict"):
+            for state in checkpoint.values():
+                if isinstance(state, dict) and "tokenizer_fingerprint" in state:
+                    datamodule.load_state_dict(state)
         saved = checkpoint.get("model_config")
         if saved is not None:
             check_same_architecture(saved, self.config.to_dict())

@@ -21,13 +21,15 @@ class PretrainTask(GPTTask):
     """Train a GPT to predict the next token. Batches are ``(inputs, targets)`` with targets shifted by one.
 
     Logs ``train/loss``, ``train/lr``, ``train/tokens_seen``, ``train/grad_norm`` every step and ``val/loss``,
-    ``val/ppl`` (perplexity, token-weighted over the whole validation set) every validation run.
+    ``val/ppl`` (perplexity, token-weighted over the whole validation set) every validation run, plus
+    ``train_eval/loss`` when the data module evaluates training batches too (``eval_train_batches``).
     """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.val_loss = MeanMetric()
         self.val_ppl = TokenPerplexity()
+        self.train_eval_loss = MeanMetric()
         self.test_loss = MeanMetric()
         self.test_ppl = TokenPerplexity()
 
@@ -43,15 +45,23 @@ class PretrainTask(GPTTask):
         inputs, targets = batch
         loss = next_token_loss(self(inputs), targets)
         n_tokens = (targets != -100).sum()
+        if split == "train_eval":
+            self.train_eval_loss.update(loss, weight=n_tokens)
+            self.log("train_eval/loss", self.train_eval_loss, on_step=False, on_epoch=True, add_dataloader_idx=False)
+            return loss
         loss_metric, ppl_metric = (self.val_loss, self.val_ppl) if split == "val" else (self.test_loss, self.test_ppl)
         loss_metric.update(loss, weight=n_tokens)
         ppl_metric.update(loss, weight=n_tokens)
-        self.log(f"{split}/loss", loss_metric, on_step=False, on_epoch=True, prog_bar=split == "val")
-        self.log(f"{split}/ppl", ppl_metric, on_step=False, on_epoch=True)
+        kw = dict(on_step=False, on_epoch=True, add_dataloader_idx=False)
+        self.log(f"{split}/loss", loss_metric, prog_bar=split == "val", **kw)
+        self.log(f"{split}/ppl", ppl_metric, **kw)
         return loss
 
-    def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        return self._evaluate(batch, "val")
+    def validation_step(
+        self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int, dataloader_idx: int = 0
+    ) -> torch.Tensor:
+        # Loader 1, when present, is the data module's eval-mode pass over training batches (eval_train_batches).
+        return self._evaluate(batch, "val" if dataloader_idx == 0 else "train_eval")
 
     def test_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
         return self._evaluate(batch, "test")
