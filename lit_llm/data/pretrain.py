@@ -14,7 +14,6 @@ import json
 import os
 import warnings
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -23,112 +22,17 @@ import numpy as np
 import pyarrow.compute as pc
 import pytorch_lightning as pl
 import torch
-from torch.utils.data import DataLoader, Dataset, Subset
+from torch.utils.data import DataLoader, Subset
 
+from lit_llm.data.packing import ROWS_PER_BATCH, Piece, Rows, TokenWindows, write_npy
 from lit_llm.data.sources import default_cache_dir, load_documents
 from lit_llm.errors import ConfigError, DataError
 from lit_llm.tokenizer import Tokenizer, load_tokenizer, train_bpe
 
 # Bump when the packed layout changes so old cache entries are not reused.
 _FORMAT_VERSION = 1
-# Documents per tokenize/write batch: small enough that a batch of long documents stays well under a GB.
-_MAP_BATCH = 64
-_COPY_CHUNK = 1 << 22  # tokens per write into the memmap: bounded RAM whatever the corpus size
 # BPE training keeps word counts in RAM; a sample of this many characters is plenty for a good vocabulary.
 _TOKENIZER_SAMPLE_CHARS = 200_000_000
-
-
-def num_windows(n_tokens: int, context_length: int, stride: int) -> int:
-    """Number of (inputs, targets) windows in ``n_tokens`` tokens; the book's ``range(0, n - T, stride)``."""
-    if n_tokens < context_length + 1:
-        return 0
-    return (n_tokens - context_length - 1) // stride + 1
-
-
-class TokenWindows(Dataset):
-    """Sliding windows over a 1-D token array (a ``.npy`` path, memory-mapped lazily, or an array).
-
-    Item ``i`` is ``(inputs, targets)``, int64 tensors of length ``context_length``, with
-    ``targets`` equal to ``inputs`` shifted one token to the left.
-    """
-
-    def __init__(self, ids: str | Path | np.ndarray, context_length: int, stride: int) -> None:
-        self.path = None if isinstance(ids, np.ndarray) else Path(ids)
-        self._ids = ids if isinstance(ids, np.ndarray) else None
-        self.context_length = context_length
-        self.stride = stride
-        self.n_tokens = len(self.ids)
-
-    @property
-    def ids(self) -> np.ndarray:
-        if self._ids is None:
-            self._ids = np.load(self.path, mmap_mode="r")
-        return self._ids
-
-    def __getstate__(self) -> dict[str, Any]:
-        # Pickling a memmap copies its data into every worker; send the path and re-map instead.
-        state = self.__dict__.copy()
-        if self.path is not None:
-            state["_ids"] = None
-        return state
-
-    def __len__(self) -> int:
-        return num_windows(self.n_tokens, self.context_length, self.stride)
-
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
-        if not 0 <= i < len(self):
-            raise IndexError(f"window {i} out of range for {len(self)} windows")
-        start = i * self.stride
-        chunk = torch.from_numpy(self.ids[start : start + self.context_length + 1].astype(np.int64))
-        return chunk[:-1], chunk[1:]
-
-
-@dataclass
-class _Rows:
-    """Rows of a tokenized dataset, written in order."""
-
-    ds: datasets.Dataset
-    rows: range | np.ndarray
-
-    def n_tokens(self) -> int:
-        return int(self.ds.select_columns(["n_tokens"]).with_format("numpy")[self.rows]["n_tokens"].sum())
-
-    def chunks(self) -> Iterator[np.ndarray]:
-        part = self.ds.select(self.rows)
-        for batch in part.with_format("arrow").iter(batch_size=_MAP_BATCH):
-            yield batch.column("ids").combine_chunks().flatten().to_numpy(zero_copy_only=False)
-
-
-_Piece = _Rows | np.ndarray
-
-
-def _piece_len(piece: _Piece) -> int:
-    return len(piece) if isinstance(piece, np.ndarray) else (piece.n_tokens() if len(piece.rows) else 0)
-
-
-def _piece_chunks(piece: _Piece) -> Iterator[np.ndarray]:
-    if isinstance(piece, np.ndarray):
-        for start in range(0, len(piece), _COPY_CHUNK):
-            yield piece[start : start + _COPY_CHUNK]
-    elif len(piece.rows):
-        yield from piece.chunks()
-
-
-def _write_npy(path: Path, pieces: list[_Piece], dtype: type) -> int:
-    """Write the concatenated pieces to ``path`` through a temp file and an atomic rename."""
-    total = sum(_piece_len(p) for p in pieces)
-    tmp = path.with_name(f"{path.stem}.{os.getpid()}.tmp.npy")
-    out = np.lib.format.open_memmap(tmp, mode="w+", dtype=dtype, shape=(total,))
-    pos = 0
-    for piece in pieces:
-        for chunk in _piece_chunks(piece):
-            out[pos : pos + len(chunk)] = chunk
-            pos += len(chunk)
-    assert pos == total, f"wrote {pos} tokens, expected {total}"
-    out.flush()
-    del out
-    os.replace(tmp, path)
-    return total
 
 
 def _hash(*parts: object) -> str:
@@ -312,7 +216,7 @@ class PretrainDataModule(pl.LightningDataModule):
                 yield docs[k]["text"][:offset]
         for ds, rows in parts:
             part = ds if rows is None else ds.select(rows)
-            for batch in part.iter(batch_size=_MAP_BATCH):
+            for batch in part.iter(batch_size=ROWS_PER_BATCH):
                 for text in batch["text"]:
                     if budget <= 0:
                         return
@@ -402,14 +306,14 @@ class PretrainDataModule(pl.LightningDataModule):
     def _tokenized(self, which: Literal["source", "val_source"]) -> datasets.Dataset | datasets.IterableDataset:
         docs = self._documents(which)
         if isinstance(docs, datasets.IterableDataset):
-            return docs.map(self._tokenize_batch, batched=True, batch_size=_MAP_BATCH, remove_columns=["text"])
+            return docs.map(self._tokenize_batch, batched=True, batch_size=ROWS_PER_BATCH, remove_columns=["text"])
         features = datasets.Features(
             {"ids": datasets.List(datasets.Value(np.dtype(self._dtype).name)), "n_tokens": datasets.Value("int64")}
         )
         return docs.map(
             self._tokenize_batch,
             batched=True,
-            batch_size=_MAP_BATCH,
+            batch_size=ROWS_PER_BATCH,
             remove_columns=["text"],
             features=features,
             # An explicit fingerprint (the function is a bound method `datasets` cannot hash stably) makes re-runs
@@ -418,39 +322,39 @@ class PretrainDataModule(pl.LightningDataModule):
             desc="Tokenizing",
         )
 
-    def _plan(self) -> dict[str, list[_Piece]]:
+    def _plan(self) -> dict[str, list[Piece]]:
         """Which tokens go to which split, as ordered pieces (map-style sources)."""
         tok = self._tokenized("source")
         n = len(tok)
         if self.val_source is not None:
             val = self._tokenized("val_source")
-            return {"train": [_Rows(tok, range(n))], "val": [_Rows(val, range(len(val)))]}
+            return {"train": [Rows(tok, range(n))], "val": [Rows(val, range(len(val)))]}
         if self.val_split == 0:
-            return {"train": [_Rows(tok, range(n))]}
+            return {"train": [Rows(tok, range(n))]}
         if self.split_by == "documents":
             mask = self._val_mask(n)
-            return {"train": [_Rows(tok, np.flatnonzero(~mask))], "val": [_Rows(tok, np.flatnonzero(mask))]}
+            return {"train": [Rows(tok, np.flatnonzero(~mask))], "val": [Rows(tok, np.flatnonzero(mask))]}
         if self.split_by == "characters":
             k, offset = self._char_cut(self._documents("source"))
             if offset == 0:
-                return {"train": [_Rows(tok, range(k))], "val": [_Rows(tok, range(k, n))]}
+                return {"train": [Rows(tok, range(k))], "val": [Rows(tok, range(k, n))]}
             # The cut document's head stays in train without eos (the document goes on in val), as in the book.
             text = self._documents("source")[k]["text"]
             return {
-                "train": [_Rows(tok, range(k)), self._encode(text[:offset], eos=False)],
-                "val": [self._encode(text[offset:], eos=True), _Rows(tok, range(k + 1, n))],
+                "train": [Rows(tok, range(k)), self._encode(text[:offset], eos=False)],
+                "val": [self._encode(text[offset:], eos=True), Rows(tok, range(k + 1, n))],
             }
         counts = tok.select_columns(["n_tokens"]).with_format("numpy")[:]["n_tokens"]
         cut = int((1.0 - self.val_split) * int(counts.sum()))
         ends = np.cumsum(counts)
         k = int(np.searchsorted(ends, cut, side="right"))
-        train: list[_Piece] = [_Rows(tok, range(k))]
-        val: list[_Piece] = []
+        train: list[Piece] = [Rows(tok, range(k))]
+        val: list[Piece] = []
         if k < n:
             ids = np.asarray(tok[k]["ids"], dtype=self._dtype)
             head = cut - (int(ends[k - 1]) if k else 0)
             train.append(ids[:head])
-            val = [ids[head:], _Rows(tok, range(k + 1, n))]
+            val = [ids[head:], Rows(tok, range(k + 1, n))]
         return {"train": train, "val": val}
 
     def _pack_stream(self, paths: dict[str, Path]) -> None:
@@ -460,7 +364,7 @@ class PretrainDataModule(pl.LightningDataModule):
         for name, which in raw_names.items():
             raw = paths["train"].with_name(f"{name}.{os.getpid()}.tmp.bin")
             with open(raw, "wb") as f:
-                for batch in self._tokenized(which).iter(batch_size=_MAP_BATCH):
+                for batch in self._tokenized(which).iter(batch_size=ROWS_PER_BATCH):
                     for ids in batch["ids"]:
                         f.write(np.asarray(ids, dtype=self._dtype).tobytes())
             size = raw.stat().st_size
@@ -469,7 +373,7 @@ class PretrainDataModule(pl.LightningDataModule):
             cut = int((1.0 - self.val_split) * len(raws["all"]))
             raws = {"train": raws["all"][:cut], "val": raws["all"][cut:]}
         for split, path in paths.items():
-            _write_npy(path, [raws[split]], self._dtype)
+            write_npy(path, [raws[split]], self._dtype)
         for raw in paths["train"].parent.glob(f"*.{os.getpid()}.tmp.bin"):
             raw.unlink()
 
@@ -486,7 +390,7 @@ class PretrainDataModule(pl.LightningDataModule):
             plan = self._plan()
             # Validation first: train.npy's presence then implies a complete set.
             for split in sorted(paths, reverse=True):
-                _write_npy(paths[split], plan[split], self._dtype)
+                write_npy(paths[split], plan[split], self._dtype)
         meta = {
             "source": self.source,
             "val_source": self.val_source,

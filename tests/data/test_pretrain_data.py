@@ -12,7 +12,7 @@ import torch
 
 import lit_llm.data.pretrain as pretrain
 from lit_llm.data import PretrainDataModule
-from lit_llm.data.pretrain import TokenWindows, num_windows
+from lit_llm.data.packing import TokenWindows, num_windows
 from lit_llm.errors import ConfigError, DataError
 from lit_llm.tokenizer import Tokenizer, load_tokenizer, train_bpe
 
