@@ -5,6 +5,10 @@ Names follow the book (``tok_emb``, ``pos_emb``, ``trf_blocks``, ``att``, ``ff``
 arithmetic: the query/key/value projections are fused into one ``qkv`` Linear, and attention runs through
 ``scaled_dot_product_attention`` (the book's explicit-mask softmax stays as ``attention="reference"``).
 
+Generation can pass a :class:`KVCache` to ``GPTModel.forward``: each layer then keeps the keys and values of the
+tokens it has seen, and the next call feeds only the new tokens (the book's chapter 4 bonus material does the same).
+Training calls ``model(idx)`` without one and takes exactly the cache-free path.
+
 Shapes: B batch, T sequence length, C ``emb_dim``, H ``n_heads``, D head size (C // H), V padded vocabulary.
 """
 
@@ -52,6 +56,70 @@ class Embedding(nn.Embedding):
         nn.init.normal_(self.weight, mean=0.0, std=self.std)
 
 
+class LayerKVCache:
+    """Keys and values of one attention layer, preallocated as ``(B, H, max_len, D)`` on the first write.
+
+    Allocation waits for the first keys so the buffers take their batch size, device and dtype (bf16 under autocast).
+
+    Args:
+        max_len: Most tokens the layer will hold.
+
+    Attributes:
+        length: Tokens written so far; the next keys go to positions ``length, length + 1, ...``.
+    """
+
+    def __init__(self, max_len: int) -> None:
+        self.max_len = max_len
+        self.length = 0
+        self.k: torch.Tensor | None = None
+        self.v: torch.Tensor | None = None
+
+    def update(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write new keys/values ``(B, H, T, D)`` after the cached ones; return all of them ``(B, H, length, D)``."""
+        B, H, T, D = k.shape
+        if self.k is None:
+            self.k = k.new_empty(B, H, self.max_len, D)
+            self.v = v.new_empty(B, H, self.max_len, D)
+        elif self.k.shape[0] != B:
+            raise ValueError(f"KV cache was filled with batch size {self.k.shape[0]} but got a batch of {B}")
+        end = self.length + T
+        if end > self.max_len:
+            raise ValueError(
+                f"KV cache holds {self.max_len} tokens: cannot add {T} to the {self.length} cached; "
+                "make the cache longer or call reset()"
+            )
+        self.k[:, :, self.length : end] = k
+        self.v[:, :, self.length : end] = v
+        self.length = end
+        return self.k[:, :, :end], self.v[:, :, :end]
+
+
+class KVCache:
+    """The key/value caches of every layer of a GPT, for generating one token per forward pass.
+
+    Pass it to ``GPTModel.forward(idx, kv_cache=cache)``: the first call (the prompt) fills it, each later call
+    feeds only the new token(s) and gets their position embeddings from ``cache.pos``.
+
+    Args:
+        n_layers: Number of transformer blocks of the model.
+        max_len: Most tokens the cache will hold (at most the model's ``context_length``).
+    """
+
+    def __init__(self, n_layers: int, max_len: int) -> None:
+        self.max_len = max_len
+        self.layers = [LayerKVCache(max_len) for _ in range(n_layers)]
+
+    @property
+    def pos(self) -> int:
+        """Tokens cached so far: the absolute position of the next token."""
+        return self.layers[0].length
+
+    def reset(self) -> None:
+        """Forget the cached tokens, keeping the buffers for reuse with the same batch size."""
+        for layer in self.layers:
+            layer.length = 0
+
+
 class MultiHeadAttention(nn.Module):
     """Causal multi-head self-attention with a fused query/key/value projection."""
 
@@ -66,22 +134,34 @@ class MultiHeadAttention(nn.Module):
         self.out_proj = Linear(config.emb_dim, config.emb_dim, bias=config.bias, std=proj_std)
         self.dropout = nn.Dropout(config.drop_rate)  # on attention weights (reference path)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, kv_cache: LayerKVCache | None = None) -> torch.Tensor:
         B, T, C = x.shape
         # (B, T, 3C) -> 3 x (B, H, T, D)
         q, k, v = self.qkv(x).view(B, T, 3, self.n_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        if kv_cache is not None:
+            k, v = kv_cache.update(k, v)  # (B, H, S, D): the cached tokens followed by these T
         if self.attention == "sdpa":
             p = self.drop_rate if self.training else 0.0
-            context = F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True)  # (B, H, T, D)
+            S = k.shape[-2]
+            if S == T:  # no cached tokens before these: plain causal attention
+                context = F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True)  # (B, H, T, D)
+            elif T == 1:  # one new token sees every cached one, so no mask is needed
+                context = F.scaled_dot_product_attention(q, k, v, dropout_p=p)
+            else:
+                # is_causal aligns the mask top-left, but these queries are the *last* T of S positions.
+                visible = ~_future_mask(T, S, q.device)
+                context = F.scaled_dot_product_attention(q, k, v, attn_mask=visible, dropout_p=p)
         else:
             context = self._reference_attention(q, k, v)
         return self.out_proj(context.transpose(1, 2).reshape(B, T, C))
 
     def _reference_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """The book's attention (chapter 3): scores, causal mask with -inf, scaled softmax, dropout, weighted sum."""
-        T = q.shape[-2]
-        attn_scores = q @ k.transpose(-2, -1)  # (B, H, T, T)
-        mask = torch.triu(torch.ones(T, T, dtype=torch.bool, device=q.device), diagonal=1)
+        """The book's attention (chapter 3): scores, causal mask with -inf, scaled softmax, dropout, weighted sum.
+
+        With a KV cache the T queries are the last T of the S keys' positions, so the mask is offset by S - T.
+        """
+        attn_scores = q @ k.transpose(-2, -1)  # (B, H, T, S)
+        mask = _future_mask(q.shape[-2], k.shape[-2], q.device)
         attn_scores = attn_scores.masked_fill(mask, float("-inf"))
         attn_weights = torch.softmax(attn_scores / self.head_dim**0.5, dim=-1)
         attn_weights = self.dropout(attn_weights)
@@ -118,8 +198,8 @@ class TransformerBlock(nn.Module):
         self.ff = FeedForward(config)
         self.drop_shortcut = nn.Dropout(config.drop_rate)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.drop_shortcut(self.att(self.norm1(x)))
+    def forward(self, x: torch.Tensor, kv_cache: LayerKVCache | None = None) -> torch.Tensor:
+        x = x + self.drop_shortcut(self.att(self.norm1(x), kv_cache))
         x = x + self.drop_shortcut(self.ff(self.norm2(x)))
         return x
 
@@ -128,7 +208,8 @@ class GPTModel(nn.Module):
     """Token + position embeddings, dropout, ``n_layers`` blocks, final LayerNorm, linear head.
 
     ``forward`` maps token ids ``(B, T)`` to logits ``(B, T, padded_vocab_size)``; columns from ``vocab_size`` on
-    exist only when the vocabulary is padded and are never targets (samplers mask them).
+    exist only when the vocabulary is padded and are never targets (samplers mask them). With a ``kv_cache`` the ids
+    are the tokens that follow the cached ones (see :class:`KVCache`).
     """
 
     def __init__(self, config: GPTConfig) -> None:
@@ -145,18 +226,36 @@ class GPTModel(nn.Module):
         if config.tie_weights:
             self.out_head.weight = self.tok_emb.weight
 
-    def forward(self, in_idx: torch.Tensor) -> torch.Tensor:
+    def forward(self, in_idx: torch.Tensor, kv_cache: KVCache | None = None) -> torch.Tensor:
         B, T = in_idx.shape
-        if T > self.config.context_length:
+        start = 0 if kv_cache is None else kv_cache.pos
+        if start + T > self.config.context_length:
+            cached = f" after {start} cached tokens" if start else ""
             raise ValueError(
-                f"Input sequence has {T} tokens but the model's context_length is {self.config.context_length}; "
-                f"crop the input to its last {self.config.context_length} tokens or use a model with a longer context"
+                f"Input sequence has {T} tokens{cached} but the model's context_length is "
+                f"{self.config.context_length}; crop the input to its last {self.config.context_length} tokens "
+                "or use a model with a longer context"
             )
-        pos = torch.arange(T, device=in_idx.device)
+        # Absolute positions: with a cache, the new tokens come after the `start` cached ones.
+        pos = torch.arange(start, start + T, device=in_idx.device)
         x = self.drop_emb(self.tok_emb(in_idx) + self.pos_emb(pos))  # (B, T, C)
-        for block in self.trf_blocks:
-            x = block(x)
+        if kv_cache is None:
+            for block in self.trf_blocks:
+                x = block(x)
+        else:
+            if len(kv_cache.layers) != len(self.trf_blocks):
+                raise ValueError(
+                    f"KVCache has {len(kv_cache.layers)} layers but the model has {len(self.trf_blocks)}; "
+                    "build it with model.new_kv_cache(max_len)"
+                )
+            for block, layer_cache in zip(self.trf_blocks, kv_cache.layers):
+                x = block(x, layer_cache)
         return self.out_head(self.final_norm(x))  # (B, T, V)
+
+    def new_kv_cache(self, max_len: int | None = None) -> KVCache:
+        """An empty :class:`KVCache` for this model holding ``max_len`` tokens (default: ``context_length``)."""
+        n = self.config.context_length if max_len is None else min(max_len, self.config.context_length)
+        return KVCache(len(self.trf_blocks), n)
 
     def num_parameters(self, trainable_only: bool = False) -> int:
         """Parameters counted once each (a tied embedding and head count once)."""
@@ -174,6 +273,11 @@ class GPTModel(nn.Module):
         if not c.tie_weights:
             n -= self.tok_emb.weight.numel()
         return 6.0 * n + 12.0 * c.n_layers * c.emb_dim * T
+
+
+def _future_mask(T: int, S: int, device: torch.device) -> torch.Tensor:
+    """``(T, S)`` boolean mask, True where query ``i`` (position ``S - T + i``) must not see key ``j``."""
+    return torch.triu(torch.ones(T, S, dtype=torch.bool, device=device), diagonal=S - T + 1)
 
 
 def _init_stds(config: GPTConfig) -> tuple[float | None, float | None]:

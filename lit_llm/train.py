@@ -112,12 +112,24 @@ def cli(args: list[str] | None = None, run: bool = True) -> LitLLMCLI:
 def main(args: list[str] | None = None) -> None:
     try:
         cli(args)
-    except LitLLMError as e:
-        if os.environ.get("LIT_LLM_DEBUG"):
+    except Exception as e:  # noqa: BLE001 - re-raised unless it is (or wraps) one of lit_llm's own errors
+        user_error = find_user_error(e)
+        if user_error is None or os.environ.get("LIT_LLM_DEBUG"):
             raise
         # One clear message, not a traceback through Lightning's internals (LIT_LLM_DEBUG=1 shows it).
-        print(f"error: {type(e).__name__}: {e}", file=sys.stderr)
+        print(f"error: {type(user_error).__name__}: {user_error}", file=sys.stderr)
         sys.exit(1)
+
+
+def find_user_error(error: BaseException | None) -> LitLLMError | None:
+    """The :class:`LitLLMError` that ``error`` is or wraps (jsonargparse wraps errors raised by constructors)."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        if isinstance(error, LitLLMError):
+            return error
+        seen.add(id(error))
+        error = error.__cause__ or error.__context__
+    return None
 
 
 if __name__ == "__main__":

@@ -252,3 +252,18 @@ def test_validate_and_predict_from_checkpoint(corpus, tmp_path, in_repo_root):
     mean = sum(r["loss"] for r in rows) / len(rows)  # every window has the same token count
     assert mean == pytest.approx(fitted, rel=1e-4)
     assert all(r["ppl"] == pytest.approx(math.exp(r["loss"]), rel=1e-5) for r in rows)
+
+
+@pytest.mark.parametrize("override,needle", [
+    ("--model.init_args.learning_rate=-1", "model.learning_rate=-1.0 must be > 0"),
+    ("--data.init_args.batch_size=0", "data.batch_size=0 must be >= 1"),
+    ("--model.init_args.model.n_heads=3", "model.emb_dim=128 is not divisible by model.n_heads=3"),
+])
+def test_bad_values_are_one_message(override, needle, in_repo_root, capsys):
+    from lit_llm.train import main
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["fit", "--config", "configs/pretrain/quickstart.yaml", override])
+    assert exit_.value.code == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: ConfigError") and needle in err and "Traceback" not in err

@@ -49,6 +49,7 @@ class GPTTask(pl.LightningModule):
         gradient_clip: float | None = 1.0,
         compile: bool = False,
         fused_adamw: bool | None = None,
+        init_weights: str | None = None,
     ) -> None:
         """
         Args:
@@ -69,6 +70,12 @@ class GPTTask(pl.LightningModule):
             compile: ``torch.compile`` the inner GPT (never the LightningModule). The eager module stays in
                 ``self.model`` for generation, so checkpoints hold plain parameter names.
             fused_adamw: Fused CUDA AdamW; default: on when training on a CUDA device.
+            init_weights: Initial weights: a lit_llm checkpoint, a converted weights dir, an HF directory or a Hub id
+                such as openai-community/gpt2. ``model`` must describe the same architecture (for GPT-2: the
+                ``gpt2-*`` shape with ``qkv_bias: true`` and ``tie_weights: true``); any key or shape mismatch stops
+                the run with a list of them. Loaded when the model is built (so a missing file is reported then, as a
+                one-line CheckpointError); a resumed run (``--ckpt_path``) skips it, as Lightning restores the
+                checkpoint's weights right after.
         """
         super().__init__()
         config = _as_config(model)
@@ -99,14 +106,43 @@ class GPTTask(pl.LightningModule):
         if self.model is not None:
             return
         self.model = GPTModel(self.config)
+        if self.hparams.get("init_weights"):
+            self._load_init_weights(self.hparams.init_weights)
+        model = self.model
+
+        def model_loss(input_ids: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+            return next_token_loss(model(input_ids), targets)
+
         # Stored outside nn.Module registration: no duplicate parameters, no "_orig_mod." keys in checkpoints.
-        object.__setattr__(self, "_forward", torch.compile(self.model) if self.hparams.compile else self.model)
+        # The loss is compiled together with the model so the compiler fuses the head's output into the
+        # cross-entropy instead of materialising float32 logits for the whole batch.
+        compile_ = self.hparams.compile
+        object.__setattr__(self, "_forward", torch.compile(model) if compile_ else model)
+        object.__setattr__(self, "_model_loss", torch.compile(model_loss) if compile_ else model_loss)
+
+    def _load_init_weights(self, source: str) -> None:
+        trainer = self._trainer
+        if trainer is not None and trainer.ckpt_path:
+            # Lightning restores the checkpoint's weights after configure_model; reading init_weights would be wasted.
+            rank_zero_info(f"Resuming from {trainer.ckpt_path}: model.init_weights={source} is not loaded")
+            return
+        from lit_llm.weights import load_into, load_weights
+
+        _, state = load_weights(source, self.config)
+        load_into(self.model, state, source=source)
+        rank_zero_info(f"Initial weights from {source}")
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         """Logits ``(B, T, V)`` for token ids ``(B, T)`` (compiled when ``compile`` is on)."""
         if self.model is None:
             self.configure_model()
         return self._forward(input_ids)
+
+    def loss(self, input_ids: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Mean next-token cross-entropy of the model on ``(input_ids, targets)``, ``-100`` targets ignored."""
+        if self.model is None:
+            self.configure_model()
+        return self._model_loss(input_ids, targets)
 
     # ---- optimisation ------------------------------------------------------------------------------------------
     def configure_optimizers(self) -> dict[str, Any]:

@@ -35,7 +35,7 @@ class PretrainTask(GPTTask):
 
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> dict[str, torch.Tensor]:
         inputs, targets = batch
-        loss = next_token_loss(self(inputs), targets)
+        loss = self.loss(inputs, targets)
         self.count_tokens(inputs)
         self.log("train/loss", loss, on_step=True, on_epoch=False, prog_bar=True)
         self.log_lr()
@@ -43,7 +43,7 @@ class PretrainTask(GPTTask):
 
     def _evaluate(self, batch: tuple[torch.Tensor, torch.Tensor], split: str) -> torch.Tensor:
         inputs, targets = batch
-        loss = next_token_loss(self(inputs), targets)
+        loss = self.loss(inputs, targets)
         n_tokens = (targets != -100).sum()
         if split == "train_eval":
             self.train_eval_loss.update(loss, weight=n_tokens)

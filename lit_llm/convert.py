@@ -1,0 +1,151 @@
+"""``python -m lit_llm.convert``: bring GPT-2 and the book's weights into lit_llm, and take lit_llm models to
+Hugging Face.
+
+    python -m lit_llm.convert from-hf openai-community/gpt2 checkpoints/gpt2-124m
+    python -m lit_llm.convert from-book gpt2-small-124M.pth checkpoints/book-124m --tokenizer gpt2_dir/
+    python -m lit_llm.convert to-hf checkpoints/quickstart/last.ckpt exports/quickstart-hf
+
+``from-hf`` and ``from-book`` write a converted weights directory (``model.safetensors`` in lit_llm's layout,
+``model_config.json``, ``tokenizer.json``) that ``model.init_weights``, ``python -m lit_llm.generate`` and
+``to-hf`` read. ``to-hf`` writes a directory that ``transformers.AutoModelForCausalLM`` and ``AutoTokenizer`` load.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import warnings
+from pathlib import Path
+
+import torch
+
+from lit_llm.config import PRESETS, GPTConfig
+from lit_llm.errors import CheckpointError, ConfigError, LitLLMError
+from lit_llm.tokenizer import Tokenizer, load_tokenizer
+from lit_llm.weights import export_hf, load_book_state_dict, load_model_for_inference, save_weights
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def _from_hf(args: argparse.Namespace) -> str:
+    path = Path(args.source).expanduser()
+    if path.exists() and not (path / "config.json").is_file() and not (path.parent / "config.json").is_file():
+        raise CheckpointError(f"{args.source} is not a Hugging Face GPT-2 directory (config.json + model.safetensors); "
+                              "for the book's .pth/.safetensors files use from-book, and lit_llm checkpoints need no "
+                              "import")
+    # Building the model costs no extra memory (meta device + assign) and gives the source's tokenizer too.
+    model, tokenizer, _ = load_model_for_inference(args.source, dtype=_DTYPES.get(args.dtype))
+    if args.tokenizer:
+        tokenizer = load_tokenizer(args.tokenizer)
+    state = model.state_dict()
+    out = save_weights(model.config, state, args.out, tokenizer)
+    return _summary(out, model.config, state, tokenizer is not None)
+
+
+def _from_book(args: argparse.Namespace) -> str:
+    n_heads = args.n_heads
+    if args.preset is not None:
+        if args.preset not in PRESETS:
+            raise ConfigError(f"unknown preset {args.preset!r}; choose one of {', '.join(PRESETS)}")
+        n_heads = n_heads or PRESETS[args.preset]["n_heads"]
+    config, state = load_book_state_dict(args.path, n_heads=n_heads, dtype=_DTYPES.get(args.dtype))
+    assert config is not None  # load_book_state_dict raises when it cannot build one from a file
+    tokenizer = load_tokenizer(args.tokenizer) if args.tokenizer else _tokenizer_beside(Path(args.path))
+    out = save_weights(config, state, args.out, tokenizer)
+    return _summary(out, config, state, tokenizer is not None)
+
+
+def _to_hf(args: argparse.Namespace) -> str:
+    model, tokenizer, meta = load_model_for_inference(args.checkpoint, dtype=_DTYPES.get(args.dtype))
+    if args.tokenizer:
+        tokenizer = load_tokenizer(args.tokenizer)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="no tokenizer is known")  # the summary line says it
+        out = export_hf(model, args.out_dir, tokenizer)
+    config: GPTConfig = model.config
+    note = "" if tokenizer is not None else " (no tokenizer: pass --tokenizer to include one)"
+    return (f"wrote {out}: Hugging Face GPT-2 ({config.n_layers} layers, {config.emb_dim} wide, {config.vocab_size} "
+            f"tokens) from {meta['format']} weights{note}")
+
+
+def _tokenizer_beside(path: Path) -> Tokenizer | None:
+    try:
+        return load_tokenizer(path.parent)
+    except LitLLMError:
+        return None
+
+
+def _summary(out: Path, config: GPTConfig, state: dict, has_tokenizer: bool) -> str:
+    n = sum(t.numel() for k, t in state.items() if not (config.tie_weights and k == "out_head.weight"))
+    tokenizer = "with tokenizer.json" if has_tokenizer else "no tokenizer (pass --tokenizer to include one)"
+    return (f"wrote {out}: {n:,} parameters, {config.n_layers} layers, {config.emb_dim} wide, {config.n_heads} heads, "
+            f"{config.vocab_size} tokens, context {config.context_length}; {tokenizer}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``python -m lit_llm.convert`` argument parser."""
+    parser = argparse.ArgumentParser(
+        prog="python -m lit_llm.convert",
+        description="Convert GPT weights between lit_llm, the Hugging Face GPT-2 layout and the book's state dicts.",
+        epilog="Bad input ends with one 'error: ...' line and exit status 1; LIT_LLM_DEBUG=1 shows the traceback.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    dtype = dict(choices=sorted(_DTYPES), default=None, help="cast the weights to this dtype (default: as stored)")
+    tok_help = "tokenizer to store with the weights: a directory or tokenizer.json, or a Hub id such as gpt2"
+
+    p = sub.add_parser(
+        "from-hf", help="Hugging Face GPT-2 (directory or Hub id) -> lit_llm weights directory",
+        description="Import OpenAI GPT-2 in the Hugging Face layout (config.json + model.safetensors or "
+                    "pytorch_model.bin) into a lit_llm weights directory: model.safetensors, model_config.json and "
+                    "the source's tokenizer.json.",
+    )
+    p.add_argument("source", metavar="SOURCE", help="HF directory, or a Hub id such as openai-community/gpt2")
+    p.add_argument("out", metavar="OUT", type=Path, help="output directory (created)")
+    p.add_argument("--tokenizer", help=tok_help + " (default: the source's)")
+    p.add_argument("--dtype", **dtype)
+    p.set_defaults(run=_from_hf)
+
+    p = sub.add_parser(
+        "from-book", help="the book's GPTModel / GPTModelFast state dict (.pth/.safetensors) -> lit_llm weights",
+        description="Import a state dict of the book's GPTModel (chapters 4-5) or GPTModelFast (ch05 bonus), e.g. "
+                    "gpt2-small-124M.pth. The shape is read from the tensors; n_heads is not in them, so it comes "
+                    "from --n-heads, --preset, or the GPT-2 preset of the same width and depth.",
+    )
+    p.add_argument("path", metavar="PATH", help=".pth or .safetensors file")
+    p.add_argument("out", metavar="OUT", type=Path, help="output directory (created)")
+    p.add_argument("--n-heads", type=int, help="attention heads per layer")
+    p.add_argument("--preset", help=f"take n_heads from this preset ({', '.join(PRESETS)})")
+    p.add_argument("--tokenizer", help=tok_help)
+    p.add_argument("--dtype", **dtype)
+    p.set_defaults(run=_from_book)
+
+    p = sub.add_parser(
+        "to-hf", help="lit_llm checkpoint or weights directory -> Hugging Face GPT-2 directory",
+        description="Export to a directory that transformers' AutoModelForCausalLM and AutoTokenizer load "
+                    "(config.json, model.safetensors, generation_config.json, tokenizer files). Any weights this "
+                    "tool reads are accepted: a lit_llm .ckpt or run directory, a converted directory, a book file.",
+    )
+    p.add_argument("checkpoint", metavar="CKPT", help="lit_llm .ckpt, run directory or weights directory")
+    p.add_argument("out_dir", metavar="OUT_DIR", type=Path, help="output directory (created)")
+    p.add_argument("--tokenizer", help=tok_help + " (default: the one stored with the checkpoint)")
+    p.add_argument("--dtype", **dtype)
+    p.set_defaults(run=_to_hf)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Run one conversion; user mistakes end with one ``error:`` line on stderr and exit status 1."""
+    args = build_parser().parse_args(argv)
+    try:
+        print(args.run(args))
+    except (LitLLMError, OSError) as err:
+        if os.environ.get("LIT_LLM_DEBUG"):
+            raise
+        # One clear message, not a traceback (LIT_LLM_DEBUG=1 shows it).
+        print(f"error: {type(err).__name__}: {err}", file=sys.stderr)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1061 @@
+"""Weights in and out: OpenAI GPT-2 in the Hugging Face layout, the book's state dicts, lit_llm's own checkpoints.
+
+Every loader returns ``(GPTConfig, state_dict)`` in lit_llm's layout: the names of ``GPTModel.state_dict()``, token
+embedding and head with exactly ``config.vocab_size`` rows (no padding), and no ``out_head.weight`` when the head
+is tied. :func:`load_into` checks such a dict against a model (keys and shapes first, one error listing every
+problem), pads the vocabulary rows with zeros and loads it. :func:`build_model` does all of it without a second
+copy of the weights in memory: the model is built on the meta device, each tensor is read once straight into its
+final buffer (or memory-mapped), and ``load_state_dict(assign=True)`` adopts the tensors instead of copying them.
+
+Layouts read:
+
+- **Hugging Face GPT-2** (``GPT2LMHeadModel.save_pretrained``, the Hub's ``openai-community/gpt2*``): ``wte``,
+  ``wpe``, ``h.N.{ln_1,attn.c_attn,attn.c_proj,ln_2,mlp.c_fc,mlp.c_proj}``, ``ln_f``, optionally prefixed
+  ``transformer.``. Its ``Conv1D`` layers store weights as ``(in, out)``, so they are transposed; ``c_attn``'s
+  output rows are ``[q; k; v]`` with heads contiguous, which is exactly the fused ``qkv`` layout.
+- **The book** (chapter 4/5 ``GPTModel``: ``att.W_query/W_key/W_value``, ``norm1.scale/shift``, ...) and its
+  faster variant ``GPTModelFast`` (fused ``att.qkv``, ``att.proj``, ``nn.LayerNorm``), as ``.pth`` (possibly
+  ``{"model_state_dict": ...}``) or ``.safetensors``; compiled models' ``_orig_mod.`` prefixes are removed.
+- **lit_llm**: Lightning ``.ckpt`` files, run directories (``last.ckpt``), and converted weights directories
+  (``model.safetensors`` + ``model_config.json`` + ``tokenizer.json``, written by :func:`save_weights`).
+"""
+
+from __future__ import annotations
+
+import json
+import pickle
+import re
+import warnings
+import zipfile
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from torch import Tensor, nn
+
+from lit_llm.config import PRESETS, GPTConfig
+from lit_llm.errors import CheckpointError, LitLLMError
+from lit_llm.model import GPTModel
+from lit_llm.tokenizer import Tokenizer, load_tokenizer
+
+__all__ = [
+    "build_model",
+    "export_hf",
+    "is_hub_id",
+    "load_book_state_dict",
+    "load_hf_gpt2",
+    "load_into",
+    "load_lit_checkpoint",
+    "load_model_for_inference",
+    "load_weights",
+    "save_weights",
+]
+
+Format = Literal["lit", "hf", "book"]
+
+# A Hub id is `name` or `owner/name`; anything with path separators or a weights suffix is meant as a local path.
+_HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?$")
+_WEIGHT_SUFFIXES = (".ckpt", ".pth", ".pt", ".bin", ".safetensors", ".json")
+_HF_DOWNLOAD = ["config.json", "generation_config.json", "model.safetensors", "model.safetensors.index.json",
+                "model-*.safetensors", "tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt"]
+
+# Inside `trf_blocks.N.` (ours) -> inside `h.N.` (Hugging Face), and whether the HF tensor is a Conv1D weight that
+# is stored transposed, (in, out).
+_HF_BLOCK = {
+    "norm1.weight": ("ln_1.weight", False),
+    "norm1.bias": ("ln_1.bias", False),
+    "att.qkv.weight": ("attn.c_attn.weight", True),
+    "att.qkv.bias": ("attn.c_attn.bias", False),
+    "att.out_proj.weight": ("attn.c_proj.weight", True),
+    "att.out_proj.bias": ("attn.c_proj.bias", False),
+    "norm2.weight": ("ln_2.weight", False),
+    "norm2.bias": ("ln_2.bias", False),
+    "ff.layers.0.weight": ("mlp.c_fc.weight", True),
+    "ff.layers.0.bias": ("mlp.c_fc.bias", False),
+    "ff.layers.2.weight": ("mlp.c_proj.weight", True),
+    "ff.layers.2.bias": ("mlp.c_proj.bias", False),
+}
+_HF_TOP = {"tok_emb.weight": "wte.weight", "pos_emb.weight": "wpe.weight",
+           "final_norm.weight": "ln_f.weight", "final_norm.bias": "ln_f.bias"}
+_FROM_HF_BLOCK = {hf: (ours, t) for ours, (hf, t) in _HF_BLOCK.items()}
+_FROM_HF_TOP = {hf: ours for ours, hf in _HF_TOP.items()}
+# Causal-mask buffers, not weights: HF's `attn.bias`/`attn.masked_bias`, the book's `att.mask`.
+_HF_BUFFER = re.compile(r"h\.\d+\.attn\.(bias|masked_bias)")
+_BOOK_QKV = re.compile(r"trf_blocks\.(\d+)\.att\.W_(query|key|value)\.(weight|bias)")
+# HF GPT-2 activations that are the tanh approximation of GELU (the model's `nn.GELU(approximate="tanh")`).
+_TANH_GELUS = ("gelu_new", "gelu_pytorch_tanh", "gelu_fast")
+
+
+def is_hub_id(source: str | Path) -> bool:
+    """Whether ``source`` reads as a Hugging Face Hub id (``gpt2``, ``openai-community/gpt2``) rather than a path."""
+    return (isinstance(source, str) and bool(_HUB_ID.match(source))
+            and not source.lower().endswith(_WEIGHT_SUFFIXES) and not Path(source).expanduser().exists())
+
+
+# ---- public loaders --------------------------------------------------------------------------------------------
+
+
+def load_hf_gpt2(
+    source: str | Path, config: GPTConfig | None = None, *, dtype: torch.dtype | None = None
+) -> tuple[GPTConfig, dict[str, Tensor]]:
+    """Read OpenAI GPT-2 in the Hugging Face layout.
+
+    Args:
+        source: A directory with ``config.json`` and ``model.safetensors`` (or ``pytorch_model.bin``), or a Hub id
+            such as ``openai-community/gpt2`` (downloaded into the Hugging Face cache).
+        config: The model config to return instead of the one built from ``config.json`` (e.g. to pad the
+            vocabulary or untie the head); :func:`load_into` checks that the tensors fit it.
+        dtype: Cast floating-point tensors to this dtype while reading.
+
+    Returns:
+        The config (from ``config.json``: ``drop_rate=0.0``, ``qkv_bias``, ``bias`` and ``tie_weights`` on,
+        ``pad_vocab_multiple=1``) and the state dict in lit_llm's layout.
+
+    Raises:
+        CheckpointError: The directory lacks the files, they are corrupt or not GPT-2, or the download failed.
+    """
+    path = Path(source).expanduser()
+    if path.is_file() and (path.parent / "config.json").is_file():
+        path = path.parent
+    if path.is_dir():
+        loaded = _load_hf_dir(path, config, dtype, str(source))
+    elif is_hub_id(source):
+        loaded = _load_hf_dir(_download(str(source)), config, dtype, str(source))
+    else:
+        raise CheckpointError(f"{source} does not exist (cwd: {Path.cwd()}); pass a directory with config.json and "
+                              "model.safetensors, or a Hub id such as openai-community/gpt2")
+    return loaded.config, loaded.state
+
+
+def load_book_state_dict(
+    path_or_state: str | Path | dict[str, Tensor],
+    config: GPTConfig | None = None,
+    *,
+    n_heads: int | None = None,
+    dtype: torch.dtype | None = None,
+) -> tuple[GPTConfig | None, dict[str, Tensor]]:
+    """Read a state dict of the book's ``GPTModel`` (chapters 4-5) or its ``GPTModelFast`` (ch05 bonus).
+
+    The config is inferred from the tensor shapes (``emb_dim``, ``n_layers``, ``vocab_size``, ``context_length``,
+    ``qkv_bias``; the book never ties the head). ``n_heads`` leaves no trace in the shapes: it comes from
+    ``n_heads``, else from ``config``, else from the GPT-2 preset with the same ``emb_dim`` and ``n_layers``.
+
+    Args:
+        path_or_state: A ``.pth`` (``torch.save`` of ``model.state_dict()``, possibly wrapped as
+            ``{"model_state_dict": ...}``), a ``.safetensors`` file, or the state dict itself.
+        config: The model config to use instead of the inferred one.
+        n_heads: Attention heads per layer, when no preset matches the shapes.
+        dtype: Cast floating-point tensors to this dtype while reading.
+
+    Returns:
+        The config (``None`` only when the dict has no ``tok_emb.weight`` to infer it from) and the state dict in
+        lit_llm's layout.
+
+    Raises:
+        CheckpointError: The file is missing or corrupt, is not in the book's layout, or ``n_heads`` is unknown.
+    """
+    where = "the state dict" if isinstance(path_or_state, dict) else str(path_or_state)
+    if isinstance(path_or_state, dict):
+        tensors = _Tensors.from_dict(_unwrap(path_or_state, where), dtype)
+    else:
+        tensors = _open_state_file(_existing(path_or_state), dtype)
+    layout = _layout(tensors.names)
+    if layout not in ("book", "lit"):
+        raise CheckpointError(f"{where} is not a state dict of the book's GPTModel or GPTModelFast "
+                              f"(it looks like {layout or 'something else'}); use load_weights() for other formats")
+    state = _map_book(tensors, where)
+    if config is None and "tok_emb.weight" not in state:
+        return None, state
+    return config or _infer_config(state, where, n_heads), state
+
+
+def load_lit_checkpoint(
+    path: str | Path, config: GPTConfig | None = None, *, dtype: torch.dtype | None = None
+) -> tuple[GPTConfig, dict[str, Tensor]]:
+    """Read lit_llm's own weights: a Lightning ``.ckpt``, a run directory, or a converted weights directory/file.
+
+    Args:
+        path: A ``.ckpt`` written by ``lit_llm.train`` (the config comes from its ``model_config`` or
+            ``hyper_parameters["model"]``), a run directory holding ``last.ckpt``, a directory written by
+            :func:`save_weights`, or a ``.safetensors``/``.pth`` state dict in lit_llm's layout.
+        config: The model config to use instead of the stored one.
+        dtype: Cast floating-point tensors to this dtype while reading.
+
+    Returns:
+        The config and the state dict (``model.`` and ``_orig_mod.`` prefixes removed).
+
+    Raises:
+        CheckpointError: The file is missing, corrupt, sharded, or not a lit_llm checkpoint.
+    """
+    loaded = _load(path, config, dtype)
+    if loaded.format != "lit":
+        raise CheckpointError(f"{path} holds {loaded.format} weights, not a lit_llm checkpoint; use load_weights()")
+    return loaded.config, loaded.state
+
+
+def load_weights(
+    source: str | Path, config: GPTConfig | None = None, *, dtype: torch.dtype | None = None
+) -> tuple[GPTConfig, dict[str, Tensor]]:
+    """Read weights in any supported layout, deciding by what ``source`` is.
+
+    A ``.ckpt`` or a run directory is a lit_llm checkpoint; a directory with ``model_config.json`` is converted
+    lit_llm weights; a directory with ``config.json`` is Hugging Face GPT-2; a ``.pth``/``.safetensors`` file is
+    recognised by its tensor names (lit_llm, the book's, or HF); anything else that reads as a Hub id is
+    downloaded from the Hugging Face Hub.
+
+    Args:
+        source: A path or a Hub id.
+        config: The model config to use instead of the stored or inferred one (needed for the book's files whose
+            ``n_heads`` no GPT-2 preset gives).
+        dtype: Cast floating-point tensors to this dtype while reading.
+
+    Returns:
+        The config and the state dict in lit_llm's layout.
+
+    Raises:
+        CheckpointError: Nothing readable at ``source``; the message says what was expected.
+    """
+    loaded = _load(source, config, dtype)
+    return loaded.config, loaded.state
+
+
+# ---- loading into a model --------------------------------------------------------------------------------------
+
+
+def load_into(model: GPTModel, state: dict[str, Tensor], strict: bool = True, *, source: str | None = None) -> None:
+    """Load a lit_llm-layout state dict into ``model``, after checking every key and shape.
+
+    Vocabulary padding is not a mismatch: a table with ``vocab_size`` rows is padded with zero rows up to the
+    model's ``padded_vocab_size``. A tied model takes its head from ``tok_emb.weight`` (a separate, different
+    ``out_head.weight`` is an error); an untied model given no head starts it as a copy of the embedding, as the
+    book does with GPT-2's weights. A model on the meta device (see :func:`build_model`) adopts the tensors
+    (``assign=True``) instead of copying them.
+
+    Args:
+        model: The GPT to load into.
+        state: Tensors by name, as the loaders of this module return them.
+        strict: Refuse missing and unexpected keys. Shape mismatches are refused either way.
+        source: Where the weights came from, for the error message.
+
+    Raises:
+        CheckpointError: One message listing missing keys, unexpected keys and each shape mismatch as
+            ``name: model=(...) checkpoint=(...)``.
+    """
+    cfg = model.config
+    where = source or "the checkpoint"
+    expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}
+    assign = any(t.is_meta for t in model.state_dict().values())
+    state = dict(state)
+    if cfg.tie_weights:
+        expected.pop("out_head.weight", None)
+        head = state.pop("out_head.weight", None)
+        emb = state.get("tok_emb.weight")
+        if head is not None and emb is not None and not _same_tensor(head, emb):
+            raise CheckpointError(
+                f"{where} has a separate output head (out_head.weight differs from tok_emb.weight) but the model "
+                "ties them (tie_weights: true); set tie_weights: false to keep both"
+            )
+    elif "tok_emb.weight" in state:
+        # A tied checkpoint: the untied head starts from the shared matrix, as its own tensor (two parameters
+        # adopting one storage would both be updated by each optimizer step).
+        emb, head = state["tok_emb.weight"], state.get("out_head.weight")
+        if head is None or (assign and head.data_ptr() == emb.data_ptr()):
+            state["out_head.weight"] = emb.clone() if assign else emb
+    for name in ("tok_emb.weight", "out_head.weight"):
+        t = state.get(name)
+        if t is not None and name in expected and t.dim() == 2 and tuple(t.shape[1:]) == expected[name][1:]:
+            rows = expected[name][0]
+            if cfg.vocab_size <= t.shape[0] < rows:
+                state[name] = torch.cat([t, t.new_zeros(rows - t.shape[0], t.shape[1])])
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    mismatched = [f"{k}: model={_shape(expected[k])} checkpoint={_shape(state[k].shape)}"
+                  for k in expected if k in state and tuple(state[k].shape) != expected[k]]
+    # A meta model cannot keep a parameter the checkpoint lacks: it has no values at all.
+    if mismatched or (strict and (missing or unexpected)) or (assign and missing):
+        raise CheckpointError(_mismatch_message(where, cfg, missing, unexpected, mismatched))
+    if assign:
+        # The meta model's dtypes are what the caller asked for (e.g. bf16 under an init_module context).
+        params = model.state_dict()
+        state = {k: (v.to(params[k].dtype) if v.is_floating_point() else v) for k, v in state.items() if k in params}
+    model.load_state_dict(state, strict=False, assign=assign)
+    if cfg.tie_weights:
+        model.out_head.weight = model.tok_emb.weight
+
+
+def build_model(
+    source: str | Path, config: GPTConfig | None = None, device: str | torch.device = "cpu",
+    dtype: torch.dtype | None = None,
+) -> tuple[GPTModel, GPTConfig]:
+    """Build a GPT holding the weights at ``source`` with one copy of them in memory.
+
+    The model is constructed on the meta device (no memory), the tensors are read one at a time into their final
+    buffers (safetensors) or memory-mapped (``torch.load(mmap=True)``), and the model adopts them with
+    ``load_state_dict(assign=True)``; the tied head is re-tied afterwards.
+
+    Args:
+        source: Anything :func:`load_weights` reads.
+        config: The model config to use instead of the stored or inferred one.
+        device: Where the model ends up.
+        dtype: Parameter dtype; ``None`` keeps the stored one (float32 for GPT-2 and for lit_llm checkpoints
+            unless trained with ``bf16-true``).
+
+    Returns:
+        The model (in training mode, as ``nn.Module`` builds it) and its config.
+    """
+    return _build_with_config(_load(source, config, dtype), device)
+
+
+def load_model_for_inference(
+    source: str, device: str = "cpu", dtype: torch.dtype | None = None
+) -> tuple[GPTModel, Tokenizer | None, dict[str, Any]]:
+    """The model, its tokenizer and where they came from, ready for ``python -m lit_llm.generate``.
+
+    Args:
+        source: A lit_llm checkpoint or run directory, a converted weights directory, a Hugging Face GPT-2
+            directory, a book state dict, or a Hub id such as ``openai-community/gpt2``.
+        device: Where the model goes.
+        dtype: Parameter dtype; ``None`` keeps the stored one.
+
+    Returns:
+        The model in eval mode; the tokenizer when one is known (stored in a lit_llm checkpoint, ``tokenizer.json``
+        beside it or in its directory, the HF directory's or the Hub repository's tokenizer files), else ``None``;
+        and metadata: ``source``, ``format`` (``"lit"``, ``"hf"`` or ``"book"``), ``path`` (the local file or
+        directory read), ``config`` (the model config as a dict) and, for lit_llm checkpoints,
+        ``hyper_parameters``, ``global_step`` and ``epoch``.
+    """
+    loaded = _load(source, None, dtype)
+    model, config = _build_with_config(loaded, device)
+    metadata = {"source": str(source), "format": loaded.format, "path": str(loaded.path),
+                "config": config.to_dict(), **loaded.extra}
+    return model.eval(), loaded.tokenizer(), metadata
+
+
+# ---- writing ---------------------------------------------------------------------------------------------------
+
+
+def save_weights(
+    config: GPTConfig, state: dict[str, Tensor], out_dir: str | Path, tokenizer: Tokenizer | None = None
+) -> Path:
+    """Write converted weights that every lit_llm command reads: ``model.safetensors`` (lit_llm layout),
+    ``model_config.json`` and, when given, ``tokenizer.json``.
+
+    Args:
+        config: The model config.
+        state: The state dict in lit_llm's layout (a tied head is written once, as ``tok_emb.weight``).
+        out_dir: The directory to write (created if missing).
+        tokenizer: The tokenizer to store beside the weights.
+
+    Returns:
+        The directory.
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v for k, v in state.items() if not (config.tie_weights and k == "out_head.weight")}
+    _write_safetensors(out / "model.safetensors", [(k, v.shape, v.dtype, _const(v)) for k, v in tensors.items()])
+    (out / "model_config.json").write_text(json.dumps(config.to_dict(), indent=2) + "\n")
+    if tokenizer is not None:
+        tokenizer.save(out)
+    return out
+
+
+def export_hf(
+    model_or_source: GPTModel | str | Path, out_dir: str | Path, tokenizer: Tokenizer | None = None
+) -> Path:
+    """Write a Hugging Face GPT-2 directory that ``transformers`` loads with ``AutoModelForCausalLM`` and
+    ``AutoTokenizer``: ``config.json``, ``generation_config.json``, ``model.safetensors`` and the tokenizer files.
+
+    Vocabulary padding is dropped; an untied head is written as ``lm_head.weight`` (``tie_word_embeddings:
+    false``). GPT-2 has every bias, so a model built with ``bias: false`` or ``qkv_bias: false`` gets zero biases,
+    which computes exactly the same function.
+
+    Args:
+        model_or_source: A ``GPTModel``, or anything :func:`load_model_for_inference` reads.
+        out_dir: The directory to write (created if missing).
+        tokenizer: The tokenizer to export; default: the one stored with ``model_or_source``. Without one only the
+            model files are written (with a warning), and ``AutoTokenizer`` cannot load the directory.
+
+    Returns:
+        The directory.
+    """
+    if isinstance(model_or_source, nn.Module):
+        model = model_or_source
+    else:
+        model, stored, _ = load_model_for_inference(str(model_or_source))
+        tokenizer = tokenizer or stored
+    cfg: GPTConfig = model.config
+    if tokenizer is not None and tokenizer.vocab_size > cfg.vocab_size:
+        raise CheckpointError(f"the tokenizer has {tokenizer.vocab_size} tokens but the model only "
+                              f"{cfg.vocab_size}; export with the tokenizer the model was trained with")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    _write_safetensors(out / "model.safetensors", _hf_entries(model))
+    eos_id = tokenizer.eos_id if tokenizer is not None else (50256 if cfg.vocab_size == 50257 else None)
+    dtype = str(model.tok_emb.weight.dtype).removeprefix("torch.")
+    hf_config = {
+        "architectures": ["GPT2LMHeadModel"],
+        "model_type": "gpt2",
+        "vocab_size": cfg.vocab_size,
+        "n_positions": cfg.context_length,
+        "n_ctx": cfg.context_length,
+        "n_embd": cfg.emb_dim,
+        "n_layer": cfg.n_layers,
+        "n_head": cfg.n_heads,
+        "n_inner": None,
+        "activation_function": "gelu_new",  # the tanh approximation, as nn.GELU(approximate="tanh")
+        "layer_norm_epsilon": 1e-5,
+        "initializer_range": 0.02,
+        "resid_pdrop": cfg.drop_rate,
+        "embd_pdrop": cfg.drop_rate,
+        "attn_pdrop": cfg.drop_rate,
+        "scale_attn_weights": True,
+        "scale_attn_by_inverse_layer_idx": False,
+        "reorder_and_upcast_attn": False,
+        "tie_word_embeddings": cfg.tie_weights,
+        "use_cache": True,
+        "bos_token_id": eos_id,
+        "eos_token_id": eos_id,
+        "torch_dtype": dtype,
+    }
+    (out / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
+    generation = {"bos_token_id": eos_id, "eos_token_id": eos_id}
+    (out / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
+    if tokenizer is None:
+        warnings.warn(f"no tokenizer is known for this model, so {out} holds no tokenizer files and AutoTokenizer "
+                      "cannot load it; pass tokenizer= (or --tokenizer to lit_llm.convert)", stacklevel=2)
+        return out
+    tokenizer.save(out)
+    special = {"bos_token": tokenizer.eos_token, "eos_token": tokenizer.eos_token, "unk_token": tokenizer.eos_token}
+    # PreTrainedTokenizerFast reads tokenizer.json as it is (GPT2Tokenizer would rebuild it from vocab/merges).
+    tok_config = {"tokenizer_class": "PreTrainedTokenizerFast", **special, "model_max_length": cfg.context_length,
+                  "add_prefix_space": False, "clean_up_tokenization_spaces": False}
+    (out / "tokenizer_config.json").write_text(json.dumps(tok_config, indent=2) + "\n")
+    (out / "special_tokens_map.json").write_text(json.dumps(special, indent=2) + "\n")
+    return out
+
+
+def _hf_entries(model: GPTModel) -> list[tuple[str, tuple[int, ...], torch.dtype, Callable[[], Tensor]]]:
+    """The HF tensors of ``model`` as (name, shape, dtype, producer); producers transpose lazily, one at a time."""
+    cfg = model.config
+    sd = model.state_dict()
+    entries = []
+
+    def add(name: str, t: Tensor | None, transpose: bool = False, like: Tensor | None = None) -> None:
+        if t is None:  # a bias the model was built without: zero is exact
+            entries.append((name, (like.shape[0],), like.dtype, lambda: torch.zeros(like.shape[0], dtype=like.dtype)))
+        elif transpose:
+            entries.append((name, tuple(t.shape[::-1]), t.dtype, lambda: t.detach().t().contiguous().cpu()))
+        else:
+            entries.append((name, tuple(t.shape), t.dtype, lambda: t.detach().contiguous().cpu()))
+
+    add("transformer.wte.weight", sd["tok_emb.weight"][: cfg.vocab_size])
+    add("transformer.wpe.weight", sd["pos_emb.weight"])
+    for i in range(cfg.n_layers):
+        for ours, (hf, transpose) in _HF_BLOCK.items():
+            weight = sd[f"trf_blocks.{i}.{ours.rsplit('.', 1)[0]}.weight"]
+            add(f"transformer.h.{i}.{hf}", sd.get(f"trf_blocks.{i}.{ours}"), transpose, like=weight)
+    add("transformer.ln_f.weight", sd["final_norm.weight"])
+    add("transformer.ln_f.bias", sd.get("final_norm.bias"), like=sd["final_norm.weight"])
+    if not cfg.tie_weights:
+        add("lm_head.weight", sd["out_head.weight"][: cfg.vocab_size])
+    return entries
+
+
+# ---- dispatch --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Loaded:
+    config: GPTConfig
+    state: dict[str, Tensor]
+    format: Format
+    path: Path
+    tokenizer: Callable[[], Tokenizer | None] = lambda: None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def _build_with_config(loaded: _Loaded, device: str | torch.device) -> tuple[GPTModel, GPTConfig]:
+    with torch.device("meta"):
+        model = GPTModel(loaded.config)
+    emb = loaded.state.get("tok_emb.weight")
+    if emb is not None and emb.is_floating_point():
+        model.to(emb.dtype)  # free on the meta device; load_into then keeps the loaded (or requested) dtype
+    _own_memory(loaded.state)
+    load_into(model, loaded.state, source=str(loaded.path))
+    loaded.state = {}  # the model is now the only owner of the tensors, so moving it frees them
+    return model.to(device), loaded.config
+
+
+def _load(source: str | Path, config: GPTConfig | None, dtype: torch.dtype | None) -> _Loaded:
+    path = Path(source).expanduser()
+    if path.is_dir():
+        if _is_sharded(path):
+            raise CheckpointError(
+                f"{path} is a sharded (DeepSpeed/FSDP) checkpoint directory; consolidate it into a single .ckpt file "
+                "first and pass that file"
+            )
+        if (path / "model_config.json").is_file():
+            return _load_converted(path, config, dtype)
+        if (path / "config.json").is_file():
+            return _load_hf_dir(path, config, dtype, str(source))
+        if (path / "last.ckpt").exists():
+            return _load(path / "last.ckpt", config, dtype)
+        found = sorted(p.name for p in path.iterdir())[:20]
+        raise CheckpointError(
+            f"{path} holds no weights lit_llm reads (found {found}); expected a lit_llm run directory with "
+            "last.ckpt, a converted directory with model_config.json, or a Hugging Face directory with config.json"
+        )
+    if path.is_file():
+        return _load_file(path, config, dtype)
+    if is_hub_id(source):
+        return _load_hf_dir(_download(str(source)), config, dtype, str(source))
+    raise CheckpointError(
+        f"weights file {source} does not exist (cwd: {Path.cwd()}); pass a lit_llm .ckpt or run directory, a "
+        "converted weights directory, a Hugging Face GPT-2 directory, a book .pth/.safetensors file, or a Hub id "
+        "such as openai-community/gpt2"
+    )
+
+
+def _load_file(path: Path, config: GPTConfig | None, dtype: torch.dtype | None) -> _Loaded:
+    if path.suffix == ".safetensors":
+        tensors = _Tensors.from_safetensors(path, dtype)
+        raw: Any = None
+    else:
+        raw = _torch_load(path)
+        if isinstance(raw, dict) and isinstance(raw.get("state_dict"), dict) and not _is_tensor_dict(raw):
+            return _from_lightning(raw, path, config, dtype)
+        tensors = _Tensors.from_dict(_unwrap(raw, str(path)), dtype)
+    layout = _layout(tensors.names)
+    if layout == "hf":
+        if not (path.parent / "config.json").is_file():
+            raise CheckpointError(f"{path} holds Hugging Face GPT-2 weights but no config.json lies beside it; pass "
+                                  "the directory that holds both")
+        return _load_hf_dir(path.parent, config, dtype, str(path))
+    if layout == "book":
+        cfg, state = load_book_state_dict(raw if raw is not None else path, config, dtype=dtype)
+        return _Loaded(cfg, state, "book", path, tokenizer=lambda: _tokenizer_beside(path))
+    if layout == "lit":
+        state = {k.replace("_orig_mod.", ""): tensors.get(k) for k in tensors.names}
+        stored = _read_model_config(path.parent / "model_config.json")
+        if stored is None and config is None:
+            stored = _infer_config(state, str(path), None)
+        return _Loaded(config or stored, _stored_layout(state, stored), "lit", path,
+                       tokenizer=lambda: _tokenizer_beside(path))
+    raise CheckpointError(
+        f"{path} is not a weights file lit_llm knows: its tensors ({', '.join(tensors.names[:5])}, ...) are neither "
+        "lit_llm's (tok_emb, trf_blocks.N.att.qkv), the book's (trf_blocks.N.att.W_query) nor Hugging Face GPT-2's "
+        "(wte, h.N.attn.c_attn)"
+    )
+
+
+def _load_converted(directory: Path, config: GPTConfig | None, dtype: torch.dtype | None) -> _Loaded:
+    weights = directory / "model.safetensors"
+    if not weights.is_file():
+        raise CheckpointError(f"{directory} has model_config.json but no model.safetensors; re-run "
+                              "`python -m lit_llm.convert` to write it")
+    tensors = _Tensors.from_safetensors(weights, dtype)
+    stored = _read_model_config(directory / "model_config.json")
+    state = {k: tensors.get(k) for k in tensors.names}
+    return _Loaded(config or stored, _stored_layout(state, stored), "lit", directory,
+                   tokenizer=lambda: _tokenizer_beside(weights))
+
+
+def _from_lightning(ckpt: dict, path: Path, config: GPTConfig | None, dtype: torch.dtype | None) -> _Loaded:
+    """A Lightning checkpoint of a lit_llm task: the GPT's tensors are ``model.*`` entries of ``state_dict``."""
+    state = {}
+    for key, value in ckpt["state_dict"].items():
+        key = key.replace("_orig_mod.", "")
+        if key.startswith("model.") and isinstance(value, Tensor):
+            state[key.removeprefix("model.")] = value.to(dtype) if dtype and value.is_floating_point() else value
+    if not state:
+        raise CheckpointError(f"{path} is a Lightning checkpoint without lit_llm model weights (no 'model.*' "
+                              "entries in its state_dict); pass a checkpoint written by lit_llm.train")
+    hparams = ckpt.get("hyper_parameters") or {}
+    values = ckpt.get("model_config") or hparams.get("model")
+    stored = _config_from_dict(values, path) if isinstance(values, dict) else None
+    if stored is None and config is None:
+        stored = _infer_config(state, str(path), None)
+    tokenizer_json = next((v["tokenizer_json"] for v in ckpt.values() if isinstance(v, dict) and "tokenizer_json" in v),
+                          None)
+
+    def tokenizer() -> Tokenizer | None:
+        if tokenizer_json is not None:
+            return Tokenizer.from_json(tokenizer_json)
+        return _tokenizer_beside(path)
+
+    extra = {"hyper_parameters": hparams, "global_step": ckpt.get("global_step"), "epoch": ckpt.get("epoch")}
+    return _Loaded(config or stored, _stored_layout(state, stored), "lit", path, tokenizer, extra)
+
+
+def _load_hf_dir(directory: Path, config: GPTConfig | None, dtype: torch.dtype | None, label: str) -> _Loaded:
+    try:
+        hf = json.loads((directory / "config.json").read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise CheckpointError(f"could not read {directory / 'config.json'}: {err}") from err
+    cfg = _config_from_hf(hf, directory / "config.json")
+    tied = hf.get("tie_word_embeddings", True)
+    sources = _hf_weight_files(directory)
+    state: dict[str, Tensor] = {}
+    head: Tensor | None = None
+    for file in sources:
+        tensors = (_Tensors.from_safetensors(file, dtype) if file.suffix == ".safetensors"
+                   else _Tensors.from_dict(_unwrap(_torch_load(file), str(file)), dtype))
+        for name in tensors.names:
+            key = name.removeprefix("transformer.")
+            if _HF_BUFFER.fullmatch(key):
+                continue
+            if key == "lm_head.weight":
+                if not tied:
+                    head = tensors.get(name)
+                continue
+            ours, transpose = _our_name(key)
+            if ours is None:
+                state[name] = tensors.get(name)  # reported as unexpected by load_into
+                continue
+            state[ours] = tensors.get(name, transpose=transpose)
+    if head is not None:
+        state["out_head.weight"] = head
+    extra = {"hf_config": hf, "hub_id": label if is_hub_id(label) else None}
+    return _Loaded(config or cfg, state, "hf", directory, lambda: _tokenizer_beside(directory), extra)
+
+
+def _hf_weight_files(directory: Path) -> list[Path]:
+    if (directory / "model.safetensors").is_file():
+        return [directory / "model.safetensors"]
+    index = directory / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (OSError, json.JSONDecodeError, KeyError) as err:
+            raise CheckpointError(f"could not read the shard index {index}: {err}") from err
+        return [_existing(directory / n) for n in names]
+    if (directory / "pytorch_model.bin").is_file():
+        return [directory / "pytorch_model.bin"]
+    found = sorted(p.name for p in directory.iterdir())[:20]
+    raise CheckpointError(f"{directory} has config.json but no model.safetensors or pytorch_model.bin (found "
+                          f"{found}); download the weights file into it")
+
+
+def _download(repo_id: str) -> Path:
+    try:
+        from huggingface_hub import snapshot_download
+
+        path = Path(snapshot_download(repo_id, allow_patterns=_HF_DOWNLOAD))
+        if not any(path.glob("*.safetensors")):  # older repositories have only the pickle
+            path = Path(snapshot_download(repo_id, allow_patterns=[*_HF_DOWNLOAD, "pytorch_model.bin"]))
+    except Exception as err:  # offline, unknown repository, no permission: all mean the same to the user
+        raise CheckpointError(
+            f"could not download {repo_id!r} from the Hugging Face Hub ({type(err).__name__}: {_reason(err)}). The "
+            "machine may be offline (or HF_HUB_OFFLINE=1 is set and it is not cached) or the id may be wrong; pass a "
+            "local directory with config.json and model.safetensors instead"
+        ) from err
+    return path
+
+
+# ---- layouts ---------------------------------------------------------------------------------------------------
+
+
+def _layout(names: Iterable[str]) -> Literal["lit", "book", "hf"] | None:
+    names = [n.replace("_orig_mod.", "") for n in names]
+    if any(".att.W_query." in n or n.endswith("norm1.scale") or ".att.proj." in n for n in names):
+        return "book"
+    if any(n.removeprefix("transformer.") in ("wte.weight", "h.0.attn.c_attn.weight") for n in names):
+        return "hf"
+    if "tok_emb.weight" in names and any(".att.qkv." in n for n in names):
+        return "lit"
+    return None
+
+
+def _our_name(hf_key: str) -> tuple[str | None, bool]:
+    if hf_key in _FROM_HF_TOP:
+        return _FROM_HF_TOP[hf_key], False
+    m = re.fullmatch(r"h\.(\d+)\.(.+)", hf_key)
+    if m and m[2] in _FROM_HF_BLOCK:
+        ours, transpose = _FROM_HF_BLOCK[m[2]]
+        return f"trf_blocks.{m[1]}.{ours}", transpose
+    return None, False
+
+
+def _map_book(tensors: _Tensors, where: str) -> dict[str, Tensor]:
+    """The book's names to ours: fused q/k/v, LayerNorm ``scale/shift`` -> ``weight/bias``, ``proj`` -> ``out_proj``."""
+    state: dict[str, Tensor] = {}
+    qkv: dict[tuple[str, str], dict[str, str]] = {}
+    for name in tensors.names:
+        key = name.replace("_orig_mod.", "")
+        if key.endswith(".att.mask"):
+            continue
+        m = _BOOK_QKV.fullmatch(key)
+        if m:
+            qkv.setdefault((m[1], m[3]), {})[m[2]] = name
+            continue
+        key = re.sub(r"(norm1|norm2|final_norm)\.scale$", r"\1.weight", key)
+        key = re.sub(r"(norm1|norm2|final_norm)\.shift$", r"\1.bias", key)
+        key = key.replace(".att.proj.", ".att.out_proj.")
+        state[key] = tensors.get(name)
+    for (layer, kind), parts in sorted(qkv.items()):
+        if set(parts) != {"query", "key", "value"}:
+            raise CheckpointError(f"{where}: layer {layer} has W_{'/W_'.join(sorted(parts))}.{kind} but not all of "
+                                  "W_query, W_key and W_value; the file is incomplete")
+        state[f"trf_blocks.{layer}.att.qkv.{kind}"] = torch.cat([tensors.get(parts[p]) for p in ("query", "key",
+                                                                                                   "value")])
+    return state
+
+
+def _infer_config(state: dict[str, Tensor], where: str, n_heads: int | None) -> GPTConfig:
+    """A config from tensor shapes; ``n_heads`` from the argument or the GPT-2 preset of the same width and depth."""
+    if "tok_emb.weight" not in state or "pos_emb.weight" not in state:
+        raise CheckpointError(f"{where} has no tok_emb.weight/pos_emb.weight, so it is not a GPT state dict")
+    vocab, emb_dim = state["tok_emb.weight"].shape
+    layers = {int(m[1]) for k in state if (m := re.match(r"trf_blocks\.(\d+)\.", k))}
+    n_layers = max(layers) + 1 if layers else 0
+    if n_heads is None:
+        matches = {p["n_heads"] for name, p in PRESETS.items() if name.startswith("gpt2-")
+                   and (p["emb_dim"], p["n_layers"]) == (emb_dim, n_layers)}
+        if len(matches) != 1:
+            raise CheckpointError(
+                f"{where}: n_heads cannot be read from the tensor shapes (emb_dim={emb_dim}, n_layers={n_layers}) and "
+                "no GPT-2 preset has that shape; pass it: `--n-heads N` to `python -m lit_llm.convert from-book`, "
+                "or n_heads=/config=GPTConfig(...) in Python"
+            )
+        n_heads = matches.pop()
+    try:
+        return GPTConfig(
+            vocab_size=vocab, context_length=state["pos_emb.weight"].shape[0], emb_dim=emb_dim, n_heads=n_heads,
+            n_layers=n_layers, drop_rate=0.0, qkv_bias="trf_blocks.0.att.qkv.bias" in state,
+            bias="trf_blocks.0.att.out_proj.bias" in state, pad_vocab_multiple=1,
+            # torch.save keeps a tied head as the same storage as the embedding.
+            tie_weights="out_head.weight" not in state
+            or state["out_head.weight"].data_ptr() == state["tok_emb.weight"].data_ptr(),
+        )
+    except LitLLMError as err:
+        raise CheckpointError(f"{where}: the tensor shapes give an invalid model config: {err}") from err
+
+
+def _config_from_hf(hf: dict[str, Any], where: Path) -> GPTConfig:
+    problems = []
+    if hf.get("model_type", "gpt2") != "gpt2":
+        problems.append(f"model_type={hf.get('model_type')!r}: lit_llm imports GPT-2 only")
+    if hf.get("activation_function", "gelu_new") not in _TANH_GELUS:
+        problems.append(f"activation_function={hf.get('activation_function')!r}: the model uses the tanh GELU "
+                        f"({', '.join(_TANH_GELUS)})")
+    n_embd = hf.get("n_embd", 768)
+    if hf.get("n_inner") not in (None, 4 * n_embd):
+        problems.append(f"n_inner={hf['n_inner']}: the model's feed-forward width is 4 * n_embd = {4 * n_embd}")
+    if not hf.get("scale_attn_weights", True) or hf.get("scale_attn_by_inverse_layer_idx", False):
+        problems.append("attention scaling other than 1/sqrt(head_dim) (scale_attn_weights / "
+                        "scale_attn_by_inverse_layer_idx)")
+    if problems:
+        raise CheckpointError(f"{where} describes a model lit_llm's GPT cannot reproduce:\n  - "
+                              + "\n  - ".join(problems))
+    if abs(hf.get("layer_norm_epsilon", 1e-5) - 1e-5) > 1e-12:
+        warnings.warn(f"{where}: layer_norm_epsilon={hf['layer_norm_epsilon']} but the model uses 1e-5; outputs "
+                      "will differ slightly", stacklevel=3)
+    try:
+        return GPTConfig(
+            vocab_size=hf.get("vocab_size", 50257), context_length=hf.get("n_positions", hf.get("n_ctx", 1024)),
+            emb_dim=n_embd, n_heads=hf.get("n_head", 12), n_layers=hf.get("n_layer", 12),
+            # Dropout is a training choice, not part of the weights: 0 for inference; finetuning configs set their own.
+            drop_rate=0.0, qkv_bias=True, bias=True, tie_weights=hf.get("tie_word_embeddings", True),
+            pad_vocab_multiple=1,
+        )
+    except LitLLMError as err:
+        raise CheckpointError(f"{where}: {err}") from err
+
+
+def _stored_layout(state: dict[str, Tensor], stored: GPTConfig | None) -> dict[str, Tensor]:
+    """Undo what the checkpoint's own config did: drop its vocabulary padding rows (a view, no copy) and, when it
+    ties the head, the head's duplicate entry. A caller's config says nothing about the file, so it is not used."""
+    if stored is None:
+        return state
+    out = dict(state)
+    for name in ("tok_emb.weight", "out_head.weight"):
+        t = out.get(name)
+        if t is not None and t.dim() == 2 and t.shape[0] > stored.vocab_size:
+            out[name] = t[: stored.vocab_size]
+    if stored.tie_weights:
+        out.pop("out_head.weight", None)
+    return out
+
+
+def _unwrap(obj: Any, where: str) -> dict[str, Tensor]:
+    if isinstance(obj, dict) and isinstance(obj.get("model_state_dict"), dict):
+        obj = obj["model_state_dict"]
+    if not isinstance(obj, dict) or not _is_tensor_dict(obj):
+        raise CheckpointError(f"{where} does not hold a state dict (a mapping of names to tensors); save "
+                              "model.state_dict() with torch.save or safetensors")
+    return obj
+
+
+def _is_tensor_dict(obj: dict) -> bool:
+    return bool(obj) and all(isinstance(k, str) and isinstance(v, Tensor) for k, v in obj.items())
+
+
+def _same_tensor(a: Tensor, b: Tensor) -> bool:
+    if a.shape != b.shape:
+        return False
+    if a.data_ptr() == b.data_ptr() and a.stride() == b.stride():
+        return True
+    return bool(torch.equal(a, b))
+
+
+def _shape(shape: Iterable[int]) -> str:
+    return "(" + ", ".join(str(d) for d in shape) + ")"
+
+
+def _mismatch_message(where: str, cfg: GPTConfig, missing: list[str], unexpected: list[str],
+                      mismatched: list[str]) -> str:
+    def listing(items: list[str], limit: int = 20) -> str:
+        more = f"\n    ... and {len(items) - limit} more" if len(items) > limit else ""
+        return "".join(f"\n    {item}" for item in items[:limit]) + more
+
+    lines = [f"the weights in {where} do not fit the model (emb_dim={cfg.emb_dim}, n_layers={cfg.n_layers}, "
+             f"n_heads={cfg.n_heads}, vocab_size={cfg.vocab_size}, context_length={cfg.context_length}, "
+             f"qkv_bias={cfg.qkv_bias}, bias={cfg.bias}, tie_weights={cfg.tie_weights}):"]
+    if missing:
+        lines.append(f"  missing keys (in the model, not in the checkpoint):{listing(missing)}")
+    if unexpected:
+        lines.append(f"  unexpected keys (in the checkpoint, not in the model):{listing(unexpected)}")
+    if mismatched:
+        lines.append(f"  shape mismatches:{listing(mismatched)}")
+    lines.append("Build the model with the settings the weights were made with (for a lit_llm checkpoint see "
+                 "config.yaml in its run directory; for GPT-2 use the gpt2-* preset with qkv_bias: true and "
+                 "tie_weights: true).")
+    return "\n".join(lines)
+
+
+# ---- files -----------------------------------------------------------------------------------------------------
+
+
+class _Tensors:
+    """Names and one-at-a-time access to the tensors of a file, transposed and cast to ``dtype`` as they are read."""
+
+    def __init__(self, names: list[str], read: Callable[[str, torch.dtype | None, bool], Tensor],
+                 dtype: torch.dtype | None) -> None:
+        self.names = names
+        self._read = read
+        self._dtype = dtype
+
+    def get(self, name: str, transpose: bool = False) -> Tensor:
+        return self._read(name, self._dtype, transpose)
+
+    @classmethod
+    def from_dict(cls, state: dict[str, Tensor], dtype: torch.dtype | None) -> _Tensors:
+        def read(name: str, dtype: torch.dtype | None, transpose: bool) -> Tensor:
+            t = state[name].t().contiguous() if transpose else state[name]
+            return t.to(dtype) if dtype is not None and t.is_floating_point() else t
+
+        return cls(list(state), read, dtype)
+
+    @classmethod
+    def from_safetensors(cls, path: Path, dtype: torch.dtype | None) -> _Tensors:
+        reader = _SafetensorsReader(path)
+        return cls(list(reader.header), reader.read, dtype)
+
+
+_ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+              "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+              "BOOL": torch.bool}
+_ST_CODES = {v: k for k, v in _ST_DTYPES.items()}
+
+
+class _SafetensorsReader:
+    """Reads safetensors tensors by name with plain file reads into freshly allocated tensors.
+
+    ``safetensors.safe_open`` memory-maps the whole file, and every page a tensor is read through stays resident
+    (and counted in the process's memory) while any tensor of the file lives; tensors that need a transpose would
+    then be held twice. Reading each one into its own buffer keeps exactly one copy.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        try:
+            size = path.stat().st_size
+            with path.open("rb") as f:
+                n = int.from_bytes(f.read(8), "little")
+                if size < 8 or n > size - 8:
+                    raise ValueError(f"header of {n} bytes in a {size}-byte file")
+                header = json.loads(f.read(n))
+            header.pop("__metadata__", None)
+            for name, info in header.items():
+                begin, end = info["data_offsets"]
+                numel = 1
+                for d in info["shape"]:
+                    numel *= d
+                if end > size - 8 - n or end - begin != numel * _ST_DTYPES[info["dtype"]].itemsize:
+                    raise ValueError(f"tensor {name} lies beyond the end of the file")
+        except (OSError, ValueError, KeyError, TypeError) as err:
+            raise CheckpointError(f"{path} is not a valid safetensors file ({err}); it may be truncated or corrupt: "
+                                  "download or convert it again") from err
+        self.header = header
+        self.offset = 8 + n
+        self._scratch: Tensor | None = None
+
+    def read(self, name: str, dtype: torch.dtype | None = None, transpose: bool = False) -> Tensor:
+        """The tensor ``name``, optionally transposed and cast; always a new tensor of its own."""
+        info = self.header[name]
+        stored = _ST_DTYPES[info["dtype"]]
+        dtype = dtype if dtype is not None and stored.is_floating_point else stored
+        if not transpose and dtype == stored:
+            return self._fill(torch.empty(info["shape"], dtype=stored), name)
+        # The stored form goes into one reused scratch buffer: a temporary per tensor would leave the allocator's
+        # heap full of freed holes between the kept tensors (measured: +0.6 GB for gpt2-1558m).
+        nbytes = info["data_offsets"][1] - info["data_offsets"][0]
+        if self._scratch is None or self._scratch.numel() < nbytes:
+            self._scratch = None
+            self._scratch = torch.empty(nbytes, dtype=torch.uint8)
+        src = self._fill(self._scratch[:nbytes].view(stored).view(info["shape"]), name)
+        return (src.t() if transpose else src).to(dtype, memory_format=torch.contiguous_format, copy=True)
+
+    def _fill(self, t: Tensor, name: str) -> Tensor:
+        begin, end = self.header[name]["data_offsets"]
+        if t.numel():
+            with self.path.open("rb") as f:
+                f.seek(self.offset + begin)
+                got = f.readinto(t.reshape(-1).view(torch.uint8).numpy())
+            if got != end - begin:
+                raise CheckpointError(f"{self.path} ended while reading {name}; it is truncated or corrupt: download "
+                                      "or convert it again")
+        return t
+
+
+def _write_safetensors(
+    path: Path, entries: list[tuple[str, tuple[int, ...], torch.dtype, Callable[[], Tensor]]],
+) -> None:
+    """Write a safetensors file one tensor at a time (``safetensors.torch.save_file`` holds a second copy of all)."""
+    header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
+    offset = 0
+    for name, shape, dtype, _ in entries:
+        numel = 1
+        for d in shape:
+            numel *= d
+        nbytes = numel * dtype.itemsize
+        header[name] = {"dtype": _ST_CODES[dtype], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)  # the data starts 8-byte aligned
+    tmp = path.with_name(path.name + ".tmp")
+    with tmp.open("wb") as f:
+        f.write(len(blob).to_bytes(8, "little"))
+        f.write(blob)
+        for name, shape, dtype, produce in entries:
+            t = produce()
+            assert tuple(t.shape) == tuple(shape) and t.dtype == dtype, name
+            if t.numel():
+                f.write(t.contiguous().reshape(-1).view(torch.uint8).numpy().data)
+    tmp.replace(path)
+
+
+def _const(t: Tensor) -> Callable[[], Tensor]:
+    return lambda: t.detach().contiguous().cpu()
+
+
+def _torch_load(path: Path) -> Any:
+    """``torch.load`` memory-mapped and with ``weights_only``; every failure becomes one CheckpointError."""
+    try:
+        try:
+            return torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+        except RuntimeError as err:
+            if "mmap" not in str(err):
+                raise
+            # Files from torch < 1.6 (e.g. old pytorch_model.bin) cannot be memory-mapped.
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        if "Unsupported global" in str(err):
+            raise CheckpointError(
+                f"{path} holds Python objects beyond tensors and plain values, which lit_llm does not unpickle (that "
+                "could run code); if you trust it, load it yourself and torch.save its model.state_dict()"
+            ) from err
+        raise CheckpointError(f"could not read {path} as a PyTorch checkpoint ({_reason(err)}); the file may be "
+                              "truncated or corrupt: copy or save it again") from err
+    except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile) as err:
+        raise CheckpointError(f"could not read {path} as a PyTorch checkpoint ({_reason(err)}); the file may be "
+                              "truncated or corrupt: copy or save it again") from err
+
+
+def _reason(err: Exception) -> str:
+    """The informative line of an exception (torch's unpickler wraps it in paragraphs of advice)."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    for i, line in enumerate(lines[:-1]):
+        if line.endswith("WeightsUnpickler error:"):
+            return lines[i + 1]
+    return lines[0] if lines else type(err).__name__
+
+
+def _own_memory(state: dict[str, Tensor]) -> None:
+    """Replace tensors that live in a memory-mapped file (``torch.load(mmap=True)``) by copies read from the file.
+
+    A model whose parameters stay in the mapping breaks when the file is rewritten in place, copy-on-write or not
+    (Linux drops even private pages of a truncated file): ``generate`` would crash with a bus error when training
+    overwrites its ``last.ckpt``, which Lightning does in place when its temporary directory is on another
+    filesystem. Reading each tensor from the file at its offset, instead of copying it through the mapping, keeps
+    the mapped pages untouched, so memory still holds one copy. Without ``/proc/self/maps`` (not Linux) tensors stay
+    mapped.
+    """
+    try:
+        lines = Path("/proc/self/maps").read_text().splitlines()
+    except OSError:
+        return
+    maps = []  # (start, end, file offset, path) of every file mapping
+    for line in lines:
+        parts = line.split(maxsplit=5)
+        if len(parts) == 6 and parts[5].startswith("/"):
+            start, end = (int(x, 16) for x in parts[0].split("-"))
+            maps.append((start, end, int(parts[2], 16), parts[5]))
+    for name, t in state.items():
+        ptr, nbytes = t.data_ptr(), t.numel() * t.element_size()
+        hit = next((m for m in maps if m[0] <= ptr and ptr + nbytes <= m[1]), None)
+        if hit is None or not nbytes or not t.is_contiguous():
+            continue
+        copy = torch.empty_like(t, memory_format=torch.contiguous_format)
+        try:
+            with open(hit[3], "rb") as f:
+                f.seek(ptr - hit[0] + hit[2])
+                complete = f.readinto(copy.reshape(-1).view(torch.uint8).numpy()) == nbytes
+        except OSError:  # e.g. the file was deleted since ("... (deleted)")
+            complete = False
+        state[name] = copy if complete else t.clone()
+
+
+def _existing(path: str | Path) -> Path:
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise CheckpointError(f"weights file {path} does not exist (cwd: {Path.cwd()})")
+    return p
+
+
+def _open_state_file(path: Path, dtype: torch.dtype | None) -> _Tensors:
+    if path.suffix == ".safetensors":
+        return _Tensors.from_safetensors(path, dtype)
+    return _Tensors.from_dict(_unwrap(_torch_load(path), str(path)), dtype)
+
+
+def _is_sharded(path: Path) -> bool:
+    return ((path / "latest").is_file() or (path / "checkpoint").is_dir() or (path / ".metadata").is_file()
+            or any(path.glob("*.distcp")))
+
+
+def _config_from_dict(values: dict[str, Any], where: Path) -> GPTConfig:
+    try:
+        return GPTConfig.from_dict(values)
+    except LitLLMError as err:
+        raise CheckpointError(f"{where}: its stored model config is not valid for this lit_llm version: {err}") from err
+
+
+def _read_model_config(path: Path) -> GPTConfig | None:
+    if not path.is_file():
+        return None
+    try:
+        values = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise CheckpointError(f"could not read {path}: {err}") from err
+    return _config_from_dict(values, path)
+
+
+def _tokenizer_beside(path: Path) -> Tokenizer | None:
+    """``tokenizer.json`` (or GPT-2's BPE files) in the weights' directory, e.g. a run directory."""
+    try:
+        return load_tokenizer(path if path.is_dir() else path.parent)
+    except LitLLMError:
+        return None
