@@ -13,15 +13,13 @@ Hugging Face.
 from __future__ import annotations
 
 import argparse
-import os
-import sys
 import warnings
 from pathlib import Path
 
 import torch
 
 from lit_llm.config import PRESETS, GPTConfig
-from lit_llm.errors import CheckpointError, ConfigError, LitLLMError
+from lit_llm.errors import CheckpointError, ConfigError, LitLLMError, debugging, exit_with_error
 from lit_llm.tokenizer import Tokenizer, load_tokenizer
 from lit_llm.weights import export_hf, load_book_state_dict, load_model_for_inference, save_weights
 
@@ -140,11 +138,9 @@ def main(argv: list[str] | None = None) -> None:
     try:
         print(args.run(args))
     except (LitLLMError, OSError) as err:
-        if os.environ.get("LIT_LLM_DEBUG"):
+        if debugging():
             raise
-        # One clear message, not a traceback (LIT_LLM_DEBUG=1 shows it).
-        print(f"error: {type(err).__name__}: {err}", file=sys.stderr)
-        sys.exit(1)
+        exit_with_error(err)  # one clear message, not a traceback (LIT_LLM_DEBUG=1 shows it)
 
 
 if __name__ == "__main__":

@@ -5,6 +5,9 @@ Every message names the offending key, value or path and says how to fix it.
 
 from __future__ import annotations
 
+import os
+import sys
+
 
 class LitLLMError(Exception):
     """Base class of every error lit_llm raises for a user mistake."""
@@ -24,3 +27,25 @@ class CheckpointError(LitLLMError):
 
 class NonFiniteLossError(LitLLMError, RuntimeError):
     """The loss or the gradient norm became NaN or infinite."""
+
+
+def debugging() -> bool:
+    """``LIT_LLM_DEBUG`` is set: entry points re-raise user errors with their traceback instead of one line."""
+    return bool(os.environ.get("LIT_LLM_DEBUG"))
+
+
+def find_user_error(error: BaseException | None) -> LitLLMError | None:
+    """The :class:`LitLLMError` that ``error`` is or wraps (jsonargparse wraps errors raised by constructors)."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        if isinstance(error, LitLLMError):
+            return error
+        seen.add(id(error))
+        error = error.__cause__ or error.__context__
+    return None
+
+
+def exit_with_error(error: BaseException) -> None:
+    """Print ``error: <Type>: <message>`` on stderr and exit with status 1: how every entry point ends on bad input."""
+    print(f"error: {type(error).__name__}: {error}", file=sys.stderr)
+    sys.exit(1)

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import warnings
 from collections.abc import Callable, Iterable, Sequence
@@ -33,7 +32,7 @@ from typing import Any, TextIO
 
 import torch
 
-from lit_llm.errors import ConfigError, LitLLMError
+from lit_llm.errors import ConfigError, LitLLMError, debugging
 from lit_llm.generation import check_sampling_args, generate_tokens
 from lit_llm.model import GPTModel
 from lit_llm.prompts import TEMPLATES, extract_response, format_prompt, get_template
@@ -389,7 +388,7 @@ def main(argv: Iterable[str] | None = None, stdin: TextIO | None = None, stdout:
         args = build_parser().parse_args(None if argv is None else list(argv))
         run(args, stdin or sys.stdin, stdout or sys.stdout)
     except (_UsageError, LitLLMError, ValueError, OSError) as err:
-        if os.environ.get("LIT_LLM_DEBUG") == "1":
+        if debugging():
             raise
         print(f"error: {_one_line(err)}", file=sys.stderr)
         return 1

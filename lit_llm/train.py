@@ -8,9 +8,7 @@ DataModule's window length.
 from __future__ import annotations
 
 import logging
-import os
 import re
-import sys
 import warnings
 from pathlib import Path
 
@@ -18,7 +16,7 @@ import pytorch_lightning as pl
 from jsonargparse import Namespace
 from pytorch_lightning.cli import LightningCLI
 
-from lit_llm.errors import LitLLMError
+from lit_llm.errors import debugging, exit_with_error, find_user_error
 from lit_llm.tasks.base import GPTTask
 
 DEFAULT_ROOT = "checkpoints/run"
@@ -114,22 +112,10 @@ def main(args: list[str] | None = None) -> None:
         cli(args)
     except Exception as e:  # noqa: BLE001 - re-raised unless it is (or wraps) one of lit_llm's own errors
         user_error = find_user_error(e)
-        if user_error is None or os.environ.get("LIT_LLM_DEBUG"):
+        if user_error is None or debugging():
             raise
         # One clear message, not a traceback through Lightning's internals (LIT_LLM_DEBUG=1 shows it).
-        print(f"error: {type(user_error).__name__}: {user_error}", file=sys.stderr)
-        sys.exit(1)
-
-
-def find_user_error(error: BaseException | None) -> LitLLMError | None:
-    """The :class:`LitLLMError` that ``error`` is or wraps (jsonargparse wraps errors raised by constructors)."""
-    seen = set()
-    while error is not None and id(error) not in seen:
-        if isinstance(error, LitLLMError):
-            return error
-        seen.add(id(error))
-        error = error.__cause__ or error.__context__
-    return None
+        exit_with_error(user_error)
 
 
 if __name__ == "__main__":
