@@ -58,3 +58,33 @@ def test_sdpa_matches_reference_on_gpu():
     finally:
         torch.backends.cuda.matmul.allow_tf32 = prev
     assert (a - b).abs().max().item() <= 0.1 * b.abs().max().item()
+
+
+def test_kv_cache_matches_full_recompute_on_gpu():
+    from lit_llm.generation import generate
+
+    cfg = GPTConfig.from_name("small", drop_rate=0.0, vocab_size=1000, context_length=128)
+    torch.manual_seed(0)
+    model = GPTModel(cfg).cuda().eval()
+    idx = torch.randint(0, 1000, (3, 20), device="cuda")
+    prev = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        cached = generate(model, idx, 150, use_cache=True)  # runs past the 128-token context
+        full = generate(model, idx, 150, use_cache=False)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = prev
+    assert torch.equal(cached, full)
+
+
+def test_generate_cli_on_gpu(tmp_path, in_repo_root):
+    import subprocess
+    import sys
+
+    _fit(tmp_path, "--trainer.precision=bf16-mixed", "--trainer.max_steps=20", "--trainer.val_check_interval=20")
+    out = subprocess.run(
+        [sys.executable, "-m", "lit_llm.generate", "--checkpoint", str(tmp_path / "last.ckpt"), "--prompt",
+         "The import statement", "--max-new-tokens", "20", "--device", "cuda", "--dtype", "bfloat16"],
+        capture_output=True, text=True, check=True,
+    ).stdout
+    assert out.startswith("The import statement") and len(out) > len("The import statement")
