@@ -267,3 +267,11 @@ def test_bad_values_are_one_message(override, needle, in_repo_root, capsys):
     assert exit_.value.code == 1
     err = capsys.readouterr().err
     assert err.startswith("error: ConfigError") and needle in err and "Traceback" not in err
+
+
+def test_omegaconf_interpolation_within_a_file(tmp_path, in_repo_root):
+    extra = tmp_path / "interp.yaml"
+    extra.write_text("trainer:\n  max_steps: 7\nmodel:\n  init_args:\n    schedule_steps: ${trainer.max_steps}\n")
+    c = cli(["--config", "configs/pretrain/quickstart.yaml", "--config", str(extra),
+             "--data.init_args.tokenizer_vocab_size=300", "--trainer.logger=false"], run=False)
+    assert c.model.hparams.schedule_steps == 7 == c.trainer.max_steps
