@@ -15,6 +15,7 @@ from pathlib import Path
 import pytorch_lightning as pl
 from jsonargparse import Namespace
 from pytorch_lightning.cli import LightningCLI
+from pytorch_lightning.utilities.rank_zero import rank_zero_info
 
 from lit_llm.errors import debugging, exit_with_error, find_user_error
 from lit_llm.tasks.base import GPTTask
@@ -48,6 +49,8 @@ class LitLLMCLI(LightningCLI):
         trainer = config.trainer
         if trainer.get("default_root_dir") is None:
             trainer.default_root_dir = DEFAULT_ROOT
+        if config.get("ckpt_path") == "auto":
+            config.ckpt_path = auto_checkpoint(Path(trainer.default_root_dir))
         if trainer.get("logger") in (None, True) and not trainer.get("fast_dev_run"):
             trainer.logger = default_loggers(trainer.default_root_dir)
         if self.subcommand == "predict":
@@ -60,6 +63,29 @@ class LitLLMCLI(LightningCLI):
             trainer.callbacks = [
                 cb for cb in trainer.callbacks if not str(cb.get("class_path", "")).endswith("ProgressBar")
             ]
+
+
+def auto_checkpoint(root: Path) -> str | None:
+    """``--ckpt_path auto``: the newest complete checkpoint in the run folder, or None (start fresh).
+
+    ``last.ckpt`` wins; otherwise the ``*.ckpt`` with the highest ``step=N`` in its name, then the newest. Empty
+    files and temporary leftovers of an interrupted save (not named ``*.ckpt``) are ignored.
+    """
+    last = root / "last.ckpt"
+    if last.is_file() and last.stat().st_size > 0:
+        return str(last)
+    candidates = [p for p in root.glob("*.ckpt") if p.is_file() and p.stat().st_size > 0]
+    if not candidates:
+        rank_zero_info(f"--ckpt_path auto: no checkpoint in {root}: starting fresh")
+        return None
+
+    def order(path: Path) -> tuple[int, float]:
+        step = re.search(r"step=(\d+)", path.name)
+        return (int(step.group(1)) if step else -1, path.stat().st_mtime)
+
+    newest = max(candidates, key=order)
+    rank_zero_info(f"--ckpt_path auto: resuming from {newest}")
+    return str(newest)
 
 
 def _context_length(model: Namespace | None) -> int:

@@ -3,15 +3,87 @@
 from __future__ import annotations
 
 import contextlib
+import glob
 import os
+import pickle
 import warnings
-from collections.abc import Iterator
+import zipfile
+from collections.abc import Callable, Iterator
 from datetime import timedelta
-from typing import Literal
+from typing import Any, Literal
 
 import pytorch_lightning as pl
+import torch
+from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning_fabric.utilities.cloud_io import get_filesystem
 from pytorch_lightning.callbacks import ModelCheckpoint
+from pytorch_lightning.utilities import rank_zero_info
+
+from lit_llm.errors import CheckpointError, NonFiniteLossError
+
+#: Suffix of a checkpoint being written; renamed onto its final name only once complete.
+TMP_SUFFIX = ".tmp"
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """``TorchCheckpointIO`` whose local saves are atomic and whose unreadable files give a ``CheckpointError``.
+
+    A checkpoint is written to ``<name>.tmp`` in its own directory, flushed to disk, and renamed over ``<name>`` with
+    ``os.replace``: a crash or a failed write at any point leaves the previous file whole. (Lightning's own save
+    stages the file in the system temporary directory and, when that is on another filesystem, copies it over the
+    old one in place.) Remote paths (``s3://`` ...) keep Lightning's behaviour. ``Checkpoint`` installs this on the
+    strategy when it uses plain ``TorchCheckpointIO``; it can also be given as ``trainer.plugins``.
+    """
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None) -> None:
+        path = str(path)
+        if "://" in path or storage_options is not None:
+            super().save_checkpoint(checkpoint, path, storage_options=storage_options)
+            return
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        tmp = path + TMP_SUFFIX
+        try:
+            with open(tmp, "wb") as f:
+                torch.save(checkpoint, f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.remove(tmp)
+            raise
+        with contextlib.suppress(OSError):  # make the rename itself durable
+            fd = os.open(os.path.dirname(path) or ".", os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+
+    def load_checkpoint(self, path: Any, map_location: Callable | None = lambda storage, loc: storage,
+                        weights_only: bool | None = None) -> dict[str, Any]:
+        try:
+            return super().load_checkpoint(path, map_location=map_location, weights_only=weights_only)
+        except FileNotFoundError:
+            raise
+        except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile, pickle.UnpicklingError) as err:
+            if "Weights only load failed" in str(err) and "Unsupported global" in str(err):
+                raise  # a readable file holding Python objects: not corruption
+            from lit_llm.tensor_files import error_reason
+
+            raise CheckpointError(
+                f"could not read checkpoint {path} ({error_reason(err)}); it is truncated or corrupt (a save that was "
+                f"killed, or a partial copy). Previous checkpoints in its folder: {_other_checkpoints(str(path))}. "
+                "Resume from one of those (--ckpt_path), or start fresh."
+            ) from err
+
+
+def _other_checkpoints(path: str) -> str:
+    if "://" in path:
+        return "unknown (remote path)"
+    folder = os.path.dirname(os.path.abspath(path))
+    others = [p for p in glob.glob(os.path.join(folder, "*.ckpt")) if os.path.abspath(p) != os.path.abspath(path)]
+    others.sort(key=os.path.getmtime, reverse=True)
+    return ", ".join(others) if others else "none"
 
 
 class Checkpoint(ModelCheckpoint):
@@ -117,8 +189,27 @@ class Checkpoint(ModelCheckpoint):
         else:
             quiet = False
         self._resuming_last = False
+        strategy = trainer.strategy
+        if type(strategy.checkpoint_io) is TorchCheckpointIO:
+            strategy.checkpoint_io = AtomicCheckpointIO()
+        if trainer.is_global_zero:
+            self._remove_partial_saves()
         with _ignore_not_empty_warning(quiet):
             super().setup(trainer, pl_module, stage)
+
+    def _remove_partial_saves(self) -> None:
+        # Leftovers of a save that was killed before its rename; the previous complete checkpoint is still there.
+        if not self.dirpath or "://" in str(self.dirpath):
+            return
+        for leftover in sorted(glob.glob(os.path.join(str(self.dirpath), f"*{self.FILE_EXTENSION}{TMP_SUFFIX}"))):
+            with contextlib.suppress(OSError):
+                os.remove(leftover)
+                rank_zero_info(f"Removed {leftover}, the partial file of a checkpoint save that did not finish")
+
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        if isinstance(exception, NonFiniteLossError):
+            return  # nothing is saved after a numerical fault, even with save_on_exception
+        super().on_exception(trainer, pl_module, exception)
 
     def _holds_checkpoints(self) -> bool:
         assert self.dirpath is not None

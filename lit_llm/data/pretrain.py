@@ -25,6 +25,7 @@ import torch
 from torch.utils.data import DataLoader, Subset
 
 from lit_llm.data.packing import ROWS_PER_BATCH, Piece, Rows, TokenWindows, write_npy
+from lit_llm.data.sampler import ResumableLoader, ResumableSampler
 from lit_llm.data.sources import default_cache_dir, load_documents
 from lit_llm.errors import ConfigError, DataError
 from lit_llm.tokenizer import Tokenizer, load_tokenizer, train_bpe
@@ -62,7 +63,8 @@ class PretrainDataModule(pl.LightningDataModule):
         hf_split: Split of an ``hf:`` source.
         streaming: Read the source lazily instead of converting it to arrow first (huge or remote corpora); needs
             ``split_by="tokens"`` or ``val_source``.
-        shuffle: Shuffle training windows (seeded by ``seed``).
+        shuffle: Shuffle training windows; the order of epoch ``e`` depends only on ``seed`` and ``e``. The position
+            in the epoch is saved in checkpoints, so a mid-epoch resume continues with exactly the remaining windows.
         drop_last: Drop the last incomplete training batch (validation never drops).
         num_workers: DataLoader worker processes.
         pin_memory: Pin batches in page-locked memory; ``None`` means when CUDA is available.
@@ -124,6 +126,7 @@ class PretrainDataModule(pl.LightningDataModule):
         self._docs: dict[str, datasets.Dataset | datasets.IterableDataset] = {}
         self.train_dataset: TokenWindows | None = None
         self.val_dataset: TokenWindows | None = None
+        self._train_loader: ResumableLoader | None = None
 
     @staticmethod
     def _validate(args: dict[str, Any]) -> None:
@@ -425,16 +428,29 @@ class PretrainDataModule(pl.LightningDataModule):
             self.tokenizer.save(trainer.default_root_dir)
 
     def _loader(self, dataset: TokenWindows, train: bool) -> DataLoader:
-        return DataLoader(
-            dataset,
-            batch_size=self.batch_size,
-            shuffle=self.shuffle and train,
-            generator=torch.Generator().manual_seed(self.seed) if train else None,
-            drop_last=self.drop_last and train,
-            num_workers=self.num_workers,
-            pin_memory=self.pin_memory,
-            persistent_workers=self.num_workers > 0,
-        )
+        common: dict[str, Any] = {
+            "batch_size": self.batch_size,
+            "num_workers": self.num_workers,
+            "pin_memory": self.pin_memory,
+            "persistent_workers": self.num_workers > 0,
+            # A private generator, so creating an iterator never draws from the global RNG that dropout uses.
+            "generator": torch.Generator().manual_seed(self.seed),
+        }
+        if not train:
+            return DataLoader(dataset, shuffle=False, drop_last=False, **common)
+        # The training order is a function of (seed, epoch, position), saved in checkpoints: resuming mid-epoch
+        # continues with exactly the remaining windows. The sampler shards itself over DDP ranks.
+        sampler = ResumableSampler(len(dataset), seed=self.seed, shuffle=self.shuffle)
+        self._train_loader = ResumableLoader(dataset, sampler, drop_last=self.drop_last, **common)
+        return self._train_loader
+
+    def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        """Count the training batches consumed, which is the position a checkpoint saves (not the batches
+        prefetched)."""
+        trainer = self.trainer
+        if trainer is not None and trainer.training and self._train_loader is not None:
+            self._train_loader.consumed()
+        return batch
 
     def train_dataloader(self) -> DataLoader:
         """Shuffled (seeded) training windows, batched as ``(inputs[B, T], targets[B, T])``."""

@@ -184,6 +184,12 @@ class GPTTask(pl.LightningModule):
             return 1
         return max(1, int(steps))
 
+    def lr_scheduler_step(self, scheduler: Any, metric: Any | None) -> None:
+        # NonFiniteGuard(policy="skip") marks a dropped optimizer step: the schedule must not advance either.
+        if self.__dict__.pop("_lit_llm_skip_scheduler_step", False):
+            return
+        super().lr_scheduler_step(scheduler, metric)
+
     def configure_gradient_clipping(
         self,
         optimizer: torch.optim.Optimizer,

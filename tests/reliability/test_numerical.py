@@ -1,0 +1,284 @@
+"""Numerical faults: a NaN/Inf loss or gradient norm stops (or skips) the step before the optimizer applies it."""
+
+from __future__ import annotations
+
+import copy
+import math
+import os
+import re
+from pathlib import Path
+
+import pytest
+import pytorch_lightning as pl
+import torch
+
+from lit_llm.callbacks.guard import NonFiniteGuard
+from lit_llm.errors import ConfigError, NonFiniteLossError
+from lit_llm.train import cli
+
+ROOT = Path(__file__).resolve().parents[2]
+QUICK = "configs/pretrain/quickstart.yaml"
+GUARD = "lit_llm.callbacks.guard.NonFiniteGuard"
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> Path:
+    from lit_llm.data.builtin import load_builtin
+
+    path = tmp_path_factory.mktemp("corpus") / "corpus.txt"
+    path.write_text("\n\n".join(load_builtin("pydoc")["text"])[:30_000], encoding="utf-8")
+    return path
+
+
+def build(corpus: Path, root: Path, *extra: str) -> object:
+    """The quickstart run shrunk to a 2-layer, 32-wide GPT on CPU; built but not run."""
+    return cli([
+        "--config", QUICK,
+        "--model.init_args.model.n_layers=2", "--model.init_args.model.emb_dim=32",
+        "--model.init_args.model.n_heads=2", "--model.init_args.model.context_length=32",
+        "--model.init_args.model.drop_rate=0.0", "--model.init_args.compile=false",
+        "--model.init_args.warmup_steps=2",
+        f"--trainer.default_root_dir={root}", "--trainer.accelerator=cpu", "--trainer.devices=1",
+        "--trainer.precision=32-true", "--trainer.enable_progress_bar=false", "--trainer.limit_val_batches=0",
+        "--trainer.logger=false",
+        f"--data.init_args.source={corpus}", "--data.init_args.sha256=null", "--data.init_args.num_workers=0",
+        "--data.init_args.tokenizer_vocab_size=300", "--data.init_args.batch_size=4",
+        # The quickstart's checkpoint callback alone; each test adds the guard it needs.
+        '--trainer.callbacks=[{"class_path": "lit_llm.callbacks.Checkpoint", "init_args": {'
+        '"filename": "step={step:06d}", "auto_insert_metric_name": false, "every_n_train_steps": 300, '
+        '"save_top_k": -1, "save_last": true}}]',
+        *extra,
+    ], run=False)
+
+
+def fit(c: object, *callbacks: pl.Callback) -> None:
+    # Test callbacks go first, so that they act before the guard in on_before_optimizer_step.
+    c.trainer.checkpoint_callback._every_n_train_steps = 2  # the quickstart's Checkpoint, saving more often
+    c.trainer.callbacks[:0] = list(callbacks)
+    c.trainer.fit(c.model, datamodule=c.datamodule)
+
+
+def nan_loss_at(c: object, steps: set[int]) -> None:
+    """Make the training loss NaN at the given optimizer steps (0-based ``global_step``)."""
+    task = c.model
+    loss = task.loss
+
+    def poisoned(inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        value = loss(inputs, targets)
+        return value * float("nan") if task.training and task.trainer.global_step in steps else value
+
+    task.loss = poisoned
+
+
+class Snapshot(pl.Callback):
+    """Copies of the weights and the optimizer state at the start of ``step`` and at its end."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+        self.before: dict | None = None
+        self.after: dict | None = None
+
+    def _state(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict:
+        return {"model": copy.deepcopy(pl_module.state_dict()),
+                "optimizer": copy.deepcopy(trainer.optimizers[0].state_dict()),
+                "lr": trainer.optimizers[0].param_groups[0]["lr"]}
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.global_step == self.step:
+            self.before = self._state(trainer, pl_module)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if trainer.global_step == self.step + 1:
+            self.after = self._state(trainer, pl_module)
+
+
+class InfGrad(pl.Callback):
+    """Set one gradient entry to ``inf`` (or scale all gradients) at ``step``, after backward."""
+
+    def __init__(self, step: int, scale: float | None = None) -> None:
+        self.step, self.scale = step, scale
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        if trainer.global_step != self.step:
+            return
+        grads = [p.grad for p in pl_module.parameters() if p.grad is not None]
+        if self.scale is None:
+            grads[0].view(-1)[0] = float("inf")
+        else:
+            for g in grads:
+                g.mul_(self.scale)
+
+
+def same_state(a: dict, b: dict) -> bool:
+    def eq(x, y) -> bool:
+        if isinstance(x, torch.Tensor):
+            return torch.equal(x, y)
+        if isinstance(x, dict):
+            return x.keys() == y.keys() and all(eq(x[k], y[k]) for k in x)
+        if isinstance(x, (list, tuple)):
+            return len(x) == len(y) and all(eq(u, v) for u, v in zip(x, y))
+        return x == y
+
+    return eq(a, b)
+
+
+def test_nan_loss_stops_before_the_optimizer_step(corpus, tmp_path, in_repo_root):
+    c = build(corpus, tmp_path, "--trainer.max_steps=10", f"--trainer.callbacks+={GUARD}")
+    nan_loss_at(c, {5})
+    snap = Snapshot(5)
+    with pytest.raises(NonFiniteLossError) as info:
+        fit(c, snap)
+    message = str(info.value)
+    assert "loss=nan" in message and "optimizer step 5" in message and "rank 0 of 1" in message
+    assert str(tmp_path / "last.ckpt") in message  # the last good checkpoint
+    # The weights and the optimizer are exactly those before the bad step.
+    assert snap.before is not None
+    now = {"model": c.model.state_dict(), "optimizer": c.trainer.optimizers[0].state_dict(),
+           "lr": c.trainer.optimizers[0].param_groups[0]["lr"]}
+    assert same_state(snap.before, now)
+    # Nothing was saved after the fault: the newest checkpoint is from step 4.
+    assert sorted(p.name for p in tmp_path.glob("*.ckpt")) == ["last.ckpt", "step=000002.ckpt", "step=000004.ckpt"]
+    assert torch.load(tmp_path / "last.ckpt", weights_only=True)["global_step"] == 4
+    assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_nothing_saved_after_a_fault_even_with_save_on_exception(corpus, tmp_path, in_repo_root):
+    c = build(corpus, tmp_path, "--trainer.max_steps=10", f"--trainer.callbacks+={GUARD}")
+    c.trainer.checkpoint_callback.save_on_exception = True
+    nan_loss_at(c, {3})
+    with pytest.raises(NonFiniteLossError, match="optimizer step 3"):
+        fit(c)
+    assert sorted(p.name for p in tmp_path.glob("*.ckpt")) == ["last.ckpt", "step=000002.ckpt"]
+
+
+def test_non_finite_grad_norm_with_finite_loss_stops(corpus, tmp_path, in_repo_root):
+    c = build(corpus, tmp_path, "--trainer.max_steps=10", f"--trainer.callbacks+={GUARD}")
+    snap = Snapshot(1)
+    with pytest.raises(NonFiniteLossError) as info:
+        fit(c, InfGrad(1), snap)
+    message = str(info.value)
+    assert "gradient norm=inf with a finite loss" in message and "optimizer step 1" in message
+    assert "none saved yet" in message
+    assert same_state(snap.before["model"], c.model.state_dict())
+    assert not list(tmp_path.glob("*.ckpt"))
+
+
+def test_skip_policy_skips_the_step_and_counts_it(corpus, tmp_path, in_repo_root):
+    guard = '{"class_path": "' + GUARD + '", "init_args": {"policy": "skip", "max_consecutive_skips": 3}}'
+    c = build(corpus, tmp_path, "--trainer.max_steps=6", f"--trainer.callbacks+={guard}")
+    nan_loss_at(c, {3})
+    snap = Snapshot(3)
+    with pytest.warns(UserWarning, match="skipped optimizer step 3"):
+        fit(c, snap)
+    assert c.trainer.global_step == 6 and c.trainer.state.finished
+    # The skipped step changed nothing: weights, AdamW moments and step counts, learning rate.
+    assert snap.before is not None and snap.after is not None
+    assert same_state(snap.before, snap.after)
+    scheduler = c.trainer.lr_scheduler_configs[0].scheduler
+    assert scheduler.last_epoch == 5  # 6 optimizer steps, one skipped
+    assert all(math.isfinite(p.detach().sum().item()) for p in c.model.parameters())
+    guard = next(cb for cb in c.trainer.callbacks if isinstance(cb, NonFiniteGuard))
+    assert (guard.skipped_steps, guard.consecutive_skips) == (1, 0)
+    saved = torch.load(tmp_path / "last.ckpt", weights_only=True)["callbacks"]
+    state = next(v for k, v in saved.items() if "NonFiniteGuard" in k)
+    assert state == {"skipped_steps": 1, "consecutive_skips": 0}
+
+
+def test_consecutive_skips_stop(corpus, tmp_path, in_repo_root):
+    guard = '{"class_path": "' + GUARD + '", "init_args": {"policy": "skip", "max_consecutive_skips": 3}}'
+    c = build(corpus, tmp_path, "--trainer.max_steps=10", f"--trainer.callbacks+={guard}")
+    nan_loss_at(c, set(range(2, 10)))
+    with pytest.warns(UserWarning, match="skipped"), pytest.raises(NonFiniteLossError) as info:
+        fit(c)
+    message = str(info.value)
+    assert "optimizer step 4" in message and "3 consecutive steps were skipped" in message
+    assert str(tmp_path / "last.ckpt") in message
+
+
+def test_huge_gradient_is_clipped_and_its_norm_logged(corpus, tmp_path, in_repo_root):
+    c = build(corpus, tmp_path, "--trainer.max_steps=4", f"--trainer.callbacks+={GUARD}")
+    seen: dict[str, float] = {}
+
+    class Record(pl.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            if trainer.global_step == 3:  # just after step 2
+                seen["logged"] = float(trainer.callback_metrics["train/grad_norm"])
+
+    def after_step(optimizer, args, kwargs):
+        if c.trainer.global_step == 2:
+            grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+            seen["applied"] = float(torch.nn.utils.get_total_norm(grads))
+
+    class Hook(pl.Callback):  # the optimizer exists once fit starts
+        def on_train_start(self, trainer, pl_module):
+            trainer.optimizers[0].register_step_post_hook(after_step)
+
+    fit(c, Hook(), InfGrad(2, scale=1e6), Record())
+    clip = c.model.hparams.gradient_clip
+    assert seen["logged"] > 1e3 * clip  # the pre-clip norm is what is logged
+    assert seen["applied"] <= clip * (1 + 1e-4)  # ... and the optimizer saw the clipped gradients
+
+
+def test_bad_guard_settings_are_config_errors():
+    with pytest.raises(ConfigError, match="policy"):
+        NonFiniteGuard(policy="ignore")
+    with pytest.raises(ConfigError, match="max_consecutive_skips"):
+        NonFiniteGuard(max_consecutive_skips=0)
+
+
+DDP_SCRIPT = '''
+import sys
+import torch
+sys.path.insert(0, {here!r})
+from test_numerical import build
+from lit_llm.errors import NonFiniteLossError
+
+root, corpus, policy = sys.argv[1:4]
+guard = '{{"class_path": "lit_llm.callbacks.guard.NonFiniteGuard", "init_args": {{"policy": "' + policy + '"}}}}'
+c = build(corpus, root, "--trainer.max_steps=6", "--trainer.devices=2", "--trainer.strategy=ddp",
+          "--trainer.callbacks+=" + guard)
+task = c.model
+loss = task.loss
+
+def poisoned(inputs, targets):  # NaN loss on rank 1 only, at step 3
+    value = loss(inputs, targets)
+    t = task.trainer
+    return value * float("nan") if task.training and t.global_rank == 1 and t.global_step == 3 else value
+
+task.loss = poisoned
+try:
+    c.trainer.fit(c.model, datamodule=c.datamodule)
+except NonFiniteLossError as err:
+    print(f"RANK{{c.trainer.global_rank}} STOPPED {{err}}", flush=True)
+    sys.exit(3)
+total = sum(float(p.detach().double().sum()) for p in task.parameters())
+sched = c.trainer.lr_scheduler_configs[0].scheduler
+print(f"RANK{{c.trainer.global_rank}} DONE step={{c.trainer.global_step}} sched={{sched.last_epoch}} sum={{total!r}}",
+      flush=True)
+'''
+
+
+@pytest.mark.slow  # ~30 s each: two processes start and import torch
+@pytest.mark.distributed
+@pytest.mark.parametrize("policy", ["stop", "skip"])
+def test_ddp_fault_on_one_rank(policy, corpus, tmp_path):
+    """2 CPU processes (gloo), NaN loss on rank 1 only: both ranks stop (or skip) the same step; nothing hangs."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "ddp_fault.py"
+    script.write_text(DDP_SCRIPT.format(here=str(Path(__file__).parent)))
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("LOCAL_RANK", "NODE_RANK", "WORLD_SIZE"))}
+    proc = subprocess.run([sys.executable, str(script), str(tmp_path / "run"), str(corpus), policy], cwd=ROOT,
+                          env=env, capture_output=True, text=True, timeout=180)
+    out = proc.stdout + proc.stderr
+    if policy == "stop":
+        assert proc.returncode != 0, out
+        for rank in (0, 1):
+            assert f"RANK{rank} STOPPED" in out and "optimizer step 3" in out, out
+        assert "loss=nan at optimizer step 3 on rank 1 of 2" in out
+    else:
+        assert proc.returncode == 0, out
+        done = dict(re.findall(r"RANK(\d) DONE (step=6 sched=5 sum=[-\d.e]+)", out))
+        assert sorted(done) == ["0", "1"], out
+        assert done["0"] == done["1"]  # both finished 6 steps, 5 scheduler steps, and agree on the weights
