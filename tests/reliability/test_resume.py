@@ -1,5 +1,5 @@
 """Exact resume: a run stopped at step 10 and resumed matches an uninterrupted 20-step run, mid-epoch, with
-shuffling and dropout, across an epoch boundary (issue 8)."""
+shuffling and dropout, across an epoch boundary."""
 
 from __future__ import annotations
 
