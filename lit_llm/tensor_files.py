@@ -20,6 +20,12 @@ from torch import Tensor
 
 from lit_llm.errors import CheckpointError
 
+# What ``torch.load`` raises on a truncated or corrupt file: besides the obvious ones, the weights-only unpickler
+# reading garbage fails with IndexError (its stack) or KeyError (its memo).
+UNREADABLE_FILE_ERRORS = (
+    RuntimeError, EOFError, OSError, ValueError, IndexError, KeyError, zipfile.BadZipFile, pickle.UnpicklingError,
+)
+
 
 class Tensors:
     """Names and one-at-a-time access to the tensors of a file, transposed and cast to ``dtype`` as they are read."""
@@ -158,7 +164,7 @@ def torch_load(path: Path) -> Any:
             ) from err
         raise CheckpointError(f"could not read {path} as a PyTorch checkpoint ({error_reason(err)}); the file may be "
                               "truncated or corrupt: copy or save it again") from err
-    except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile) as err:
+    except UNREADABLE_FILE_ERRORS as err:
         raise CheckpointError(f"could not read {path} as a PyTorch checkpoint ({error_reason(err)}); the file may be "
                               "truncated or corrupt: copy or save it again") from err
 

@@ -5,9 +5,7 @@ from __future__ import annotations
 import contextlib
 import glob
 import os
-import pickle
 import warnings
-import zipfile
 from collections.abc import Callable, Iterator
 from datetime import timedelta
 from typing import Any, Literal
@@ -20,6 +18,7 @@ from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.utilities import rank_zero_info
 
 from lit_llm.errors import CheckpointError, NonFiniteLossError
+from lit_llm.tensor_files import UNREADABLE_FILE_ERRORS, error_reason
 
 #: Suffix of a checkpoint being written; renamed onto its final name only once complete.
 TMP_SUFFIX = ".tmp"
@@ -65,10 +64,9 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             return super().load_checkpoint(path, map_location=map_location, weights_only=weights_only)
         except FileNotFoundError:
             raise
-        except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile, pickle.UnpicklingError) as err:
+        except UNREADABLE_FILE_ERRORS as err:
             if "Weights only load failed" in str(err) and "Unsupported global" in str(err):
                 raise  # a readable file holding Python objects: not corruption
-            from lit_llm.tensor_files import error_reason
 
             raise CheckpointError(
                 f"could not read checkpoint {path} ({error_reason(err)}); it is truncated or corrupt (a save that was "
