@@ -47,23 +47,19 @@ class RNGState(pl.Callback):
     """Save the random number generators in checkpoints and restore them on resume.
 
     Lightning's checkpoints hold no RNG state, so after ``fit --ckpt_path`` the dropout masks (and anything else
-    random) differ from an uninterrupted run. This callback snapshots the generators at the end of every training
-    batch (the state the next step starts from; checkpoint callbacks run after it) and saves that snapshot. On
-    resume the snapshot is applied at the start of the first training batch, after everything Lightning does in
-    between (sanity validation, dataloader setup), so the next step draws exactly what it would have drawn.
+    random) differ from an uninterrupted run. This callback captures the generators when a checkpoint is written
+    (the states the next training step would start from) and, on resume, applies them at the start of the first
+    training batch, after everything Lightning does in between (sanity validation, dataloader setup), so the next
+    step draws exactly what it would have drawn. Nothing is captured between saves: no per-step cost.
 
     Under DDP Lightning writes rank 0's checkpoint, so every rank restores rank 0's states (``seed_everything``
     gives all ranks the same seed, so they were equal anyway unless something rank-specific drew from them).
     """
 
     def __init__(self) -> None:
-        """Snapshot the generators after each training batch; restore them on resume."""
+        """Capture the generators with each checkpoint; restore them on resume."""
         super().__init__()
-        self._snapshot: dict[str, Any] | None = None
         self._pending: dict[str, Any] | None = None
-
-    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
-        self._snapshot = capture_rng()
 
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
         if self._pending is not None:
@@ -71,8 +67,8 @@ class RNGState(pl.Callback):
             self._pending = None
 
     def state_dict(self) -> dict[str, Any]:
-        """The generators' states after the last training batch (the current states before the first)."""
-        return {"rng": self._snapshot if self._snapshot is not None else capture_rng()}
+        """The generators' states now, i.e. when the checkpoint is written."""
+        return {"rng": capture_rng()}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Keep the saved states; they are applied when the next training batch starts."""
