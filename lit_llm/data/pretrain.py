@@ -9,7 +9,6 @@ train/validation boundary.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import warnings
@@ -27,8 +26,9 @@ from torch.utils.data import DataLoader, Subset
 from lit_llm.data.packing import ROWS_PER_BATCH, Piece, Rows, TokenWindows, write_npy
 from lit_llm.data.sampler import ResumableLoader, ResumableSampler
 from lit_llm.data.sources import default_cache_dir, load_documents
+from lit_llm.data.tokenizing import cache_key, resolve_tokenizer
 from lit_llm.errors import ConfigError, DataError
-from lit_llm.tokenizer import Tokenizer, load_tokenizer, train_bpe
+from lit_llm.tokenizer import Tokenizer
 
 # Bump when the packed layout changes so old cache entries are not reused.
 _FORMAT_VERSION = 1
@@ -36,8 +36,7 @@ _FORMAT_VERSION = 1
 _TOKENIZER_SAMPLE_CHARS = 200_000_000
 
 
-def _hash(*parts: object) -> str:
-    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+_hash = cache_key
 
 
 class PretrainDataModule(pl.LightningDataModule):
@@ -47,8 +46,9 @@ class PretrainDataModule(pl.LightningDataModule):
         source: The corpus: ``builtin:<name>``, an ``https://`` URL (with ``sha256``), ``hf:<dataset>[:<config>]``,
             or a local file / directory / glob / list of them (``.txt``, ``.md``, ``.json(l)``, ``.csv``, ``.tsv``,
             ``.parquet``).
-        tokenizer: Path or Hub name for ``load_tokenizer`` (e.g. a directory with GPT-2's ``encoder.json`` +
-            ``vocab.bpe``), or ``"train"`` to train a byte-level BPE on the training split.
+        tokenizer: A tokenizer directory (e.g. GPT-2's ``encoder.json`` + ``vocab.bpe``), ``tokenizer.json`` or Hub
+            name; a lit_llm checkpoint (``.ckpt`` or run directory) to reuse the tokenizer stored in it; or
+            ``"train"`` to train a byte-level BPE on the training split.
         tokenizer_vocab_size: Size of the BPE trained when ``tokenizer == "train"``.
         context_length: Tokens per window; LightningCLI links it from the model's context length.
         stride: Step between window starts; ``None`` means ``context_length`` (no overlap). The book's sliding window.
@@ -173,10 +173,11 @@ class PretrainDataModule(pl.LightningDataModule):
     def tokenizer(self) -> Tokenizer:
         """The tokenizer, loaded (or trained and cached) on first access; works before ``prepare_data``."""
         if self._tokenizer is None:
-            if self.tokenizer_source == "train":
-                self._tokenizer = self._trained_tokenizer()
-            else:
-                self._tokenizer = load_tokenizer(self.tokenizer_source)
+            key = _hash(_FORMAT_VERSION, self._corpus_id("source"), self._split_settings(), self.tokenizer_vocab_size)
+            self._tokenizer = resolve_tokenizer(
+                self.tokenizer_source, train_texts=self._tokenizer_texts, vocab_size=self.tokenizer_vocab_size,
+                cache_dir=self.cache_dir, key=key,
+            )
         return self._tokenizer
 
     @property
@@ -188,18 +189,6 @@ class PretrainDataModule(pl.LightningDataModule):
     def eos_id(self) -> int:
         """Id of ``<|endoftext|>``, appended after every document."""
         return self.tokenizer.eos_id
-
-    def _trained_tokenizer(self) -> Tokenizer:
-        key = _hash(_FORMAT_VERSION, self._corpus_id("source"), self._split_settings(), self.tokenizer_vocab_size)
-        path = self.cache_dir / "tokenizers" / f"bpe{self.tokenizer_vocab_size}-{key}.json"
-        if path.is_file():
-            return Tokenizer.from_json(path.read_text(encoding="utf-8"))
-        tokenizer = train_bpe(self._tokenizer_texts(), self.tokenizer_vocab_size)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-        tmp.write_text(tokenizer.to_json(), encoding="utf-8")
-        os.replace(tmp, path)
-        return tokenizer
 
     def _tokenizer_texts(self) -> Iterator[str]:
         """The training side of the corpus (capped), so validation text never shapes the vocabulary."""

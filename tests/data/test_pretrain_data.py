@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-import lit_llm.data.pretrain as pretrain
+import lit_llm.data.tokenizing as tokenizing
 from lit_llm.data import PretrainDataModule
 from lit_llm.data.packing import TokenWindows, num_windows
 from lit_llm.errors import ConfigError, DataError
@@ -202,7 +202,7 @@ def test_trained_tokenizer_on_builtin_corpus_is_cached(tmp_path: Path, monkeypat
         calls.append(1)
         return train_bpe(*args, **kwargs)  # type: ignore[arg-type]
 
-    monkeypatch.setattr(pretrain, "train_bpe", counting)
+    monkeypatch.setattr(tokenizing, "train_bpe", counting)
     kwargs = {"tokenizer": "train", "tokenizer_vocab_size": 512, "context_length": 32, "cache_dir": str(tmp_path)}
     dm = PretrainDataModule(source="builtin:pydoc", **kwargs)  # type: ignore[arg-type]
     assert dm.vocab_size == 512 and calls == [1]  # available before prepare_data, as LightningCLI needs

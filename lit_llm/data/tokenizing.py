@@ -1,0 +1,88 @@
+"""One way for every DataModule to get its tokenizer from the ``data.tokenizer`` setting.
+
+Accepted forms: ``"train"`` (a byte-level BPE trained on the task's training text and cached), a lit_llm
+checkpoint (``.ckpt`` file or run directory: the tokenizer stored in it, so finetuning a model pretrained with a
+trained BPE uses that same BPE), a tokenizer directory or ``tokenizer.json`` file, or a Hub name such as ``gpt2``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Callable, Iterable
+from pathlib import Path
+
+from lit_llm.errors import DataError
+from lit_llm.tokenizer import Tokenizer, load_tokenizer, train_bpe
+
+
+def cache_key(*parts: object) -> str:
+    """A short stable hash of JSON-able settings, for cache file names."""
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def trained_tokenizer(
+    texts: Callable[[], Iterable[str]], vocab_size: int, cache_dir: Path, key: str
+) -> Tokenizer:
+    """A BPE of ``vocab_size`` trained on ``texts()``, cached under ``cache_dir/tokenizers`` by ``key``.
+
+    ``key`` must identify the training text (for example a hash of the source and split settings); the file is
+    written atomically, so concurrent ranks never read half a tokenizer.
+    """
+    path = cache_dir / "tokenizers" / f"bpe{vocab_size}-{key}.json"
+    if path.is_file():
+        return Tokenizer.from_json(path.read_text(encoding="utf-8"))
+    tokenizer = train_bpe(texts(), vocab_size)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(tokenizer.to_json(), encoding="utf-8")
+    os.replace(tmp, path)
+    return tokenizer
+
+
+def checkpoint_tokenizer(path: Path) -> Tokenizer:
+    """The tokenizer stored in a lit_llm checkpoint (the DataModule state) or saved beside it."""
+    from lit_llm.tensor_files import torch_load  # lazily: only checkpoints need torch's loader
+
+    ckpt_file = path / "last.ckpt" if path.is_dir() else path
+    ckpt = torch_load(ckpt_file)
+    for value in ckpt.values() if isinstance(ckpt, dict) else ():
+        if isinstance(value, dict) and "tokenizer_json" in value:
+            return Tokenizer.from_json(value["tokenizer_json"])
+    try:
+        return load_tokenizer(ckpt_file.parent)
+    except DataError:
+        raise DataError(
+            f"data.tokenizer={str(path)!r}: the checkpoint holds no tokenizer and none is saved beside it; pass the "
+            "tokenizer the model was trained with (a directory, tokenizer.json or Hub name)"
+        ) from None
+
+
+def resolve_tokenizer(
+    source: str,
+    *,
+    train_texts: Callable[[], Iterable[str]] | None = None,
+    vocab_size: int = 4096,
+    cache_dir: Path | None = None,
+    key: str = "",
+) -> Tokenizer:
+    """Load the tokenizer that ``data.tokenizer = source`` names (see the module docstring for the forms).
+
+    Args:
+        source: The setting's value.
+        train_texts: Called for the training text when ``source == "train"``.
+        vocab_size: Vocabulary of a trained BPE.
+        cache_dir: Cache root for trained BPEs.
+        key: Identifies the training text in the cache (see :func:`trained_tokenizer`).
+    """
+    if source == "train":
+        if train_texts is None or cache_dir is None:
+            raise DataError("data.tokenizer='train' is not supported by this data module; pass a tokenizer path")
+        return trained_tokenizer(train_texts, vocab_size, cache_dir, key)
+    path = Path(source).expanduser()
+    if path.suffix == ".ckpt" or (path.is_dir() and (path / "last.ckpt").is_file()):
+        if not path.exists():
+            raise DataError(f"data.tokenizer={source!r}: checkpoint not found (cwd: {Path.cwd()})")
+        return checkpoint_tokenizer(path)
+    return load_tokenizer(source)
