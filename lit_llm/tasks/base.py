@@ -108,6 +108,8 @@ class GPTTask(pl.LightningModule):
         self.model = GPTModel(self.config)
         if self.hparams.get("init_weights"):
             self._load_init_weights(self.hparams.init_weights)
+        self.adapt_model(self.model)
+        self.select_trainable(self.model)
         model = self.model
 
         def model_loss(input_ids: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -119,6 +121,18 @@ class GPTTask(pl.LightningModule):
         compile_ = self.hparams.compile
         object.__setattr__(self, "_forward", torch.compile(model) if compile_ else model)
         object.__setattr__(self, "_model_loss", torch.compile(model_loss) if compile_ else model_loss)
+
+    def adapt_model(self, model: GPTModel) -> None:
+        """Change the GPT's structure after its initial weights are loaded (e.g. a classification head).
+
+        Runs inside ``configure_model``, before any LoRA adapters are added; the default changes nothing.
+        """
+
+    def select_trainable(self, model: GPTModel) -> None:
+        """Choose which parameters train (``requires_grad``) once the model is complete.
+
+        Runs inside ``configure_model`` after LoRA adapters (if any) are added; the default changes nothing.
+        """
 
     def _load_init_weights(self, source: str) -> None:
         trainer = self._trainer
