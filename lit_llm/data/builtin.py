@@ -1,6 +1,8 @@
-"""Corpora that ship with Python itself, so defaults and smoke runs work offline.
+"""Data that needs no download, so defaults, quickstarts and tests work offline.
 
-A builtin source is named ``builtin:<name>`` wherever a data source is accepted.
+A builtin source is named ``builtin:<name>`` wherever a data source is accepted: ``pydoc`` is a corpus that ships
+with Python itself; ``reviews`` (classification) and ``instruct`` (instruction following) are generated
+deterministically by lit_llm (``builtin_classify.py``, ``builtin_instruct.py``).
 """
 
 from __future__ import annotations
@@ -21,10 +23,27 @@ def _pydoc_topics() -> dict[str, list[str]]:
     return {"title": titles, "text": [topics[t] for t in titles]}
 
 
-_BUILTINS: dict[str, tuple[Callable[[], dict[str, list[str]]], str]] = {
+def _reviews() -> dict[str, list]:
+    from lit_llm.data.builtin_classify import generate_reviews
+
+    return generate_reviews()
+
+
+def _instruct() -> dict[str, list]:
+    from lit_llm.data.builtin_instruct import generate_tasks
+
+    return generate_tasks()
+
+
+_BUILTINS: dict[str, tuple[Callable[[], dict[str, list]], str]] = {
     "pydoc": (
         _pydoc_topics,
         "CPython's pydoc help topics (pydoc_data.topics): 79 documents, about 465k characters of English",
+    ),
+    "reviews": (_reviews, "generated product reviews labelled by sentiment, for classification (columns text, label)"),
+    "instruct": (
+        _instruct,
+        "generated instruction-following tasks with exactly checkable answers (columns instruction, input, output)",
     ),
 }
 
@@ -35,7 +54,7 @@ def available_builtins() -> dict[str, str]:
 
 
 def load_builtin(name: str, *, key: str = "data.source") -> datasets.Dataset:
-    """Load a builtin corpus as a dataset with at least a ``text`` column.
+    """Load a builtin dataset (``pydoc`` and ``reviews`` have a ``text`` column; ``instruct`` has none).
 
     Args:
         name: The name after ``builtin:``, e.g. ``"pydoc"``.
