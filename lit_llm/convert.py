@@ -4,15 +4,19 @@ Hugging Face.
     python -m lit_llm.convert from-hf openai-community/gpt2 checkpoints/gpt2-124m
     python -m lit_llm.convert from-book gpt2-small-124M.pth checkpoints/book-124m --tokenizer gpt2_dir/
     python -m lit_llm.convert to-hf checkpoints/quickstart/last.ckpt exports/quickstart-hf
+    python -m lit_llm.convert merge-lora checkpoints/lora-run/last.ckpt checkpoints/lora-merged
+    python -m lit_llm.convert extract-lora checkpoints/lora-run/last.ckpt adapters.safetensors
 
-``from-hf`` and ``from-book`` write a converted weights directory (``model.safetensors`` in lit_llm's layout,
-``model_config.json``, ``tokenizer.json``) that ``model.init_weights``, ``python -m lit_llm.generate`` and
+``from-hf``, ``from-book`` and ``merge-lora`` write a converted weights directory (``model.safetensors`` in lit_llm's
+layout, ``model_config.json``, ``tokenizer.json``) that ``model.init_weights``, ``python -m lit_llm.generate`` and
 ``to-hf`` read. ``to-hf`` writes a directory that ``transformers.AutoModelForCausalLM`` and ``AutoTokenizer`` load.
+``extract-lora`` writes a checkpoint's LoRA adapters alone, for :func:`lit_llm.lora.load_lora`.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import warnings
 from pathlib import Path
 
@@ -20,6 +24,7 @@ import torch
 
 from lit_llm.config import PRESETS, GPTConfig
 from lit_llm.errors import CheckpointError, ConfigError, LitLLMError, debugging, exit_with_error
+from lit_llm.lora import read_lora, write_lora_file
 from lit_llm.tokenizer import Tokenizer, load_tokenizer
 from lit_llm.weights import export_hf, load_book_state_dict, load_model_for_inference, save_weights
 
@@ -65,6 +70,29 @@ def _to_hf(args: argparse.Namespace) -> str:
     note = "" if tokenizer is not None else " (no tokenizer: pass --tokenizer to include one)"
     return (f"wrote {out}: Hugging Face GPT-2 ({config.n_layers} layers, {config.emb_dim} wide, {config.vocab_size} "
             f"tokens) from {meta['format']} weights{note}")
+
+
+def _merge_lora(args: argparse.Namespace) -> str:
+    # The readers merge LoRA adapters into their weights; this refuses a checkpoint with nothing to merge.
+    model, tokenizer, meta = load_model_for_inference(args.checkpoint, dtype=_DTYPES.get(args.dtype))
+    merged = meta.get("lora_merged") or []
+    if not merged:
+        raise CheckpointError(f"{args.checkpoint} holds no LoRA adapters (no lora_A/lora_B entries), so there is "
+                              "nothing to merge; it can be used as it is")
+    if args.tokenizer:
+        tokenizer = load_tokenizer(args.tokenizer)
+    state = model.state_dict()
+    out = save_weights(model.config, state, args.out_dir, tokenizer)
+    return f"{_summary(out, model.config, state, tokenizer is not None)}; merged {len(merged)} LoRA adapters"
+
+
+def _extract_lora(args: argparse.Namespace) -> str:
+    state, config, metadata = read_lora(args.checkpoint)
+    model_config = json.loads(metadata["model_config"]) if "model_config" in metadata else None
+    out = write_lora_file(Path(args.out), state, config, model_config, {"source": str(args.checkpoint)})
+    n = sum(t.numel() for k, t in state.items() if not k.endswith("lora_scaling"))
+    return (f"wrote {out}: {len(state) // 3} LoRA adapters, {n:,} parameters (rank {config.rank}, alpha "
+            f"{config.alpha:g}, targets {', '.join(config.targets)})")
 
 
 def _tokenizer_beside(path: Path) -> Tokenizer | None:
@@ -129,6 +157,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tokenizer", help=tok_help + " (default: the one stored with the checkpoint)")
     p.add_argument("--dtype", **dtype)
     p.set_defaults(run=_to_hf)
+
+    p = sub.add_parser(
+        "merge-lora", help="lit_llm checkpoint trained with LoRA -> weights directory with the adapters merged",
+        description="Fold the LoRA adapters of a checkpoint (W + (A @ B)^T * alpha / rank) into its weights and write "
+                    "a converted weights directory without lora entries, which generate, to-hf and "
+                    "model.init_weights read. A tied head with an adapter becomes a head of its own.",
+    )
+    p.add_argument("checkpoint", metavar="CKPT", help="lit_llm .ckpt or run directory trained with model.lora")
+    p.add_argument("out_dir", metavar="OUT_DIR", type=Path, help="output directory (created)")
+    p.add_argument("--tokenizer", help=tok_help + " (default: the one stored with the checkpoint)")
+    p.add_argument("--dtype", **dtype)
+    p.set_defaults(run=_merge_lora)
+
+    p = sub.add_parser(
+        "extract-lora", help="lit_llm checkpoint trained with LoRA -> adapters-only .safetensors",
+        description="Write only the LoRA adapters (lora_A, lora_B, lora_scaling) of a checkpoint to a safetensors "
+                    "file, with the LoRA and model configs in its metadata; lit_llm.lora.load_lora adds them to the "
+                    "base model.",
+    )
+    p.add_argument("checkpoint", metavar="CKPT", help="lit_llm .ckpt or run directory trained with model.lora")
+    p.add_argument("out", metavar="OUT", type=Path, help="the .safetensors file to write")
+    p.set_defaults(run=_extract_lora)
     return parser
 
 

@@ -18,6 +18,8 @@ Layouts read:
   ``{"model_state_dict": ...}``) or ``.safetensors``; compiled models' ``_orig_mod.`` prefixes are removed.
 - **lit_llm**: Lightning ``.ckpt`` files, run directories (``last.ckpt``), and converted weights directories
   (``model.safetensors`` + ``model_config.json`` + ``tokenizer.json``, written by :func:`save_weights`).
+  Weights trained with LoRA (``lora_A``/``lora_B``/``lora_scaling`` entries) are merged on reading
+  (:func:`lit_llm.lora.merge_lora_state`), so every reader returns a plain model's state dict.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ from torch import Tensor, nn
 
 from lit_llm.config import PRESETS, GPTConfig
 from lit_llm.errors import CheckpointError, LitLLMError
+from lit_llm.lora import is_lora_key
 from lit_llm.model import GPTModel
 from lit_llm.tensor_files import (
     Tensors,
@@ -236,7 +239,9 @@ def load_into(model: GPTModel, state: dict[str, Tensor], strict: bool = True, *,
     model's ``padded_vocab_size``. A tied model takes its head from ``tok_emb.weight`` (a separate, different
     ``out_head.weight`` is an error); an untied model given no head starts it as a copy of the embedding, as the
     book does with GPT-2's weights. A model on the meta device (see :func:`build_model`) adopts the tensors
-    (``assign=True``) instead of copying them.
+    (``assign=True``) instead of copying them. LoRA is no mismatch either: a state with adapters (``lora_A``,
+    ``lora_B``, ``lora_scaling``) loads into a plain model merged (:func:`lit_llm.lora.merge_lora_state`), and base
+    weights load into an adapted model, whose adapters keep their values.
 
     Args:
         model: The GPT to load into.
@@ -253,6 +258,12 @@ def load_into(model: GPTModel, state: dict[str, Tensor], strict: bool = True, *,
     expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}
     assign = any(t.is_meta for t in model.state_dict().values())
     state = dict(state)
+    adapters = [k for k in expected if is_lora_key(k)]
+    if any(is_lora_key(k) for k in state) and not adapters:
+        state, _, _ = _merge_adapters(state, None, Path(where))  # an adapted model's state into a plain model
+    elif adapters and not assign and not any(is_lora_key(k) for k in state):
+        for name in adapters:  # base weights into an adapted model: the adapters keep their values
+            del expected[name]
     if cfg.tie_weights:
         expected.pop("out_head.weight", None)
         head = state.pop("out_head.weight", None)
@@ -544,10 +555,14 @@ def _load_file(path: Path, config: GPTConfig | None, dtype: torch.dtype | None) 
     if layout == "lit":
         state = {k.replace("_orig_mod.", ""): tensors.get(k) for k in tensors.names}
         stored = _read_model_config(path.parent / "model_config.json")
+        state, stored, extra = _merge_adapters(state, stored, path)
         if stored is None and config is None:
             stored = _infer_config(state, str(path), None)
         return _Loaded(config or stored, _stored_layout(state, stored), "lit", path,
-                       tokenizer=lambda: _tokenizer_beside(path))
+                       tokenizer=lambda: _tokenizer_beside(path), extra=extra)
+    if tensors.names and all(is_lora_key(n) for n in tensors.names):
+        raise CheckpointError(f"{path} holds LoRA adapters only, not a model; load the base model and add them "
+                              "with lit_llm.lora.load_lora(model, path), or pass the checkpoint they were trained in")
     raise CheckpointError(
         f"{path} is not a weights file lit_llm knows: its tensors ({', '.join(tensors.names[:5])}, ...) are neither "
         "lit_llm's (tok_emb, trf_blocks.N.att.qkv), the book's (trf_blocks.N.att.W_query) nor Hugging Face GPT-2's "
@@ -563,8 +578,9 @@ def _load_converted(directory: Path, config: GPTConfig | None, dtype: torch.dtyp
     tensors = Tensors.from_safetensors(weights, dtype)
     stored = _read_model_config(directory / "model_config.json")
     state = {k: tensors.get(k) for k in tensors.names}
+    state, stored, extra = _merge_adapters(state, stored, weights)
     return _Loaded(config or stored, _stored_layout(state, stored), "lit", directory,
-                   tokenizer=lambda: _tokenizer_beside(weights))
+                   tokenizer=lambda: _tokenizer_beside(weights), extra=extra)
 
 
 def _from_lightning(ckpt: dict, path: Path, config: GPTConfig | None, dtype: torch.dtype | None) -> _Loaded:
@@ -580,6 +596,7 @@ def _from_lightning(ckpt: dict, path: Path, config: GPTConfig | None, dtype: tor
     hparams = ckpt.get("hyper_parameters") or {}
     values = ckpt.get("model_config") or hparams.get("model")
     stored = _config_from_dict(values, path) if isinstance(values, dict) else None
+    state, stored, lora = _merge_adapters(state, stored, path)
     if stored is None and config is None:
         stored = _infer_config(state, str(path), None)
     tokenizer_json = next((v["tokenizer_json"] for v in ckpt.values() if isinstance(v, dict) and "tokenizer_json" in v),
@@ -590,7 +607,7 @@ def _from_lightning(ckpt: dict, path: Path, config: GPTConfig | None, dtype: tor
             return Tokenizer.from_json(tokenizer_json)
         return _tokenizer_beside(path)
 
-    extra = {"hyper_parameters": hparams, "global_step": ckpt.get("global_step"), "epoch": ckpt.get("epoch")}
+    extra = {"hyper_parameters": hparams, "global_step": ckpt.get("global_step"), "epoch": ckpt.get("epoch"), **lora}
     return _Loaded(config or stored, _stored_layout(state, stored), "lit", path, tokenizer, extra)
 
 
@@ -768,6 +785,31 @@ def _config_from_hf(hf: dict[str, Any], where: Path) -> GPTConfig:
         )
     except LitLLMError as err:
         raise CheckpointError(f"{where}: {err}") from err
+
+
+def _merge_adapters(
+    state: dict[str, Tensor], stored: GPTConfig | None, where: Path
+) -> tuple[dict[str, Tensor], GPTConfig | None, dict[str, Any]]:
+    """Merge LoRA adapters into their weights; a merged adapter on a tied head unties it in the stored config.
+
+    Returns the state, the config describing it, and metadata for :func:`load_model_for_inference`
+    (``lora_merged``: the adapted modules; empty when there were no adapters).
+    """
+    modules = sorted({k.rsplit(".", 1)[0] for k in state if is_lora_key(k)})
+    if not modules:
+        return state, stored, {}
+    from lit_llm.lora import UntiedHeadWarning, merge_lora_state
+
+    with warnings.catch_warnings():
+        # The stored config is untied below, so the merged head loads as what it is.
+        warnings.simplefilter("ignore", UntiedHeadWarning)
+        try:
+            merged = merge_lora_state(state)
+        except CheckpointError as err:
+            raise CheckpointError(f"{where}: {err}") from err
+    if "out_head" in modules and stored is not None and stored.tie_weights:
+        stored = stored.replace(tie_weights=False)
+    return merged, stored, {"lora_merged": modules}
 
 
 def _stored_layout(state: dict[str, Tensor], stored: GPTConfig | None) -> dict[str, Tensor]:

@@ -96,3 +96,73 @@ def test_help_lists_the_subcommands(capsys):
     out = capsys.readouterr().out
     assert exit_info.value.code == 0
     assert all(name in out for name in ("from-hf", "from-book", "to-hf"))
+
+
+# ---- LoRA ------------------------------------------------------------------------------------------------------
+
+
+def test_merge_lora_then_generate_and_to_hf(tokenizer, tmp_path, capsys):  # noqa: F811
+    from test_weights import lora_models, save_lora_checkpoint
+
+    transformers = pytest.importorskip("transformers")
+    _, adapted = lora_models(tie=True)
+    ckpt = save_lora_checkpoint(adapted, tmp_path / "lora.ckpt", tokenizer)
+    ids = torch.randint(0, 300, (2, 16))
+    expected = _logits(adapted, ids)[..., :300]
+
+    main(["merge-lora", str(ckpt), str(tmp_path / "merged")])
+    out = capsys.readouterr().out
+    assert "merged 9 LoRA adapters" in out and "with tokenizer.json" in out
+    saved = json.loads((tmp_path / "merged" / "model_config.json").read_text())
+    assert saved["tie_weights"] is False  # the head's adapter gave it a weight of its own
+    model, tok, meta = load_model_for_inference(str(tmp_path / "merged"))
+    assert tok is not None and "lora_merged" not in meta and not any("lora" in k for k in model.state_dict())
+    assert (_logits(model, ids)[..., :300] - expected).abs().max().item() <= 1e-5
+
+    from lit_llm.generate import main as generate
+
+    assert generate(["--checkpoint", str(tmp_path / "merged"), "--prompt", "The sketch", "--max-new-tokens", "4",
+                     "--no-stream"]) == 0
+    assert capsys.readouterr().out.startswith("The sketch")
+
+    main(["to-hf", str(tmp_path / "merged"), str(tmp_path / "hf")])
+    exported = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf")
+    assert (_logits(exported, ids) - expected).abs().max().item() <= 1e-4
+
+
+def test_extract_lora_then_load_onto_the_base(tmp_path, capsys):
+    from test_weights import lora_models, save_lora_checkpoint
+
+    from lit_llm.lora import load_lora
+
+    base, adapted = lora_models(tie=False)
+    ckpt = save_lora_checkpoint(adapted, tmp_path / "lora.ckpt")
+    main(["extract-lora", str(ckpt), str(tmp_path / "adapters.safetensors")])
+    assert "9 LoRA adapters, 5,504 parameters (rank 4, alpha 8" in capsys.readouterr().out
+    from safetensors import safe_open
+
+    with safe_open(str(tmp_path / "adapters.safetensors"), framework="pt") as f:
+        assert all("lora_" in k for k in f.keys()) and len(list(f.keys())) == 27
+        meta = f.metadata()
+    assert json.loads(meta["lora_config"])["rank"] == 4 and json.loads(meta["model_config"])["emb_dim"] == 32
+    assert meta["source"] == str(ckpt)
+    load_lora(base, tmp_path / "adapters.safetensors")
+    ids = torch.randint(0, 300, (2, 16))
+    assert torch.equal(_logits(base, ids), _logits(adapted, ids))
+
+
+def test_lora_subcommands_refuse_a_checkpoint_without_adapters(tmp_path, capsys):
+    from test_weights import lora_models, save_lora_checkpoint
+
+    base, _ = lora_models(tie=False)
+    ckpt = save_lora_checkpoint(base, tmp_path / "plain.ckpt")
+    for command, expected in (("merge-lora", "holds no LoRA adapters"), ("extract-lora", "holds no LoRA adapters")):
+        with pytest.raises(SystemExit) as exit_info:
+            main([command, str(ckpt), str(tmp_path / "out")])
+        err = capsys.readouterr().err
+        assert exit_info.value.code == 1 and err.startswith("error: CheckpointError:") and expected in err
+        assert str(ckpt) in err
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    out = capsys.readouterr().out
+    assert "merge-lora" in out and "extract-lora" in out

@@ -88,3 +88,47 @@ def test_generate_cli_on_gpu(tmp_path, in_repo_root):
         capture_output=True, text=True, check=True,
     ).stdout
     assert out.startswith("The import statement") and len(out) > len("The import statement")
+
+
+def _train_losses(root) -> list[float]:
+    import csv
+
+    (metrics,) = root.glob("logs/version_*/metrics.csv")
+    rows = [r for r in csv.DictReader(metrics.open()) if r.get("train/loss")]
+    return [float(r["train/loss"]) for r in sorted(rows, key=lambda r: int(r["step"]))]
+
+
+def test_fast_path_learns_like_the_reference_path(tmp_path, in_repo_root):
+    """200 steps on real text: the fast path (bf16 autocast, fused attention, compile, fused AdamW, padded
+    vocabulary) follows the book-faithful path (fp32, explicit-mask attention, eager, plain AdamW) as closely as
+    the reference path follows itself under another seed (the noise of the comparison)."""
+    common = ["--trainer.max_steps=200", "--trainer.log_every_n_steps=1", "--trainer.val_check_interval=200",
+              "--trainer.limit_val_batches=5", "--model.init_args.model.drop_rate=0.0"]
+    reference = ["--trainer.precision=32-true", "--model.init_args.model.attention=reference",
+                 "--model.init_args.compile=false", "--model.init_args.fused_adamw=false",
+                 "--model.init_args.model.pad_vocab_multiple=1"]
+    fast = ["--trainer.precision=bf16-mixed", "--model.init_args.compile=true"]
+    prev = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        runs = {}
+        bf16_true = ["--trainer.precision=bf16-true", "--model.init_args.compile=true"]
+        for name, args, seed in [("ref", reference, 123), ("ref_other_seed", reference, 7), ("fast", fast, 123),
+                                 ("bf16_true", bf16_true, 123)]:
+            root = tmp_path / name
+            _fit(root, *common, *args, f"--seed_everything={seed}")
+            runs[name] = torch.tensor(_train_losses(root))
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = prev
+
+    def gap(a: str, b: str, last: int = 50) -> float:
+        return (runs[a][-last:].mean() - runs[b][-last:].mean()).abs().item()
+
+    noise = gap("ref", "ref_other_seed")
+    report = {name: round(r[-50:].mean().item(), 4) for name, r in runs.items()}
+    print(f"mean train loss over steps 151-200: {report}; seed noise {noise:.4f}, fast gap {gap('fast', 'ref'):.4f}, "
+          f"bf16-true gap {gap('bf16_true', 'ref'):.4f}; per-step max |fast - ref| "
+          f"{(runs['fast'] - runs['ref']).abs().max().item():.4f}")
+    assert all(len(r) == 200 for r in runs.values())
+    assert runs["ref"][-50:].mean() < runs["ref"][:10].mean() - 1.0  # it learned
+    assert gap("fast", "ref") <= max(2 * noise, 0.02)

@@ -376,3 +376,93 @@ def test_not_gpt2_and_sharded_directories_are_refused(hf_dir, tmp_path):
     torch.save({"encoder.layer.0.weight": torch.zeros(2)}, tmp_path / "other.pth")
     with pytest.raises(CheckpointError, match="not a weights file lit_llm knows"):
         load_weights(tmp_path / "other.pth")
+
+
+# ---- LoRA ------------------------------------------------------------------------------------------------------
+
+
+def lora_models(tie: bool) -> tuple[GPTModel, GPTModel]:
+    """A tiny GPT (300 tokens padded to 320 rows) and a copy with random LoRA adapters on all five targets."""
+    from lit_llm.lora import LoRAConfig, LoRALinear, apply_lora
+
+    torch.manual_seed(0)
+    base = GPTModel(GPTConfig(vocab_size=300, context_length=16, emb_dim=32, n_heads=2, n_layers=2, drop_rate=0.0,
+                              qkv_bias=True, tie_weights=tie)).eval()
+    adapted = GPTModel(base.config).eval()
+    adapted.load_state_dict(base.state_dict())
+    apply_lora(adapted, LoRAConfig(rank=4, alpha=8, targets=["all"]))
+    with torch.no_grad():
+        for m in adapted.modules():
+            if isinstance(m, LoRALinear):
+                m.lora_B.normal_(0.0, 0.05)
+    return base, adapted
+
+
+def save_lora_checkpoint(model: GPTModel, path: Path, tokenizer: Tokenizer | None = None) -> Path:
+    """What lit_llm.train writes for a LoRA run, reduced to the entries the readers use."""
+    ckpt = {"state_dict": {f"model.{k}": v for k, v in model.state_dict().items()},
+            "model_config": model.config.to_dict(),
+            "hyper_parameters": {"model": model.config.to_dict(),
+                                 "lora": {"rank": 4, "alpha": 8.0, "dropout": 0.0, "targets": ["all"]}}}
+    if tokenizer is not None:
+        ckpt["PretrainDataModule"] = {"tokenizer_json": tokenizer.to_json()}
+    torch.save(ckpt, path)
+    return path
+
+
+@pytest.mark.parametrize("tie", [False, True])
+def test_lora_weights_are_merged_wherever_they_are_read(tie, tmp_path):
+    base, adapted = lora_models(tie)
+    ids = torch.randint(0, 300, (2, 16))
+    expected = _logits(adapted, ids)[..., :300]
+    assert (expected - _logits(base, ids)[..., :300]).abs().max() > 1e-3  # the adapters matter
+    state = adapted.state_dict()
+    lit_layout = {k: v for k, v in state.items() if not (tie and k == "out_head.weight")}  # a tied head listed once
+    sources = {
+        "ckpt": save_lora_checkpoint(adapted, tmp_path / "lora.ckpt"),
+        "converted": save_weights(adapted.config, state, tmp_path / "converted"),
+        "file": tmp_path / "converted" / "state.pth",  # a state-dict file, its config beside it
+    }
+    torch.save(lit_layout, sources["file"])
+    for name, source in sources.items():
+        config, loaded = load_weights(source)
+        assert not any("lora" in k for k in loaded), name
+        # The adapted head was tied: merged, it is a matrix of its own (the embedding is unchanged).
+        assert config.tie_weights is False, name
+        assert torch.equal(loaded["tok_emb.weight"][:300], base.tok_emb.weight[:300]), name
+        plain = GPTModel(config)
+        load_into(plain, loaded, source=str(source))
+        assert (_logits(plain, ids)[..., :300] - expected).abs().max().item() <= 1e-5, name
+        model, _, meta = load_model_for_inference(str(source))
+        assert len(meta["lora_merged"]) == 2 * 4 + 1 and "out_head" in meta["lora_merged"], name
+        assert (_logits(model, ids)[..., :300] - expected).abs().max().item() <= 1e-5, name
+
+
+def test_lora_reading_errors_are_named(tmp_path):
+    from lit_llm.lora import save_lora
+
+    _, adapted = lora_models(tie=False)
+    with pytest.raises(CheckpointError, match=r"holds LoRA adapters only[\s\S]*load_lora"):
+        load_weights(save_lora(adapted, tmp_path / "adapters.safetensors"))
+    state = adapted.state_dict()
+    del state["trf_blocks.0.ff.layers.2.lora_B"]
+    torch.save({"state_dict": {f"model.{k}": v for k, v in state.items()}, "model_config": adapted.config.to_dict()},
+               tmp_path / "broken.ckpt")
+    with pytest.raises(CheckpointError, match=r"broken\.ckpt: the LoRA adapter of trf_blocks\.0\.ff\.layers\.2 is "
+                                              r"incomplete: trf_blocks\.0\.ff\.layers\.2\.lora_B missing"):
+        load_weights(tmp_path / "broken.ckpt")
+
+
+def test_load_into_across_lora_and_plain_models():
+    base, adapted = lora_models(tie=False)
+    ids = torch.randint(0, 300, (2, 16))
+    # An adapted model's own state dict into a plain model: merged on the way in.
+    plain = GPTModel(base.config)
+    load_into(plain, adapted.state_dict())
+    assert (_logits(plain, ids) - _logits(adapted, ids)).abs().max().item() <= 1e-5
+    # Base weights into an adapted model: the base changes, the adapters keep their values.
+    adapters = {k: v.clone() for k, v in adapted.state_dict().items() if "lora_" in k}
+    fresh = GPTModel(base.config)
+    load_into(adapted, fresh.state_dict())
+    assert torch.equal(adapted.trf_blocks[0].att.qkv.weight, fresh.trf_blocks[0].att.qkv.weight)
+    assert all(torch.equal(adapted.state_dict()[k], v) for k, v in adapters.items())

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import time
+from pathlib import Path
 from typing import Any
 
 import pytorch_lightning as pl
@@ -250,12 +252,13 @@ class Throughput(pl.Callback):
         flops = self._flops_per_token(pl_module, seq_len)
         if self._peak is not None and flops is not None:
             metrics["perf/mfu"] = flops * per_device / self._peak
-        self.history.append({**metrics, "step": float(trainer.global_step)})
+        self.history.append({**metrics, "step": float(trainer.global_step), "seconds": elapsed,
+                             "tokens": float(tokens * world)})
         # Progress bar only (logger=False): the loggers get every metric below at this exact step, whereas
         # pl_module.log would hand them over only on multiples of log_every_n_steps.
         pl_module.log(
-            "perf/tokens_per_sec", metrics["perf/tokens_per_sec"], prog_bar=True, logger=False, on_step=True,
-            on_epoch=False,
+            "perf/tokens_per_sec", torch.tensor(metrics["perf/tokens_per_sec"]), prog_bar=True, logger=False,
+            on_step=True, on_epoch=False,
         )
         if trainer.is_global_zero:
             for logger in trainer.loggers:
@@ -269,11 +272,35 @@ class Throughput(pl.Callback):
             self._elapsed += time.perf_counter() - self._t0
             self._t0 = None
 
-    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+    def summary(self, trainer: pl.Trainer) -> dict[str, Any]:
+        """Averages over the reported windows of this fit (time-weighted: total tokens / total seconds)."""
+        out: dict[str, Any] = {"windows": len(self.history), "window_steps": self.window,
+                               "world_size": trainer.world_size, "precision": str(trainer.precision)}
         if self.history:
-            mean = sum(h["perf/tokens_per_sec"] for h in self.history) / len(self.history)
-            line = f"Throughput: {mean:,.0f} tokens/s on average over {len(self.history)} windows"
+            seconds = sum(h["seconds"] for h in self.history)
+            out["tokens_per_sec"] = sum(h["tokens"] for h in self.history) / seconds
+            out["tokens_per_sec_per_device"] = out["tokens_per_sec"] / max(trainer.world_size, 1)
             mfus = [h["perf/mfu"] for h in self.history if "perf/mfu" in h]
             if mfus:
-                line += f", MFU {100 * sum(mfus) / len(mfus):.1f}%"
+                out["mfu"] = sum(mfus) / len(mfus)
+        device = trainer.strategy.root_device
+        if device.type == "cuda":
+            out["device"] = torch.cuda.get_device_name(device)
+            out["peak_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+            out["peak_reserved_gib"] = torch.cuda.max_memory_reserved(device) / 2**30
+        return out
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        summary = self.summary(trainer)
+        if "tokens_per_sec" in summary:
+            line = f"Throughput: {summary['tokens_per_sec']:,.0f} tokens/s over {summary['windows']} windows"
+            if "mfu" in summary:
+                line += f", MFU {100 * summary['mfu']:.1f}%"
+            if "peak_memory_gib" in summary:
+                line += f", peak memory {summary['peak_memory_gib']:.1f} GiB"
             rank_zero_info(f"{line} (windows of {self.window} steps; the first, with warm-up, excluded)")
+        if trainer.is_global_zero:
+            # Machine-readable record of the run's speed (bench/throughput.py reads it).
+            path = Path(trainer.log_dir or trainer.default_root_dir) / "throughput.json"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-from typing import Any
+from typing import Any, Literal
 
 import pytorch_lightning as pl
 import torch
@@ -13,8 +14,12 @@ from torch import nn
 
 from lit_llm.config import GPTConfig
 from lit_llm.errors import ConfigError
+from lit_llm.lora import LoRAConfig, apply_lora, count_trainable, is_lora_key
 from lit_llm.model import GPTModel
 from lit_llm.optim import Schedule, build_adamw, lr_multiplier, parameter_groups
+
+CompileMode = Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"]
+SdpaBackend = Literal["auto", "flash", "cudnn", "efficient", "math"]
 
 
 def next_token_loss(logits: torch.Tensor, targets: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
@@ -47,9 +52,11 @@ class GPTTask(pl.LightningModule):
         min_lr_ratio: float = 0.1,
         schedule_steps: int | None = None,
         gradient_clip: float | None = 1.0,
-        compile: bool = False,
+        compile: bool | CompileMode = False,
         fused_adamw: bool | None = None,
         init_weights: str | None = None,
+        lora: LoRAConfig | None = None,
+        sdpa_backend: SdpaBackend = "auto",
     ) -> None:
         """
         Args:
@@ -67,7 +74,9 @@ class GPTTask(pl.LightningModule):
             schedule_steps: Optimizer steps the decay spans; default: the Trainer's estimated total steps.
             gradient_clip: Clip the global gradient norm to this value (``null`` disables clipping). The pre-clip
                 norm is logged as ``train/grad_norm``. ``trainer.gradient_clip_val``, when set, takes precedence.
-            compile: ``torch.compile`` the inner GPT (never the LightningModule). The eager module stays in
+            compile: ``torch.compile`` the inner GPT together with its loss (never the LightningModule): ``true`` for
+                the default mode, or a mode name (``max-autotune`` tunes the matmuls at a longer start-up,
+                ``reduce-overhead`` adds CUDA graphs). The eager module stays in
                 ``self.model`` for generation, so checkpoints hold plain parameter names.
             fused_adamw: Fused CUDA AdamW; default: on when training on a CUDA device.
             init_weights: Initial weights: a lit_llm checkpoint, a converted weights dir, an HF directory or a Hub id
@@ -76,6 +85,13 @@ class GPTTask(pl.LightningModule):
                 the run with a list of them. Loaded when the model is built (so a missing file is reported then, as a
                 one-line CheckpointError); a resumed run (``--ckpt_path``) skips it, as Lightning restores the
                 checkpoint's weights right after.
+            lora: LoRA adapters (the book's appendix E), e.g. ``{rank: 16, alpha: 16, targets: [attention, ff]}``:
+                the targeted Linear layers get trainable low-rank adapters and every other parameter is frozen
+                (a task may un-freeze more in ``select_trainable``, e.g. a new head). Added after ``init_weights``
+                is loaded; checkpoints then hold the base weights and the adapters, and every weights reader of
+                lit_llm merges them. ``null``: no adapters, every parameter trains. See docs/lora.md.
+            sdpa_backend: Fused attention kernel on GPUs: ``auto`` (PyTorch's choice), ``flash``, ``cudnn``,
+                ``efficient`` or ``math`` (the memory-efficient and math kernels remain fallbacks).
         """
         super().__init__()
         config = _as_config(model)
@@ -93,10 +109,12 @@ class GPTTask(pl.LightningModule):
         if problems:
             raise ConfigError("Invalid task config:\n  - " + "\n  - ".join(problems))
         self.config = config
+        self.lora_config = LoRAConfig.coerce(lora)
         # Plain types only, so checkpoints load with torch.load(weights_only=True).
-        self.save_hyperparameters(ignore=["model"])
+        self.save_hyperparameters(ignore=["model", "lora"])
         self.hparams["model"] = config.to_dict()
         self.hparams["vocab_size"] = config.vocab_size
+        self.hparams["lora"] = self.lora_config.to_dict() if self.lora_config is not None else None
         self.model: GPTModel | None = None
         self.tokens_seen = 0
 
@@ -109,7 +127,15 @@ class GPTTask(pl.LightningModule):
         if self.hparams.get("init_weights"):
             self._load_init_weights(self.hparams.init_weights)
         self.adapt_model(self.model)
+        if self.lora_config is not None:
+            # Before Lightning restores a checkpoint (it does so after configure_model), so resuming finds the
+            # adapters' parameters in place.
+            adapted = apply_lora(self.model, self.lora_config)
+            c = self.lora_config
+            rank_zero_info(f"LoRA rank {c.rank}, alpha {c.alpha:g} on {len(adapted)} layers ({', '.join(c.targets)})")
         self.select_trainable(self.model)
+        trainable, total = count_trainable(self.model)
+        rank_zero_info(f"{trainable:,} of {total:,} parameters trainable ({100 * trainable / max(total, 1):.2f}%)")
         model = self.model
 
         def model_loss(input_ids: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -119,8 +145,9 @@ class GPTTask(pl.LightningModule):
         # The loss is compiled together with the model so the compiler fuses the head's output into the
         # cross-entropy instead of materialising float32 logits for the whole batch.
         compile_ = self.hparams.compile
-        object.__setattr__(self, "_forward", torch.compile(model) if compile_ else model)
-        object.__setattr__(self, "_model_loss", torch.compile(model_loss) if compile_ else model_loss)
+        mode = None if compile_ in (True, "default") else compile_
+        object.__setattr__(self, "_forward", torch.compile(model, mode=mode) if compile_ else model)
+        object.__setattr__(self, "_model_loss", torch.compile(model_loss, mode=mode) if compile_ else model_loss)
 
     def adapt_model(self, model: GPTModel) -> None:
         """Change the GPT's structure after its initial weights are loaded (e.g. a classification head).
@@ -150,13 +177,15 @@ class GPTTask(pl.LightningModule):
         """Logits ``(B, T, V)`` for token ids ``(B, T)`` (compiled when ``compile`` is on)."""
         if self.model is None:
             self.configure_model()
-        return self._forward(input_ids)
+        with sdpa_backend_context(self.hparams.get("sdpa_backend", "auto")):
+            return self._forward(input_ids)
 
     def loss(self, input_ids: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """Mean next-token cross-entropy of the model on ``(input_ids, targets)``, ``-100`` targets ignored."""
         if self.model is None:
             self.configure_model()
-        return self._model_loss(input_ids, targets)
+        with sdpa_backend_context(self.hparams.get("sdpa_backend", "auto")):
+            return self._model_loss(input_ids, targets)
 
     # ---- optimisation ------------------------------------------------------------------------------------------
     def configure_optimizers(self) -> dict[str, Any]:
@@ -225,13 +254,23 @@ class GPTTask(pl.LightningModule):
         """Add a training batch's tokens, over all ranks, to ``tokens_seen`` and log it."""
         world = self.trainer.world_size if self._trainer is not None else 1
         self.tokens_seen += input_ids.numel() * world
-        self.log("train/tokens_seen", float(self.tokens_seen), on_step=True, on_epoch=False)
+        self.log_host_value("train/tokens_seen", self.tokens_seen)
 
     def log_lr(self) -> None:
         schedulers = self.lr_schedulers()
         if schedulers is not None:
             lr = schedulers.get_last_lr()[0] if not isinstance(schedulers, list) else schedulers[0].get_last_lr()[0]
-            self.log("train/lr", lr, on_step=True, on_epoch=False)
+            self.log_host_value("train/lr", lr)
+
+    def log_host_value(self, name: str, value: float, prog_bar: bool = False) -> None:
+        """Log a Python number every step without a GPU synchronisation.
+
+        ``self.log(name, 0.5)`` turns the number into a tensor on the module's device, a blocking host-to-device copy
+        that waits for all queued GPU work: done every step, it stops the CPU from running ahead of the GPU and costs
+        several percent of a GPU run's speed. A CPU tensor is logged as it is.
+        """
+        self.log(name, torch.tensor(float(value), dtype=torch.float32), on_step=True, on_epoch=False,
+                 prog_bar=prog_bar)
 
     # ---- checkpoint extras -------------------------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -250,6 +289,25 @@ class GPTTask(pl.LightningModule):
         saved = checkpoint.get("model_config")
         if saved is not None:
             check_same_architecture(saved, self.config.to_dict())
+        if self.model is not None and isinstance(checkpoint.get("state_dict"), dict):
+            saved_lora = (checkpoint.get("hyper_parameters") or {}).get("lora")
+            check_same_lora(checkpoint["state_dict"], self.state_dict(), saved_lora, self.hparams.get("lora"))
+
+
+def sdpa_backend_context(backend: SdpaBackend) -> contextlib.AbstractContextManager:
+    """Use one fused-attention kernel instead of PyTorch's choice (``auto``).
+
+    ``flash`` and ``cudnn`` exclude each other; the memory-efficient and math kernels stay as fallbacks for inputs the
+    chosen kernel does not support. Entered around the (compiled) call, so the compiler traces the chosen kernel.
+    """
+    if backend == "auto":
+        return contextlib.nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    chosen = {"flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION,
+              "efficient": SDPBackend.EFFICIENT_ATTENTION, "math": SDPBackend.MATH}[backend]
+    fallbacks = [b for b in (SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH) if b != chosen]
+    return sdpa_kernel([chosen, *fallbacks], set_priority=True)
 
 
 def check_same_architecture(saved: dict[str, Any], current: dict[str, Any]) -> None:
@@ -265,6 +323,33 @@ def check_same_architecture(saved: dict[str, Any], current: dict[str, Any]) -> N
             "The checkpoint was trained with a different model architecture:\n  - " + "\n  - ".join(diffs)
             + "\nUse the model settings the checkpoint was trained with (see config.yaml in its run directory)."
         )
+
+
+def check_same_lora(
+    saved_state: dict[str, torch.Tensor],
+    current_state: dict[str, torch.Tensor],
+    saved_config: dict[str, Any] | None,
+    current_config: dict[str, Any] | None,
+) -> None:
+    """Raise :class:`~lit_llm.errors.CheckpointError` when the checkpoint's LoRA adapters differ from the model's.
+
+    Lightning would otherwise stop with a bare list of missing/unexpected ``lora_*`` keys.
+    """
+    from lit_llm.errors import CheckpointError
+
+    saved = {k.replace("_orig_mod.", ""): tuple(v.shape) for k, v in saved_state.items() if is_lora_key(k)}
+    current = {k: tuple(v.shape) for k, v in current_state.items() if is_lora_key(k)}
+    if saved == current:
+        return
+    if not saved:
+        fix = "it was trained without adapters: set model.lora: null to resume it"
+    elif not current:
+        fix = f"set model.lora: {saved_config or 'as in its config.yaml'} to resume it"
+    else:
+        fix = f"it was trained with model.lora: {saved_config}, not {current_config}; resume with the same setting"
+    raise CheckpointError(f"the checkpoint's LoRA adapters do not match the model's ({len(saved)} vs {len(current)} "
+                          f"lora entries, or other shapes): {fix}. To start a new LoRA run from its weights, use "
+                          "model.init_weights instead of --ckpt_path")
 
 
 def _as_config(model: GPTConfig | dict | None) -> GPTConfig:

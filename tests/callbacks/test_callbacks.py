@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 import string
 import time
 import warnings
@@ -200,6 +201,10 @@ def test_gradient_accumulation_counts_optimizer_steps_and_real_losses(tmp_path: 
     assert [h["step"] for h in throughput.history] == [2.0, 3.0, 4.0]
     # Two batches of 4 x 16 tokens per reported step-window.
     assert all(h["perf/samples_per_sec"] * h["perf/sec_per_step"] == pytest.approx(8) for h in throughput.history)
+    # The run's summary, for benchmarks: total tokens over total seconds of the reported windows.
+    summary = json.loads((tmp_path / "throughput.json").read_text())
+    seconds = sum(h["seconds"] for h in throughput.history)
+    assert summary["windows"] == 3 and summary["tokens_per_sec"] == pytest.approx(3 * 2 * 4 * 16 / seconds)
     lines = (tmp_path / "samples.txt").read_text().splitlines()
     assert [line.split(" |")[0] for line in lines] == ["[step 1", "[step 2", "[step 3", "[step 4"]  # one per step
     (point,) = read_csv(tmp_path / "loss.csv")  # validation at the end of epoch 0

@@ -1,0 +1,293 @@
+"""Training throughput of lit_llm's GPT: a plain PyTorch loop and the real ``python -m lit_llm.train fit`` path.
+
+The plain loop runs the same model, loss, optimizer and precision as the Trainer path, with nothing else, so the
+difference between the two is Lightning's (and lit_llm's callbacks') overhead as a measured number. The "ladder"
+measures the plain loop from the book-faithful configuration (fp32, the book's explicit-mask attention, eager,
+unfused AdamW, unpadded vocabulary) to the fastest, one change per rung.
+
+Tokens/s exclude warm-up (compilation, autotuning, allocator growth): ``--warmup`` optimizer steps run first, then
+``--steps`` are timed between two device synchronisations. MFU uses the PaLM formula (``6 N + 12 L d T`` FLOPs per
+token, ``GPTModel.flops_per_token``) against the dense bf16 peak of lit_llm's table (989.4 TFLOP/s for H100/H200 SXM).
+
+    python bench/throughput.py ladder --model gpt2-124m --batch 32 --json ladder.json
+    python bench/throughput.py plain --model gpt2-124m --batch 32 --precision bf16-mixed --compile true
+    python bench/throughput.py trainer --model gpt2-124m --batch 32 --accumulate 16 \\
+        --source corpus.txt --tokenizer gpt2_dir/ --json trainer.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # CPU only for a smoke test of this script
+sys.path.insert(0, str(ROOT))
+
+from lit_llm.callbacks.throughput import get_peak_flops  # noqa: E402
+from lit_llm.config import GPTConfig  # noqa: E402
+from lit_llm.model import GPTModel  # noqa: E402
+from lit_llm.optim import build_adamw, parameter_groups  # noqa: E402
+from lit_llm.tasks.base import next_token_loss, sdpa_backend_context  # noqa: E402
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One configuration of the training step."""
+
+    name: str = "fast"
+    precision: str = "bf16-mixed"  # 32-true | tf32 | bf16-mixed | bf16-true
+    attention: str = "sdpa"  # sdpa | reference
+    sdpa_backend: str = "auto"  # auto | flash | cudnn | efficient | math
+    compile: str = "default"  # none | default | max-autotune | max-autotune-no-cudagraphs | reduce-overhead
+    fused: bool = True
+    pad_vocab_multiple: int = 64
+    bias: bool = True
+    qkv_bias: bool = True
+
+    @property
+    def compiled(self) -> bool:
+        return self.compile != "none"
+
+
+# From the book's chapter 5 model to the fastest: each rung changes one thing.
+LADDER: list[tuple[str, dict[str, Any]]] = [
+    ("book: fp32, explicit-mask attention, eager, AdamW", dict(precision="32-true", attention="reference",
+                                                              compile="none", fused=False, pad_vocab_multiple=1)),
+    ("+ TF32 matmuls", dict(precision="tf32")),
+    ("+ fused attention (SDPA)", dict(attention="sdpa")),
+    ("+ bf16 autocast", dict(precision="bf16-mixed")),
+    ("+ torch.compile (model and loss)", dict(compile="default")),
+    ("+ fused AdamW", dict(fused=True)),
+    ("+ vocabulary padded to 50,304", dict(pad_vocab_multiple=64)),
+    ("+ cuDNN attention", dict(sdpa_backend="cudnn")),
+]
+# Options measured beside the ladder's top rung (not kept by default: they change the model or its numerics).
+EXTRAS: list[tuple[str, dict[str, Any]]] = [
+    ("top rung, bf16-true (bf16 weights and AdamW state)", dict(precision="bf16-true")),
+    ("top rung, bias-free layers", dict(bias=False, qkv_bias=False)),
+    ("top rung, flash attention instead of cuDNN", dict(sdpa_backend="flash")),
+    ("top rung, compile max-autotune (no CUDA graphs)", dict(compile="max-autotune-no-cudagraphs")),
+]
+
+
+def model_config(name: str, v: Variant) -> GPTConfig:
+    return GPTConfig.from_name(name).replace(
+        drop_rate=0.0, qkv_bias=v.qkv_bias, bias=v.bias, tie_weights=True, pad_vocab_multiple=v.pad_vocab_multiple,
+        attention=v.attention,
+    )
+
+
+def _set_matmul_precision(precision: str) -> None:
+    torch.backends.cuda.matmul.allow_tf32 = precision == "tf32"
+    torch.backends.cudnn.allow_tf32 = precision == "tf32"
+
+
+def plain_loop(model_name: str, v: Variant, batch: int, accumulate: int, steps: int, warmup: int,
+               seq_len: int | None = None) -> dict[str, Any]:
+    """Time ``steps`` optimizer steps of a plain PyTorch loop (after ``warmup`` untimed ones)."""
+    device = torch.device(DEVICE)
+    cuda = device.type == "cuda"
+    torch.manual_seed(0)
+    torch._dynamo.reset()
+    if cuda:
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+    _set_matmul_precision(v.precision)
+    cfg = model_config(model_name, v)
+    T = seq_len or cfg.context_length
+    with device:
+        model = GPTModel(cfg)
+    if v.precision == "bf16-true":
+        model = model.to(torch.bfloat16)
+    model.train()
+
+    def model_loss(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return next_token_loss(model(x), y)
+
+    step_fn = model_loss
+    if v.compiled:
+        step_fn = torch.compile(model_loss, mode=None if v.compile == "default" else v.compile)
+    optimizer = build_adamw(parameter_groups(model, 0.1), 6e-4, (0.9, 0.95), 1e-8, fused=v.fused)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=v.precision == "bf16-mixed")
+    # Batches come from pinned host memory like a DataLoader's, cycling through a few so nothing is cached.
+    pool = [torch.randint(0, cfg.vocab_size, (batch, T + 1), dtype=torch.long) for _ in range(4)]
+    if cuda:
+        pool = [p.pin_memory() for p in pool]
+
+    def one_step(i: int) -> torch.Tensor:
+        for m in range(accumulate):
+            ids = pool[(i * accumulate + m) % len(pool)].to(device, non_blocking=True)
+            with autocast, sdpa_backend_context(v.sdpa_backend):
+                loss = step_fn(ids[:, :-1], ids[:, 1:]) / accumulate
+            loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return loss
+
+    t_start = time.perf_counter()
+    for i in range(warmup):
+        one_step(i)
+    _sync(device)
+    warm_s = time.perf_counter() - t_start
+    t0 = time.perf_counter()
+    for i in range(steps):
+        loss = one_step(warmup + i)
+    _sync(device)
+    elapsed = time.perf_counter() - t0
+    tokens = steps * accumulate * batch * T
+    tps = tokens / elapsed
+    peak = get_peak_flops(_device_name(), "bf16" if v.precision.startswith("bf16") else v.precision)
+    flops = model.flops_per_token(T)
+    result = {
+        "mode": "plain", "model": model_name, "variant": asdict(v), "batch": batch, "accumulate": accumulate,
+        "seq_len": T, "steps": steps, "warmup_steps": warmup, "warmup_s": round(warm_s, 1),
+        "tokens_per_sec": tps, "mfu_bf16_peak": flops * tps / 989.4e12,
+        "mfu": flops * tps / peak if peak else None,
+        "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else None,
+        "final_loss": float(loss.detach()) * accumulate,
+        "parameters": model.num_parameters(),
+    }
+    return result
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _device_name() -> str:
+    return torch.cuda.get_device_name() if DEVICE == "cuda" else "cpu"
+
+
+def trainer_run(args: argparse.Namespace, v: Variant) -> dict[str, Any]:
+    """Run ``python -m lit_llm.train fit`` with the shipped GPT-2 config and read the Throughput callback's summary."""
+    root = Path(args.root) / f"trainer-{v.name}-{int(time.time())}"
+    window = args.window
+    cmd = [
+        sys.executable, "-m", "lit_llm.train", "fit", "--config", str(ROOT / args.config),
+        f"--model.init_args.model.n_layers={model_config(args.model, v).n_layers}",
+        f"--model.init_args.model.emb_dim={model_config(args.model, v).emb_dim}",
+        f"--model.init_args.model.n_heads={model_config(args.model, v).n_heads}",
+        f"--model.init_args.model.pad_vocab_multiple={v.pad_vocab_multiple}",
+        f"--model.init_args.model.bias={str(v.bias).lower()}",
+        f"--model.init_args.model.qkv_bias={str(v.qkv_bias).lower()}",
+        f"--model.init_args.model.attention={v.attention}",
+        f"--model.init_args.compile={'false' if not v.compiled else ('true' if v.compile == 'default' else v.compile)}",
+        f"--model.init_args.sdpa_backend={v.sdpa_backend}",
+        f"--model.init_args.fused_adamw={str(v.fused).lower()}",
+        "--model.init_args.warmup_steps=5",
+        f"--data.init_args.source={args.source}", "--data.init_args.sha256=null",
+        f"--data.init_args.tokenizer={args.tokenizer}", "--data.init_args.split_by=tokens",
+        "--data.init_args.val_split=0.001", f"--data.init_args.batch_size={args.batch}",
+        f"--trainer.precision={'32-true' if v.precision == 'tf32' else v.precision}",
+        f"--trainer.accumulate_grad_batches={args.accumulate}",
+        f"--trainer.max_steps={(1 + args.windows) * window}",
+        "--trainer.limit_val_batches=0", "--trainer.num_sanity_val_steps=0",
+        f"--trainer.default_root_dir={root}",
+    ]
+    cmd += args.trainer_arg or []
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    wall = time.perf_counter() - t0
+    found = sorted(root.rglob("throughput.json"))
+    if proc.returncode != 0 or not found:
+        tail = (proc.stdout + proc.stderr)[-4000:]
+        return {"mode": "trainer", "variant": asdict(v), "error": f"exit {proc.returncode}", "log_tail": tail}
+    summary = json.loads(found[-1].read_text())
+    if "tokens_per_sec" not in summary:
+        return {"mode": "trainer", "variant": asdict(v), "error": f"no timed window: {summary}",
+                "log_tail": (proc.stdout + proc.stderr)[-2000:]}
+    return {"mode": "trainer", "model": args.model, "variant": asdict(v), "batch": args.batch,
+            "accumulate": args.accumulate, "wall_s": round(wall, 1), "command": " ".join(cmd[1:]), **summary}
+
+
+def _print(r: dict[str, Any], label: str) -> None:
+    if "error" in r:
+        print(f"{label:55s} ERROR {r['error']}\n{r.get('log_tail', '')}", flush=True)
+        return
+    mfu = r.get("mfu") or r.get("mfu_bf16_peak") or 0.0
+    print(f"{label:55s} {r['tokens_per_sec']:>11,.0f} tok/s  MFU {100 * mfu:5.1f}%  "
+          f"peak {r.get('peak_memory_gib') or float('nan'):5.1f} GiB", flush=True)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("mode", choices=["ladder", "plain", "trainer", "compare"],
+                        help="ladder: every rung in the plain loop; plain/trainer: one variant; compare: the same "
+                             "variant through both paths")
+    parser.add_argument("--model", default="gpt2-124m")
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--accumulate", type=int, default=1)
+    parser.add_argument("--steps", type=int, default=30, help="timed optimizer steps")
+    parser.add_argument("--warmup", type=int, default=10, help="untimed optimizer steps first (plain loop)")
+    parser.add_argument("--window", type=int, default=20,
+                        help="trainer: the window of the config's Throughput callback (optimizer steps)")
+    parser.add_argument("--windows", type=int, default=2,
+                        help="trainer: timed windows; one more runs first, untimed (compilation, warm-up)")
+    parser.add_argument("--extras", action="store_true", help="ladder: also measure the EXTRAS options")
+    for field in ("precision", "attention", "sdpa_backend", "compile"):
+        parser.add_argument(f"--{field.replace('_', '-')}", dest=field)
+    parser.add_argument("--fused", choices=["true", "false"])
+    parser.add_argument("--bias", choices=["true", "false"])
+    parser.add_argument("--config", default="configs/pretrain/gpt2-124m.yaml")
+    parser.add_argument("--source", help="trainer: corpus file")
+    parser.add_argument("--tokenizer", default="gpt2", help="trainer: tokenizer directory or Hub name")
+    parser.add_argument("--root", default="/tmp/lit_llm_bench")
+    parser.add_argument("--trainer-arg", action="append", help="extra argument for lit_llm.train (repeatable)")
+    parser.add_argument("--json", help="append the results (a JSON list) to this file")
+    args = parser.parse_args(argv)
+
+    v = Variant()
+    overrides = {k: getattr(args, k) for k in ("precision", "attention", "sdpa_backend", "compile") if getattr(args, k)}
+    if args.fused:
+        overrides["fused"] = args.fused == "true"
+    if args.bias:
+        overrides["bias"] = overrides["qkv_bias"] = args.bias == "true"
+    v = replace(v, **overrides)
+    print(f"{_device_name()}  torch {torch.__version__}  {args.model} batch {args.batch} x "
+          f"accumulate {args.accumulate}", flush=True)
+    results = []
+    if args.mode == "ladder":
+        rung = Variant()
+        for label, change in LADDER:
+            rung = replace(rung, name=label, **change)
+            gc.collect()
+            results.append(r := plain_loop(args.model, rung, args.batch, args.accumulate, args.steps, args.warmup))
+            _print(r, label)
+        if args.extras:
+            for label, change in EXTRAS:
+                extra = replace(rung, name=label, **change)
+                gc.collect()
+                results.append(r := plain_loop(args.model, extra, args.batch, args.accumulate, args.steps, args.warmup))
+                _print(r, label)
+    if args.mode in ("plain", "compare"):
+        results.append(r := plain_loop(args.model, v, args.batch, args.accumulate, args.steps, args.warmup))
+        _print(r, f"plain loop: {v.precision} compile={v.compile} sdpa={v.sdpa_backend}")
+    if args.mode in ("trainer", "compare"):
+        if not args.source:
+            parser.error("trainer mode needs --source (a corpus file)")
+        results.append(r := trainer_run(args, v))
+        _print(r, f"lit_llm.train fit: {v.precision} compile={v.compile} sdpa={v.sdpa_backend}")
+    if args.mode == "compare" and "error" not in results[-1]:
+        overhead = 1 - results[-1]["tokens_per_sec"] / results[-2]["tokens_per_sec"]
+        print(f"Trainer path vs plain loop: {100 * overhead:+.1f}% slower", flush=True)
+    if args.json:
+        path = Path(args.json)
+        old = json.loads(path.read_text()) if path.is_file() else []
+        stamp = {"date": time.strftime("%Y-%m-%d"), "device": _device_name(), "torch": torch.__version__}
+        path.write_text(json.dumps(old + [{**stamp, **r} for r in results], indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()
