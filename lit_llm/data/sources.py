@@ -9,6 +9,12 @@ Accepted forms (also as a list of local paths):
 - a local file, directory (supported files inside, recursively, sorted), or glob.
   ``.txt``/``.md``/``.text``: one document per file; ``.json``/``.jsonl``, ``.csv``, ``.tsv``,
   ``.parquet``: one record per row.
+
+Three options of :func:`load_records` read files that the extension alone does not describe: ``file_format`` (read
+every file as ``csv``/``tsv``/``json``/``jsonl``/``parquet``/``text`` whatever its name), ``column_names`` (a
+CSV/TSV file without a header row: its columns' names, and the first row is data), and ``archive_member`` (read one
+file of a zip archive, by its path inside the archive or its unique base name, e.g. the SMS Spam Collection's
+``SMSSpamCollection``).
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ import warnings
 import zipfile
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Literal
 
 import datasets
 
@@ -46,6 +53,11 @@ _FILE_TYPES: dict[str, tuple[str, dict]] = {
     ".parquet": ("parquet", {}),
 }
 _ARCHIVES = (".zip",)
+FileFormat = Literal["text", "json", "jsonl", "csv", "tsv", "parquet"]
+# data.file_format -> the extension whose reader it selects.
+_FORMAT_SUFFIX: dict[str, str] = {
+    "text": ".txt", "json": ".json", "jsonl": ".jsonl", "csv": ".csv", "tsv": ".tsv", "parquet": ".parquet",
+}
 _FORMS = (
     "builtin:<name> (e.g. builtin:pydoc), an https:// URL with data.sha256, hf:<dataset>[:<config>], "
     "or a local file / directory / glob / list of them (.txt .md .text .json .jsonl .csv .tsv .parquet, .zip)"
@@ -182,8 +194,21 @@ def _expand_existing(path: Path, cache_dir: Path, key: str) -> list[Path]:
             )
         return files
     if path.suffix.lower() in _ARCHIVES:
-        return _expand_dir(_extract(path, cache_dir), cache_dir)
+        root = _extract(path, cache_dir)
+        files = _expand_dir(root, cache_dir)
+        if not files:
+            raise DataError(
+                f"{key}: the archive {path.name} holds no file with a supported extension "
+                f"({' '.join(sorted(_FILE_TYPES))}); members found: {_members(root)}. Choose one with "
+                f"{_sibling(key, 'archive_member')} and say how to read it with {_sibling(key, 'file_format')}."
+            )
+        return files
     return [path]
+
+
+def _members(root: Path) -> list[str]:
+    """The files of an extracted archive, as paths inside it."""
+    return sorted(p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file() and _visible(p, root))
 
 
 def _expand_local(spec: str | Path, cache_dir: Path, key: str) -> list[Path]:
@@ -202,18 +227,58 @@ def _expand_local(spec: str | Path, cache_dir: Path, key: str) -> list[Path]:
     raise DataError(f"{key}: {str(spec)!r} does not exist (cwd: {Path.cwd()}). Accepted forms: {_FORMS}.{hint}")
 
 
-def _file_type(path: Path, key: str) -> str:
+def _archive_member(archive: Path, member: str, cache_dir: Path, key: str) -> Path:
+    """The file ``member`` of a zip archive: its path inside the archive, or a base name that only one file has."""
+    member_key = _sibling(key, "archive_member")
+    if archive.suffix.lower() not in _ARCHIVES:
+        raise ConfigError(
+            f"{member_key}={member!r} is set but {key} ({archive}) is not a .zip archive; "
+            f"remove {member_key} or point {key} at the archive."
+        )
+    root = _extract(archive, cache_dir)
+    members = _members(root)
+    wanted = member.strip("/")
+    matches = [m for m in members if m == wanted] or [m for m in members if m.rsplit("/", 1)[-1] == wanted]
+    if len(matches) != 1:
+        problem = "has no member" if not matches else "has several members named"
+        raise DataError(
+            f"{key}: the archive {archive.name} {problem} {member!r} ({member_key}); members found: {members}. "
+            f"Set {member_key} to one of them (its path inside the archive)."
+        )
+    return root / matches[0]
+
+
+def _file_type(path: Path, key: str, file_format: str | None = None) -> str:
+    if file_format is not None:
+        return file_format
     suffix = path.suffix.lower()
     if suffix not in _FILE_TYPES:
         raise DataError(
             f"{key}: cannot tell how to read {path} from its extension {suffix!r}; "
-            f"supported: {' '.join(sorted(_FILE_TYPES))} (and .zip archives of them)."
+            f"supported: {' '.join(sorted(_FILE_TYPES))} (and .zip archives of them). If the file is one of these "
+            f"formats under another name, set {_sibling(key, 'file_format')} to one of {', '.join(_FORMAT_SUFFIX)}."
         )
     return "tsv" if suffix == ".tsv" else _FILE_TYPES[suffix][0]
 
 
-def _load_files(files: list[Path], *, cache_dir: Path, streaming: bool, key: str, sha256: str | None = None) -> Records:
-    kinds = {_file_type(f, key) for f in files}
+def _load_files(
+    files: list[Path],
+    *,
+    cache_dir: Path,
+    streaming: bool,
+    key: str,
+    sha256: str | None = None,
+    file_format: str | None = None,
+    column_names: list[str] | None = None,
+) -> Records:
+    if not files:  # e.g. an archive with no file of a known type
+        raise DataError(f"{key}: no file to read; supported: {' '.join(sorted(_FILE_TYPES))} (and .zip archives).")
+    kinds = {_file_type(f, key, file_format) for f in files}
+    if column_names is not None and not kinds <= {"csv", "tsv"}:
+        raise ConfigError(
+            f"{_sibling(key, 'column_names')} names the columns of CSV/TSV files without a header row, but {key} "
+            f"holds {sorted(kinds)} files; remove it (other formats name their columns themselves)."
+        )
     if len(kinds) > 1:
         examples = {k: next(str(f) for f in files if _file_type(f, key) == k) for k in sorted(kinds)}
         raise DataError(
@@ -233,7 +298,11 @@ def _load_files(files: list[Path], *, cache_dir: Path, streaming: bool, key: str
                 f"{_sibling(key, 'sha256')} is only checked for URLs and single files; ignored for {len(files)} files.",
                 stacklevel=3,
             )
-    builder, kwargs = _FILE_TYPES[files[0].suffix.lower()]
+    suffix = _FORMAT_SUFFIX[file_format] if file_format is not None else files[0].suffix.lower()
+    builder, kwargs = _FILE_TYPES[suffix]
+    if column_names is not None:
+        # The first row is data, not a header.
+        kwargs = {**kwargs, "column_names": list(column_names), "header": None}
     try:
         ds = datasets.load_dataset(
             builder,
@@ -245,7 +314,8 @@ def _load_files(files: list[Path], *, cache_dir: Path, streaming: bool, key: str
         )
     except Exception as err:  # builders raise many types (ArrowInvalid, DatasetGenerationError, ...)
         where = str(files[0]) if len(files) == 1 else f"{len(files)} files ({files[0]}, ...)"
-        raise DataError(f"{key}: could not read {where} as {builder}: {type(err).__name__}: {err}") from err
+        read_as = f"{builder} with column_names={list(column_names)}" if column_names is not None else builder
+        raise DataError(f"{key}: could not read {where} as {read_as}: {type(err).__name__}: {err}") from err
     if not streaming and len(ds) == 0:
         raise DataError(f"{key}: {files[0] if len(files) == 1 else files} holds no records; add data.")
     return ds
@@ -274,6 +344,9 @@ def load_records(
     hf_split: str = "train",
     streaming: bool = False,
     key: str = "data.source",
+    file_format: FileFormat | None = None,
+    column_names: Sequence[str] | None = None,
+    archive_member: str | None = None,
 ) -> Records:
     """Load a source with all of its columns.
 
@@ -285,13 +358,19 @@ def load_records(
         hf_split: The split of an ``hf:`` dataset.
         streaming: Return an ``IterableDataset`` that reads lazily.
         key: The config key named in error messages.
+        file_format: Read every file as this format (``csv``, ``tsv``, ``json``, ``jsonl``, ``parquet`` or
+            ``text``) instead of deciding by its extension; for files named without one (``SMSSpamCollection``).
+        column_names: The columns of CSV/TSV files that have no header row; the first row is then read as data.
+        archive_member: Read only this file of a zip archive source (local or URL): its path inside the archive,
+            or its base name when no other member has it. The error lists the members when it is not found.
 
     Returns:
         A dataset with one record per row.
 
     Raises:
-        ConfigError: The source is malformed (e.g. a URL without ``sha256``).
-        DataError: The source is missing, empty, unreadable or failed to download.
+        ConfigError: The source is malformed (e.g. a URL without ``sha256``), or an option does not apply to it.
+        DataError: The source is missing, empty, unreadable or failed to download, or the archive member is not in
+            the archive.
     """
     cache = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
     if isinstance(source, (str, Path)):
@@ -300,6 +379,8 @@ def load_records(
         specs = [str(s) for s in source]
     if not specs or any(not s.strip() for s in specs):
         raise ConfigError(f"{key} is empty; give one of: {_FORMS}.")
+    names = _check_file_options(specs, key, file_format, column_names, archive_member)
+    read = {"cache_dir": cache, "streaming": streaming, "key": key, "file_format": file_format, "column_names": names}
     if len(specs) == 1:
         spec = specs[0]
         if spec.startswith("builtin:"):
@@ -309,7 +390,14 @@ def load_records(
             return _load_hf(spec.removeprefix("hf:"), hf_split=hf_split, streaming=streaming, key=key)
         if spec.startswith(("http://", "https://")):
             path = download(spec, sha256, cache, key=key)
-            return _load_files(_expand_local(path, cache, key), cache_dir=cache, streaming=streaming, key=key)
+            if archive_member is not None:
+                return _load_files([_archive_member(path, archive_member, cache, key)], **read)
+            return _load_files(_expand_local(path, cache, key), **read)
+        if archive_member is not None:
+            path = Path(spec).expanduser()
+            if not path.is_file():
+                _expand_local(spec, cache, key)  # raises the usual "does not exist" message
+            return _load_files([_archive_member(path, archive_member, cache, key)], sha256=sha256, **read)
     elif any(s.startswith(("builtin:", "hf:", "http://", "https://")) for s in specs):
         raise ConfigError(f"{key}: a list may hold only local paths or globs; got {specs}. Use one remote source.")
     files: list[Path] = []
@@ -319,7 +407,38 @@ def load_records(
             if f.resolve() not in seen:  # overlapping globs/directories must not duplicate documents
                 seen.add(f.resolve())
                 files.append(f)
-    return _load_files(files, cache_dir=cache, streaming=streaming, key=key, sha256=sha256)
+    return _load_files(files, sha256=sha256, **read)
+
+
+def _check_file_options(
+    specs: list[str],
+    key: str,
+    file_format: str | None,
+    column_names: Sequence[str] | None,
+    archive_member: str | None,
+) -> list[str] | None:
+    """Refuse file options that cannot apply; return ``column_names`` as a list (or None)."""
+    problems = []
+    remote = [s for s in specs if s.startswith(("builtin:", "hf:"))]
+    given = [name for name, value in (("file_format", file_format), ("column_names", column_names),
+                                       ("archive_member", archive_member)) if value is not None]
+    if remote and given:
+        problems.append(f"{', '.join(_sibling(key, g) for g in given)} apply to files and URLs, not to {remote[0]}; "
+                        "remove them")
+    if file_format is not None and file_format not in _FORMAT_SUFFIX:
+        problems.append(f"{_sibling(key, 'file_format')}={file_format!r} is not one of {', '.join(_FORMAT_SUFFIX)}")
+    names = None
+    if column_names is not None:
+        names = [str(c) for c in ([column_names] if isinstance(column_names, str) else column_names)]
+        if not names or any(not c.strip() for c in names) or len(set(names)) != len(names):
+            problems.append(f"{_sibling(key, 'column_names')}={names} must be distinct, non-empty column names, "
+                            "one per column of the file (e.g. [label, text])")
+    if archive_member is not None and (len(specs) != 1 or not archive_member.strip()):
+        problems.append(f"{_sibling(key, 'archive_member')}={archive_member!r} needs one archive as {key} "
+                        f"(got {specs}) and a non-empty member name")
+    if problems:
+        raise ConfigError(f"invalid {key} options:\n  - " + "\n  - ".join(problems))
+    return names
 
 
 def load_documents(
@@ -331,6 +450,9 @@ def load_documents(
     hf_split: str = "train",
     streaming: bool = False,
     key: str = "data.source",
+    file_format: FileFormat | None = None,
+    column_names: Sequence[str] | None = None,
+    archive_member: str | None = None,
 ) -> Records:
     """Load a source as documents: a dataset whose only column, ``text``, holds one document per row.
 
@@ -342,6 +464,9 @@ def load_documents(
         hf_split: The split of an ``hf:`` dataset.
         streaming: Return an ``IterableDataset``.
         key: The config key named in error messages.
+        file_format: See ``load_records``.
+        column_names: See ``load_records``.
+        archive_member: See ``load_records``.
 
     Returns:
         The documents.
@@ -350,7 +475,8 @@ def load_documents(
         ConfigError: See ``load_records``.
         DataError: See ``load_records``; also when ``text_column`` is missing or not text.
     """
-    ds = load_records(source, sha256=sha256, cache_dir=cache_dir, hf_split=hf_split, streaming=streaming, key=key)
+    ds = load_records(source, sha256=sha256, cache_dir=cache_dir, hf_split=hf_split, streaming=streaming, key=key,
+                      file_format=file_format, column_names=column_names, archive_member=archive_member)
     column_key = _sibling(key, "text_column")
     columns = ds.column_names
     if columns is not None:  # unknown for some streaming datasets until read

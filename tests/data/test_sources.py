@@ -221,3 +221,87 @@ def test_url_missing_file_and_zip(server: tuple[str, Path, list[str]], tmp_path:
         zf.writestr("__MACOSX/corpus/._a.txt", "junk")
     sha = _sha((root / "corpus.zip").read_bytes())
     assert _texts(load_documents(f"{base}/corpus.zip", sha256=sha, cache_dir=tmp_path / "cache")) == ["ay", "bee"]
+
+
+# ---- files the extension does not describe: file_format, column_names, archive_member ---------------------------
+
+
+def _spam_zip(path: Path) -> Path:
+    """A zip laid out like the UCI SMS Spam Collection: an extension-less headerless TSV beside a readme."""
+    with zipfile.ZipFile(path, "w") as zf:
+        zf.writestr("SMSSpamCollection", "ham\tOk lar... see you\nspam\tWIN a prize now, text 80082\nham\tOn my way\n")
+        zf.writestr("readme", "SMS Spam Collection v.1\n")
+    return path
+
+
+def test_headerless_tsv_with_column_names(tmp_path: Path) -> None:
+    (tmp_path / "sms.tsv").write_text("ham\tfirst text\nspam\tsecond, with a comma\n")
+    ds = load_records(str(tmp_path / "sms.tsv"), column_names=["label", "text"], cache_dir=tmp_path / "c")
+    assert ds.column_names == ["label", "text"]
+    assert list(ds["label"]) == ["ham", "spam"] and list(ds["text"]) == ["first text", "second, with a comma"]
+    # Without column_names the first row is taken as the header (the reason the option exists).
+    assert load_records(str(tmp_path / "sms.tsv"), cache_dir=tmp_path / "c").column_names == ["ham", "first text"]
+    docs = load_documents(str(tmp_path / "sms.tsv"), column_names=["label", "text"], cache_dir=tmp_path / "c")
+    assert _texts(docs) == ["first text", "second, with a comma"]
+
+
+def test_file_format_overrides_the_extension(tmp_path: Path) -> None:
+    (tmp_path / "SMSSpamCollection").write_text("ham\tone\nspam\ttwo\n")
+    with pytest.raises(DataError, match=r"extension ''.*data.file_format"):
+        load_records(str(tmp_path / "SMSSpamCollection"), cache_dir=tmp_path / "c")
+    ds = load_records(str(tmp_path / "SMSSpamCollection"), file_format="tsv", column_names=["label", "text"],
+                      cache_dir=tmp_path / "c")
+    assert list(ds["text"]) == ["one", "two"]
+    (tmp_path / "rows.data").write_text('{"text": "a"}\n{"text": "b"}\n')
+    assert _texts(load_documents(str(tmp_path / "rows.data"), file_format="jsonl", cache_dir=tmp_path / "c")) == [
+        "a", "b"]
+
+
+def test_file_option_mistakes_are_config_errors(tmp_path: Path) -> None:
+    (tmp_path / "r.jsonl").write_text('{"text": "x"}\n')
+    with pytest.raises(ConfigError, match=r"data.column_names names the columns of CSV/TSV.*\['json'\]"):
+        load_records(str(tmp_path / "r.jsonl"), column_names=["a"], cache_dir=tmp_path / "c")
+    with pytest.raises(ConfigError) as err:
+        load_records("builtin:reviews", file_format="xlsx", column_names=["a", "a"], cache_dir=tmp_path / "c")
+    msg = str(err.value)  # every problem in one message
+    assert "not to builtin:reviews" in msg and "'xlsx' is not one of" in msg and "must be distinct" in msg
+    with pytest.raises(ConfigError, match=r"data.archive_member='x' is set but data.source .*r.jsonl.* not a .zip"):
+        load_records(str(tmp_path / "r.jsonl"), archive_member="x", cache_dir=tmp_path / "c")
+
+
+def test_archive_member_local_and_missing_member_lists_members(tmp_path: Path) -> None:
+    archive = _spam_zip(tmp_path / "sms.zip")
+    ds = load_records(str(archive), archive_member="SMSSpamCollection", file_format="tsv",
+                      column_names=["label", "text"], cache_dir=tmp_path / "c")
+    assert list(ds["label"]) == ["ham", "spam", "ham"] and ds[1]["text"] == "WIN a prize now, text 80082"
+    with pytest.raises(DataError) as err:
+        load_records(str(archive), archive_member="SMSSpam.tsv", file_format="tsv", cache_dir=tmp_path / "c")
+    assert "has no member 'SMSSpam.tsv'" in str(err.value) and "['SMSSpamCollection', 'readme']" in str(err.value)
+    # Without archive_member, an archive with no file of a known type names its members and both options.
+    with pytest.raises(DataError) as err:
+        load_records(str(archive), cache_dir=tmp_path / "c")
+    msg = str(err.value)
+    assert "['SMSSpamCollection', 'readme']" in msg and "data.archive_member" in msg and "data.file_format" in msg
+
+
+def test_archive_member_by_path_and_ambiguous_base_name(tmp_path: Path) -> None:
+    with zipfile.ZipFile(tmp_path / "two.zip", "w") as zf:
+        zf.writestr("a/data.csv", "text\nfrom a\n")
+        zf.writestr("b/data.csv", "text\nfrom b\n")
+    with pytest.raises(DataError, match="several members named 'data.csv'"):
+        load_records(str(tmp_path / "two.zip"), archive_member="data.csv", cache_dir=tmp_path / "c")
+    ds = load_records(str(tmp_path / "two.zip"), archive_member="b/data.csv", cache_dir=tmp_path / "c")
+    assert list(ds["text"]) == ["from b"]
+
+
+def test_url_zip_archive_member(server: tuple[str, Path, list[str]], tmp_path: Path) -> None:
+    base, root, requests = server
+    archive = _spam_zip(root / "sms+spam+collection.zip")
+    sha = _sha(archive.read_bytes())
+    options = dict(archive_member="SMSSpamCollection", file_format="tsv", column_names=["label", "text"])
+    ds = load_records(f"{base}/sms+spam+collection.zip", sha256=sha, cache_dir=tmp_path / "c", **options)
+    assert list(ds["text"]) == ["Ok lar... see you", "WIN a prize now, text 80082", "On my way"]
+    with pytest.raises(DataError, match=r"members found: \['SMSSpamCollection', 'readme'\]"):
+        load_records(f"{base}/sms+spam+collection.zip", sha256=sha, cache_dir=tmp_path / "c",
+                     **{**options, "archive_member": "nope"})
+    assert requests == ["/sms+spam+collection.zip"]  # downloaded once, then read from the cache
