@@ -277,3 +277,23 @@ def test_omegaconf_interpolation_within_a_file(tmp_path, in_repo_root):
     c = cli(["--config", "configs/pretrain/quickstart.yaml", "--config", str(extra),
              "--data.init_args.tokenizer_vocab_size=300", "--trainer.logger=false"], run=False)
     assert c.model.hparams.schedule_steps == 7 == c.trainer.max_steps
+
+
+def test_speed_options_parse_and_run(corpus, tmp_path, in_repo_root):
+    """``sdpa_backend`` and compile modes are task options; per-step Python numbers are logged from CPU tensors
+    (a number logged as-is would be copied to the GPU with a blocking copy on every step)."""
+    quick = ROOT / "configs/pretrain/quickstart.yaml"
+    c = cli(["fit", "--config", str(quick), *tiny_overrides(quick, corpus, tmp_path),
+             "--data.init_args.tokenizer_vocab_size=300", "--model.init_args.sdpa_backend=math",
+             "--trainer.fast_dev_run=2"])
+    assert c.model.hparams.sdpa_backend == "math" and c.trainer.global_step == 2
+    logged = {}
+    c.model.log = lambda name, value, **kw: logged.update({name: value})  # what reaches self.log
+    c.model.count_tokens(torch.zeros(2, 8, dtype=torch.long))
+    c.model.log_lr()
+    assert set(logged) == {"train/tokens_seen", "train/lr"}
+    assert all(isinstance(v, torch.Tensor) and v.device.type == "cpu" for v in logged.values())
+    c = cli(["--config", str(quick), "--model.init_args.compile=max-autotune"], run=False)
+    assert c.config.model.init_args.compile == "max-autotune"
+    with pytest.raises(SystemExit):
+        cli(["--config", str(quick), "--model.init_args.sdpa_backend=fastest"], run=False)

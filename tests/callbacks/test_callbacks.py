@@ -425,3 +425,28 @@ def test_checkpoint_keeps_an_explicit_dirpath(tmp_path: Path) -> None:
     fit_linear(tmp_path, max_steps=2, dirpath=str(tmp_path / "elsewhere"), save_last=False)
     assert [p.name for p in (tmp_path / "elsewhere").iterdir()] == ["epoch=0-step=2.ckpt"]
     assert not (tmp_path / "last.ckpt").exists()
+
+
+def test_progress_bar_reads_metrics_at_most_twice_a_second(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Reading logged metrics copies them to the host (a GPU synchronisation); the bar must not do it every batch."""
+    from lit_llm.callbacks import ProgressBar
+
+    reads = []
+    original = ProgressBar.get_metrics
+
+    def counting(self, trainer, pl_module):  # noqa: ANN001, ANN202
+        reads.append(trainer.state.stage)
+        return original(self, trainer, pl_module)
+
+    monkeypatch.setattr(ProgressBar, "get_metrics", counting)
+    clock = iter(range(10**6))  # every call to time.monotonic advances a tenth of a second
+    monkeypatch.setattr("lit_llm.callbacks.progress.time.monotonic", lambda: next(clock) / 10)
+    data = TinyData()
+    task = TinyTask(data.tokenizer.vocab_size)
+    kwargs = {**trainer_kwargs(tmp_path, max_steps=30, logger=False, num_sanity_val_steps=0),
+              "enable_progress_bar": True}
+    trainer = pl.Trainer(**kwargs, callbacks=[ProgressBar()])
+    trainer.fit(task, datamodule=data)
+    train_reads = [r for r in reads if r == "train"]
+    # 30 batches, one clock tick each: the metrics are read on the first batch and then every 5 ticks (0.5 s).
+    assert 3 <= len(train_reads) <= 8, reads
