@@ -1,11 +1,14 @@
-"""ModelCheckpoint that saves into the run's own folder, so ``fit --ckpt_path last`` finds the previous run."""
+"""ModelCheckpoint that saves into the run's own folder (so ``fit --ckpt_path last`` finds the previous run), only at
+optimizer-step boundaries, atomically, and once more on SIGTERM."""
 
 from __future__ import annotations
 
 import contextlib
 import glob
 import os
+import re
 import warnings
+import zipfile
 from collections.abc import Callable, Iterator
 from datetime import timedelta
 from typing import Any, Literal
@@ -16,7 +19,9 @@ from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning_fabric.utilities.cloud_io import get_filesystem
 from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.utilities import rank_zero_info
+from pytorch_lightning.utilities.exceptions import SIGTERMException
 
+from lit_llm.callbacks.signals import REQUEUE_EXIT_CODE, SigtermStop
 from lit_llm.errors import CheckpointError, NonFiniteLossError
 from lit_llm.tensor_files import UNREADABLE_FILE_ERRORS, error_reason
 
@@ -60,28 +65,56 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 
     def load_checkpoint(self, path: Any, map_location: Callable | None = lambda storage, loc: storage,
                         weights_only: bool | None = None) -> dict[str, Any]:
-        try:
+        with naming_unreadable_checkpoint(path):
             return super().load_checkpoint(path, map_location=map_location, weights_only=weights_only)
-        except FileNotFoundError:
-            raise
-        except UNREADABLE_FILE_ERRORS as err:
-            if "Weights only load failed" in str(err) and "Unsupported global" in str(err):
-                raise  # a readable file holding Python objects: not corruption
-
-            raise CheckpointError(
-                f"could not read checkpoint {path} ({error_reason(err)}); it is truncated or corrupt (a save that was "
-                f"killed, or a partial copy). Previous checkpoints in its folder: {_other_checkpoints(str(path))}. "
-                "Resume from one of those (--ckpt_path), or start fresh."
-            ) from err
 
 
-def _other_checkpoints(path: str) -> str:
+@contextlib.contextmanager
+def naming_unreadable_checkpoint(path: Any) -> Iterator[None]:
+    """Turn what ``torch.load`` raises on a truncated or corrupt checkpoint into a :class:`CheckpointError` that names
+    the file and the newest intact checkpoint beside it. A missing file stays a ``FileNotFoundError``."""
+    try:
+        yield
+    except FileNotFoundError:
+        raise
+    except UNREADABLE_FILE_ERRORS as err:
+        if "Weights only load failed" in str(err) and "Unsupported global" in str(err):
+            raise  # a readable file holding Python objects: not corruption
+        raise CheckpointError(
+            f"could not read checkpoint {path} ({error_reason(err)}); it is truncated or corrupt (a save that was "
+            f"killed, or a partial copy). {_previous_good_advice(str(path))}"
+        ) from err
+
+
+def looks_complete(path: str | os.PathLike) -> bool:
+    """Cheap integrity check of a local checkpoint file: ``torch.save`` writes a zip archive whose directory is at its
+    very end, so a truncated or overwritten file fails this without reading the tensors."""
+    try:
+        return os.path.getsize(path) > 0 and zipfile.is_zipfile(path)
+    except OSError:
+        return False
+
+
+def checkpoint_order(path: str | os.PathLike) -> tuple[int, float]:
+    """Sort key, newest last: the ``step=N`` in the file name (-1 without one), then the modification time."""
+    step = re.search(r"step=(\d+)", os.path.basename(path))
+    return (int(step.group(1)) if step else -1, os.path.getmtime(path))
+
+
+def _previous_good_advice(path: str) -> str:
     if "://" in path:
-        return "unknown (remote path)"
+        return "Resume from an earlier checkpoint (--ckpt_path), or start fresh."
     folder = os.path.dirname(os.path.abspath(path))
-    others = [p for p in glob.glob(os.path.join(folder, "*.ckpt")) if os.path.abspath(p) != os.path.abspath(path)]
-    others.sort(key=os.path.getmtime, reverse=True)
-    return ", ".join(others) if others else "none"
+    others = [p for p in glob.glob(os.path.join(folder, "*.ckpt"))
+              if os.path.abspath(p) != os.path.abspath(path) and os.path.isfile(p)]
+    good = [p for p in others if looks_complete(p)]
+    if good:
+        newest = max(good, key=lambda p: (os.path.basename(p) == "last.ckpt", os.path.getmtime(p)))
+        return (f"Previous good checkpoint in its folder: {newest}; resume from it with --ckpt_path {newest} "
+                "(or --ckpt_path auto), or start fresh.")
+    if others:
+        return f"No intact checkpoint in its folder (also unreadable: {', '.join(sorted(others))}); start fresh."
+    return "No other checkpoint in its folder; start fresh."
 
 
 class Checkpoint(ModelCheckpoint):
@@ -95,6 +128,22 @@ class Checkpoint(ModelCheckpoint):
 
     Lightning resolves the directory in two places, both redirected here: in ``setup``, and, earlier, when
     ``ckpt_path="last"`` is turned into a file through ``_find_last_checkpoints``.
+
+    Three more guarantees, for exact resumes and checkpoints that are never lost:
+
+    - **Saves only at optimizer-step boundaries.** With ``trainer.accumulate_grad_batches > 1`` Lightning can save
+      between the micro-batches of a step: right after a resume (the step count still matches
+      ``every_n_train_steps``; this overwrites the good checkpoint of that step), when ``train_time_interval`` is up,
+      after a validation placed by ``val_check_interval`` (which counts batches), on an exception, or at the end of
+      training stopped early. Such a checkpoint records the data position after those micro-batches but not their
+      gradients. Here those saves wait for the end of the step (a validation save happens then, with its metrics), and
+      exception / end-of-training saves that would land mid-step are skipped with a log line.
+    - **Atomic writes** through :class:`AtomicCheckpointIO`; leftovers of a killed save are removed at setup. A failed
+      save raises before any older checkpoint is pruned, so ``save_top_k`` never deletes the last good one.
+    - **SIGTERM** (preemption): the current optimizer step is finished, ``last.ckpt`` (or, with ``save_last: false``,
+      a regular checkpoint) is saved, and Lightning stops the run on every rank; ``python -m lit_llm.train`` then exits
+      with :data:`~lit_llm.callbacks.signals.REQUEUE_EXIT_CODE` (75) so that the job is requeued and continues with
+      ``--ckpt_path auto``. Under several processes this costs one boolean all-reduce per optimizer step.
     """
 
     def __init__(
@@ -161,6 +210,12 @@ class Checkpoint(ModelCheckpoint):
         )
         self._dirpath_from_root = dirpath is None
         self._resuming_last = False
+        self._sigterm = SigtermStop()
+        self._step_at_batch_start = -1
+        self._in_batch = False  # between a training batch's start and its end: the weights may be half-updated
+        self._mid_step = False  # the last training batch was accumulated, not followed by an optimizer step
+        self._validation_save_pending = False
+        self._saved_for_requeue = False
 
     def _use_root_dir(self, trainer: pl.Trainer) -> None:
         # Setting dirpath makes ModelCheckpoint's own (private) directory resolution return it unchanged.
@@ -187,6 +242,7 @@ class Checkpoint(ModelCheckpoint):
         else:
             quiet = False
         self._resuming_last = False
+        self._in_batch = self._mid_step = self._validation_save_pending = self._saved_for_requeue = False
         strategy = trainer.strategy
         if type(strategy.checkpoint_io) is TorchCheckpointIO:
             strategy.checkpoint_io = AtomicCheckpointIO()
@@ -204,10 +260,77 @@ class Checkpoint(ModelCheckpoint):
                 os.remove(leftover)
                 rank_zero_info(f"Removed {leftover}, the partial file of a checkpoint save that did not finish")
 
+    # ---- saving only at optimizer-step boundaries -------------------------------------------------------------
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
+                             batch_idx: int) -> None:
+        self._step_at_batch_start = trainer.global_step
+        self._in_batch = True
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        self._in_batch = False
+        # global_step counts optimizer steps (skipped ones included), so it moved iff this batch ended a step.
+        self._mid_step = trainer.global_step == self._step_at_batch_start
+        if self._mid_step:
+            self._sigterm.hold(trainer)
+            return
+        if self._validation_save_pending:
+            self._validation_save_pending = False
+            super().on_validation_end(trainer, pl_module)
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+        if self._sigterm.requested(trainer):
+            self._save_for_requeue(trainer)
+            self._sigterm.stop(trainer)
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._mid_step:
+            self._validation_save_pending = True  # saved at the end of the optimizer step being accumulated
+            return
+        super().on_validation_end(trainer, pl_module)
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._mid_step:
+            if self.save_last and not self._last_checkpoint_saved:
+                rank_zero_info("Checkpoint: training stopped between the micro-batches of an optimizer step; "
+                               "last.ckpt is not written there (it could not resume exactly)")
+            return
+        super().on_train_end(trainer, pl_module)
+
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
         if isinstance(exception, NonFiniteLossError):
             return  # nothing is saved after a numerical fault, even with save_on_exception
-        super().on_exception(trainer, pl_module, exception)
+        preempted = isinstance(exception, SIGTERMException)
+        if preempted and self._saved_for_requeue:
+            return  # saved at the end of the optimizer step, just before Lightning stopped
+        if not (preempted or self._should_save_on_exception(trainer)):
+            return
+        if self._in_batch or self._mid_step:
+            where = "during a training batch" if self._in_batch else "between the micro-batches of an optimizer step"
+            last = self.last_model_path or self.best_model_path or "none"
+            rank_zero_info(f"Checkpoint: {type(exception).__name__} {where}; no checkpoint is written there (it could "
+                           f"not resume exactly). The last one is {last}")
+            return
+        if preempted:
+            self._save_for_requeue(trainer)
+        else:
+            super().on_exception(trainer, pl_module, exception)
+
+    def _save_for_requeue(self, trainer: pl.Trainer) -> None:
+        self._saved_for_requeue = True
+        if self._last_global_step_saved == trainer.global_step and self._last_checkpoint_saved:
+            saved = f"saved {self._last_checkpoint_saved}"  # by the periodic save of this same step
+        elif self._should_skip_saving_checkpoint(trainer):  # no step taken yet (or sanity check, fast_dev_run)
+            saved = f"nothing new to save (last checkpoint: {self.last_model_path or trainer.ckpt_path or 'none'})"
+        else:
+            candidates = self._monitor_candidates(trainer)
+            if self.save_last in (None, False, "link"):  # no last.ckpt, or one that links to the newest regular file
+                self._save_checkpoint(trainer, self.format_checkpoint_name(candidates))
+            if self.save_last:
+                self._save_last_checkpoint(trainer, candidates)
+            saved = f"saved {self._last_checkpoint_saved}"
+        rank_zero_info(f"SIGTERM: stopping after optimizer step {trainer.global_step}; {saved}. "
+                       f"python -m lit_llm.train exits with code {REQUEUE_EXIT_CODE} (requeue me); "
+                       "continue with --ckpt_path auto")
 
     def _holds_checkpoints(self) -> bool:
         assert self.dirpath is not None

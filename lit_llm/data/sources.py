@@ -303,6 +303,9 @@ def _load_files(
     if column_names is not None:
         # The first row is data, not a header.
         kwargs = {**kwargs, "column_names": list(column_names), "header": None}
+    if builder == "json":
+        for f in files:
+            _check_json_start(f, key)
     try:
         ds = datasets.load_dataset(
             builder,
@@ -319,6 +322,21 @@ def _load_files(
     if not streaming and len(ds) == 0:
         raise DataError(f"{key}: {files[0] if len(files) == 1 else files} holds no records; add data.")
     return ds
+
+
+def _check_json_start(path: Path, key: str) -> None:
+    """Refuse a JSON / JSON Lines file that does not start with an object or an array.
+
+    A records file always does; and pyarrow's JSON reader (26.x) crashes the whole process (a segmentation fault, no
+    exception) when a file's first JSON value is ``null``, so such a file must never reach it.
+    """
+    with open(path, "rb") as f:
+        head = f.read(64).lstrip(b" \t\r\n")
+    if head.startswith(b"\xef\xbb\xbf"):  # a UTF-8 byte-order mark
+        head = head[3:].lstrip(b" \t\r\n")
+    if head and head[:1] not in (b"{", b"["):
+        raise DataError(f"{key}: {path} does not start with a JSON object or array (it starts with {head[:16]!r}); "
+                        "write one object per line (JSON Lines) or one array of objects (JSON).")
 
 
 def _load_hf(spec: str, *, hf_split: str, streaming: bool, key: str) -> Records:

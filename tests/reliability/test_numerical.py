@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import copy
 import math
-import os
 import re
 from pathlib import Path
 
@@ -268,9 +267,10 @@ def test_ddp_fault_on_one_rank(policy, corpus, tmp_path):
 
     script = tmp_path / "ddp_fault.py"
     script.write_text(DDP_SCRIPT.format(here=str(Path(__file__).parent)))
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("LOCAL_RANK", "NODE_RANK", "WORLD_SIZE"))}
+    from faults import subprocess_env  # the repository importable (also without an installed package), no ranks
+
     proc = subprocess.run([sys.executable, str(script), str(tmp_path / "run"), str(corpus), policy], cwd=ROOT,
-                          env=env, capture_output=True, text=True, timeout=180)
+                          env=subprocess_env(), capture_output=True, text=True, timeout=180)
     out = proc.stdout + proc.stderr
     if policy == "stop":
         assert proc.returncode != 0, out

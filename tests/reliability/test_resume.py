@@ -152,10 +152,18 @@ def test_ckpt_path_auto(tmp_path, caplog):
         assert auto_checkpoint(tmp_path) is None
     assert f"no checkpoint in {tmp_path}: starting fresh" in caplog.text
     for step in (5, 10):
-        (tmp_path / f"step={step:06d}.ckpt").write_bytes(b"x")
-    (tmp_path / "step=000015.ckpt.tmp").write_bytes(b"x")
+        torch.save({"global_step": step}, tmp_path / f"step={step:06d}.ckpt")
+    (tmp_path / "step=000015.ckpt.tmp").write_bytes(b"x")  # the leftover of a killed save: not a *.ckpt
     assert auto_checkpoint(tmp_path) == str(tmp_path / "step=000010.ckpt")
-    (tmp_path / "last.ckpt").write_bytes(b"x")
+    # A truncated file under a final name (a copy cut short, a save by a non-atomic writer) is skipped, with a log line.
+    data = (tmp_path / "step=000010.ckpt").read_bytes()
+    (tmp_path / "step=000020.ckpt").write_bytes(data[: len(data) // 2])
+    (tmp_path / "step=000025.ckpt").write_bytes(b"")
+    caplog.clear()
+    with caplog.at_level("INFO"):
+        assert auto_checkpoint(tmp_path) == str(tmp_path / "step=000010.ckpt")
+    assert f"skipping {tmp_path / 'step=000020.ckpt'}, which is not a complete checkpoint" in caplog.text
+    torch.save({"global_step": 3}, tmp_path / "last.ckpt")
     assert auto_checkpoint(tmp_path) == str(tmp_path / "last.ckpt")
 
 

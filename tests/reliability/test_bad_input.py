@@ -1,0 +1,83 @@
+"""Bad input that ``python -m lit_llm.train`` reports in one line (or, for a too-long warmup, one warning): token ids
+beyond the model's vocabulary, a training loader without a single batch, warmup as long as the run."""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import pytest
+from faults import fit_args
+
+from lit_llm.train import main
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> Path:
+    from lit_llm.data.builtin import load_builtin
+
+    path = tmp_path_factory.mktemp("bad_input") / "corpus.txt"
+    path.write_text("\n\n".join(load_builtin("pydoc")["text"])[:4_000], encoding="utf-8")
+    return path
+
+
+def one_line_error(capsys, args: list[str]) -> str:
+    """Run ``main(args)``, expect exit status 1 and one ``error:`` line as the end of stderr; return that line."""
+    with pytest.raises(SystemExit) as exit_:
+        main(args)
+    assert exit_.value.code == 1
+    err = capsys.readouterr().err  # (progress bars of `datasets` may come first)
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert "Traceback" not in err and len(errors) == 1 and err.endswith(errors[0] + "\n"), err
+    return errors[0]
+
+
+@pytest.mark.parametrize("key", ["model.init_args.vocab_size", "model.init_args.model.vocab_size"])
+def test_model_vocabulary_smaller_than_the_tokenizer(key, corpus, tmp_path, in_repo_root, capsys):
+    """The 300-id trained tokenizer with a model vocabulary of 100 set by hand: ids 100..299 cannot be embedded."""
+    short = key.replace(".init_args", "")
+    err = one_line_error(capsys, fit_args(tmp_path, corpus, 2, [], f"--{key}=100"))
+    assert err.startswith(f"error: ConfigError: {short}=100 is smaller than the tokenizer's 300 token ids")
+    assert "data.tokenizer='train'" in err and "ids >= 100" in err
+    assert not (tmp_path / "last.ckpt").exists()  # stopped before training
+
+
+def test_a_loader_without_a_batch_is_a_data_error(tmp_path, in_repo_root, capsys):
+    """3 samples in batches of 4 with drop_last (any DataModule): Lightning alone logs "no training batches" and
+    exits 0 without training. (The 2-process case, 8 windows over 2 ranks in batches of 6, is in test_ddp.py.)"""
+    err = one_line_error(capsys, [
+        "fit", "--model=lit_llm.tasks.PretrainTask", "--model.model.n_layers=2", "--model.model.emb_dim=32",
+        "--model.model.n_heads=2", "--model.model.context_length=16", "--data=faults.FewSamples",
+        "--data.samples=3", "--data.batch_size=4", f"--trainer.default_root_dir={tmp_path}",
+        "--trainer.max_steps=2", "--trainer.logger=false", "--trainer.enable_progress_bar=false",
+        "--trainer.accelerator=cpu", "--trainer.devices=1",
+    ])
+    assert err == (
+        "error: DataError: the training loader has no batch on any of the 1 process(es): 3 training samples over 1 "
+        "process(es) is 3 per process, fewer than data.batch_size=4, so nothing was trained. Lower data.batch_size, "
+        "use fewer devices, set data.drop_last=false, or add data."
+    )
+
+
+@pytest.mark.parametrize("extra,where", [
+    (["--trainer.max_steps=3"], "the 3 optimizer steps of the schedule (trainer.max_steps=3)"),
+    (["--trainer.max_steps=3", "--model.init_args.schedule_steps=8", "--model.init_args.warmup_steps=8"],
+     "the 8 optimizer steps of the schedule (model.schedule_steps=8)"),
+])
+def test_warmup_as_long_as_the_schedule_warns(extra, where, corpus, tmp_path, in_repo_root):
+    """A warning, not an error (docs/decisions.md): shortening a shipped config to a few steps is a legitimate trial."""
+    args = fit_args(tmp_path, corpus, 3, [], "--model.init_args.warmup_steps=5", *extra)
+    args.remove("--model.init_args.schedule_steps=20")
+    with pytest.warns(UserWarning, match="is not shorter than") as caught:
+        main(args)
+    messages = [str(w.message) for w in caught if "is not shorter than" in str(w.message)]
+    assert len(messages) == 1 and where in messages[0]
+    assert "never reaches model.learning_rate=0.003" in messages[0] and "Lower model.warmup_steps" in messages[0]
+    assert (tmp_path / "last.ckpt").is_file()  # the run itself went ahead
+
+
+def test_warmup_shorter_than_the_schedule_is_quiet(corpus, tmp_path, in_repo_root):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        main(fit_args(tmp_path, corpus, 3, []))  # warmup 2 of a 20-step schedule
+    assert not [w for w in caught if "is not shorter than" in str(w.message)]
