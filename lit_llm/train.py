@@ -99,6 +99,11 @@ class LitLLMCLI(LightningCLI):
             )
 
     def _run_subcommand(self, subcommand: str) -> None:  # LightningCLI's (private) runner of fit/validate/...
+        ckpt_path = self.config[subcommand].get("ckpt_path")
+        if ckpt_path and Path(str(ckpt_path)).is_file() and isinstance(self.model, GPTTask):
+            # Lightning sets trainer.ckpt_path only after configure_model; tell the task now, so that it does not read
+            # model.init_weights (possibly deleted by now) just to have the checkpoint's weights replace them.
+            self.model.resume_checkpoint = str(ckpt_path)
         try:
             super()._run_subcommand(subcommand)
         except BaseException:

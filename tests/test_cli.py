@@ -297,3 +297,20 @@ def test_speed_options_parse_and_run(corpus, tmp_path, in_repo_root):
     assert c.config.model.init_args.compile == "max-autotune"
     with pytest.raises(SystemExit):
         cli(["--config", str(quick), "--model.init_args.sdpa_backend=fastest"], run=False)
+
+
+def test_resume_does_not_read_init_weights(corpus, tmp_path, in_repo_root):
+    """A finetune started from init_weights resumes from its own checkpoint even after the initial weights are
+    gone: the checkpoint's weights replace them anyway, so they are not read."""
+    quick = "configs/pretrain/quickstart.yaml"
+    common = [*tiny_overrides(ROOT / quick, corpus, tmp_path / "base"), "--data.init_args.tokenizer_vocab_size=300",
+              "--trainer.enable_progress_bar=false", "--trainer.val_check_interval=2"]
+    cli(["fit", "--config", quick, *common, "--trainer.max_steps=2"])
+    init = tmp_path / "init.ckpt"
+    (tmp_path / "base" / "last.ckpt").rename(init)
+    tune = [*common, f"--trainer.default_root_dir={tmp_path / 'tune'}", f"--model.init_args.init_weights={init}"]
+    cli(["fit", "--config", quick, *tune, "--trainer.max_steps=2"])
+    init.unlink()
+    last = tmp_path / "tune" / "last.ckpt"
+    resumed = cli(["fit", "--config", quick, *tune, "--trainer.max_steps=4", f"--ckpt_path={last}"])
+    assert resumed.trainer.global_step == 4

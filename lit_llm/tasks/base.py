@@ -117,6 +117,8 @@ class GPTTask(pl.LightningModule):
         self.hparams["lora"] = self.lora_config.to_dict() if self.lora_config is not None else None
         self.model: GPTModel | None = None
         self.tokens_seen = 0
+        #: Set by ``lit_llm.train`` when the run resumes from this checkpoint (``init_weights`` is then not read).
+        self.resume_checkpoint: str | None = None
 
     # ---- model -------------------------------------------------------------------------------------------------
     def configure_model(self) -> None:
@@ -163,9 +165,10 @@ class GPTTask(pl.LightningModule):
 
     def _load_init_weights(self, source: str) -> None:
         trainer = self._trainer
-        if trainer is not None and trainer.ckpt_path:
+        resuming = (trainer.ckpt_path if trainer is not None else None) or getattr(self, "resume_checkpoint", None)
+        if resuming:
             # Lightning restores the checkpoint's weights after configure_model; reading init_weights would be wasted.
-            rank_zero_info(f"Resuming from {trainer.ckpt_path}: model.init_weights={source} is not loaded")
+            rank_zero_info(f"Resuming from {resuming}: model.init_weights={source} is not loaded")
             return
         from lit_llm.weights import load_into, load_weights
 
