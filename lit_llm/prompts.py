@@ -32,12 +32,16 @@ class PromptTemplate:
     input: str
     response: str
 
-    def format(self, instruction: str, input: str = "") -> str:
-        """The prompt up to and including the response header."""
+    def format_input(self, instruction: str, input: str = "") -> str:
+        """The instruction and input sections without the response header (the book's ``format_input``)."""
         text = self.instruction.replace("{instruction}", instruction)
         if input:
             text += self.input.replace("{input}", input)
-        return text + self.response
+        return text
+
+    def format(self, instruction: str, input: str = "") -> str:
+        """The prompt up to and including the response header."""
+        return self.format_input(instruction, input) + self.response
 
 
 TEMPLATES: dict[str, PromptTemplate] = {

@@ -306,3 +306,37 @@ def test_sampling_with_a_seed_repeats(ckpt):
             "--top-k", "100", "--top-p", "0.95"]
     a, b, c = run_main(*base, "--seed", "5"), run_main(*base, "--seed", "5"), run_main(*base, "--seed", "6")
     assert a[0] == 0 and a == b and a != c
+
+
+def test_chat_uses_an_instruct_checkpoints_template(tmp_path, monkeypatch):
+    """A checkpoint written by InstructModule records the data's template, and --chat prompts with it."""
+    records = [{"instruction": f"Name color {i}.", "input": "", "output": c}
+               for i, c in enumerate(["red", "green", "blue", "amber"] * 10)]
+    source = tmp_path / "records.json"
+    source.write_text(json.dumps(records), encoding="utf-8")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(ROOT)
+        cli([
+            "fit", "--config", "configs/instruct/quickstart.yaml", f"--data.init_args.source={source}",
+            "--data.init_args.prompt_template=phi3", "--data.init_args.tokenizer_vocab_size=300",
+            "--data.init_args.batch_size=4", "--model.init_args.model.n_layers=2",
+            "--model.init_args.model.emb_dim=32", "--model.init_args.model.n_heads=2",
+            "--model.init_args.generate_after_fit=false", f"--trainer.default_root_dir={tmp_path}",
+            "--trainer.max_steps=2", "--trainer.enable_progress_bar=false",
+        ])
+    ckpt = tmp_path / "last.ckpt"
+    model, tokenizer, meta = load_model_for_inference(str(ckpt))
+    assert gen_cli.checkpoint_template(meta) == "phi3"
+    prompts: list[str] = []
+    real_complete = gen_cli.complete
+
+    def recording_complete(model, tokenizer, batch, **kwargs):
+        prompts.extend(batch)
+        return real_complete(model, tokenizer, batch, **kwargs)
+
+    monkeypatch.setattr(gen_cli, "complete", recording_complete)
+    rc, out = run_main("--checkpoint", str(ckpt), "--chat", "--no-stream", "--max-new-tokens", "8",
+                       stdin="Name color 3.\n")
+    assert rc == 0 and prompts == [format_prompt("phi3", "Name color 3.")]
+    expected = extract_response("phi3", expected_text(model, tokenizer, prompts[0], 8))
+    assert out == expected + "\n"

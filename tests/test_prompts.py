@@ -63,3 +63,11 @@ def test_templates_are_frozen_dataclasses():
     assert isinstance(TEMPLATES["alpaca"], PromptTemplate)
     with pytest.raises(AttributeError):
         TEMPLATES["alpaca"].response = "x"  # type: ignore[misc]
+
+
+@pytest.mark.parametrize("entry", [ENTRY, {"instruction": "What is an antonym of 'complicated'?", "input": ""}])
+def test_format_input_is_the_books_and_format_adds_the_header(entry):
+    ch07 = pytest.importorskip("llms_from_scratch.ch07")
+    alpaca = TEMPLATES["alpaca"]
+    assert alpaca.format_input(entry["instruction"], entry["input"]) == ch07.format_input(entry)
+    assert alpaca.format(entry["instruction"], entry["input"]) == ch07.format_input(entry) + "\n\n### Response:\n"
