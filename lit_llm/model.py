@@ -265,7 +265,9 @@ class GPTModel(nn.Module):
         """Training FLOPs per token by the PaLM formula ``6 N + 12 L d T``.
 
         ``N`` counts the parameters that do matmul work: everything but the embedding lookups, plus the output
-        head (which is the token embedding when tied).
+        head (which is the token embedding when tied). The formula assumes every parameter trains; with frozen
+        layers (LoRA, a classifier training its last block) the real count is lower (a frozen matrix skips its
+        weight gradient, and layers below all trainable ones skip the backward pass), so MFU reads high there.
         """
         c = self.config
         T = seq_len or c.context_length
