@@ -31,6 +31,7 @@ from typing import Any, TextIO
 import torch
 
 from lit_llm.errors import CheckpointError, ConfigError, LitLLMError, debugging
+from lit_llm.generate import read_text_file
 from lit_llm.tasks.base import GPTTask
 from lit_llm.tasks.classify import ClassifierModule
 from lit_llm.tokenizer import Tokenizer
@@ -187,30 +188,8 @@ def classify(classifier: Classifier, texts: Sequence[str], batch_size: int = 32)
 def read_texts(texts: Sequence[str], file: str | None, stdin: TextIO) -> list[str]:
     """The argument texts followed by those of ``file`` (``-`` for ``stdin``)."""
     out = list(texts)
-    if file is None:
-        return out
-    if file == "-":
-        lines, name = stdin.read().splitlines(), "standard input"
-    else:
-        path = Path(file).expanduser()
-        if not path.is_file():
-            raise FileNotFoundError(f"--file {file!r} does not exist (cwd: {Path.cwd()})")
-        lines, name = path.read_text(encoding="utf-8").splitlines(), file
-    if file.endswith(".jsonl"):
-        for n, line in enumerate(lines, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise ConfigError(f"{name}:{n} is not valid JSON ({err.msg})") from err
-            if not isinstance(record, dict) or not isinstance(record.get("text"), str):
-                raise ConfigError(f'{name}:{n} must be a JSON object with a "text" string')
-            out.append(record["text"])
-    else:
-        out.extend(line for line in lines if line.strip())
-    if len(out) == len(texts):
-        raise ConfigError(f"--file {file!r} holds no texts")
+    if file is not None:
+        out += read_text_file(file, field="text", option="--file", noun="texts", stdin=stdin)
     return out
 
 

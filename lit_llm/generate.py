@@ -140,25 +140,47 @@ def read_prompts(prompts: Sequence[str] | None, prompt_file: str | None) -> list
     """``--prompt`` values followed by the prompts of ``--prompt-file``."""
     out = list(prompts or [])
     if prompt_file is not None:
-        path = Path(prompt_file)
+        out += read_text_file(prompt_file, field="prompt", option="--prompt-file", noun="prompts")
+    return out
+
+
+def read_text_file(file: str, *, field: str, option: str, noun: str, stdin: TextIO | None = None) -> list[str]:
+    """The non-empty lines of ``file``, or the ``field`` strings of a ``.jsonl`` file (``-`` reads ``stdin``).
+
+    Args:
+        file: The path given to ``option``.
+        field: The key holding the text in each JSON Lines record.
+        option: The command-line option, named in errors.
+        noun: What the texts are, for the error about an empty file.
+        stdin: Where ``-`` reads from; ``None`` refuses ``-``.
+
+    Raises:
+        FileNotFoundError: ``file`` does not exist.
+        ConfigError: A JSON Lines record is malformed, or the file holds no texts.
+    """
+    if file == "-" and stdin is not None:
+        lines, name = stdin.read().splitlines(), "standard input"
+    else:
+        path = Path(file).expanduser()
         if not path.is_file():
-            raise FileNotFoundError(f"--prompt-file {prompt_file!r} does not exist (cwd: {Path.cwd()})")
-        lines = path.read_text(encoding="utf-8").splitlines()
-        if path.suffix == ".jsonl":
-            for n, line in enumerate(lines, 1):
-                if not line.strip():
-                    continue
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as err:
-                    raise ConfigError(f"{prompt_file}:{n} is not valid JSON ({err.msg})") from err
-                if not isinstance(record, dict) or not isinstance(record.get("prompt"), str):
-                    raise ConfigError(f'{prompt_file}:{n} must be a JSON object with a "prompt" string')
-                out.append(record["prompt"])
-        else:
-            out.extend(line for line in lines if line.strip())
-        if len(out) == len(prompts or []):
-            raise ConfigError(f"--prompt-file {prompt_file!r} holds no prompts")
+            raise FileNotFoundError(f"{option} {file!r} does not exist (cwd: {Path.cwd()})")
+        lines, name = path.read_text(encoding="utf-8").splitlines(), file
+    out: list[str] = []
+    if file.endswith(".jsonl"):
+        for n, line in enumerate(lines, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise ConfigError(f"{name}:{n} is not valid JSON ({err.msg})") from err
+            if not isinstance(record, dict) or not isinstance(record.get(field), str):
+                raise ConfigError(f'{name}:{n} must be a JSON object with a "{field}" string')
+            out.append(record[field])
+    else:
+        out.extend(line for line in lines if line.strip())
+    if not out:
+        raise ConfigError(f"{option} {file!r} holds no {noun}")
     return out
 
 

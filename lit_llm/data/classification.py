@@ -37,7 +37,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from lit_llm.data.sampler import ResumableLoader, ResumableSampler
 from lit_llm.data.sources import FileFormat, default_cache_dir, load_records
-from lit_llm.data.tokenizing import cache_key, resolve_tokenizer
+from lit_llm.data.tokenizing import cache_key, check_tokenizer_state, resolve_tokenizer, tokenizer_state
 from lit_llm.errors import ConfigError, DataError
 from lit_llm.tokenizer import Tokenizer
 
@@ -601,8 +601,7 @@ class ClassificationDataModule(pl.LightningDataModule):
     def state_dict(self) -> dict[str, Any]:
         """The tokenizer, the class names and the padding, so a checkpoint alone can classify new text."""
         return {
-            "tokenizer_json": self.tokenizer.to_json(),
-            "tokenizer_fingerprint": self.tokenizer.fingerprint,
+            **tokenizer_state(self.tokenizer),
             "label_names": list(self.label_names),
             "pad_to": self.pad_to,
             "pad_length": self.pad_length,
@@ -615,13 +614,7 @@ class ClassificationDataModule(pl.LightningDataModule):
         Raises:
             DataError: The checkpoint's tokenizer or class names differ from the configured ones.
         """
-        saved = state_dict.get("tokenizer_fingerprint")
-        if saved is not None and saved != self.tokenizer.fingerprint:
-            raise DataError(
-                f"tokenizer mismatch between the checkpoint ({saved[:12]}) and data.tokenizer="
-                f"{self.tokenizer_source!r} ({self.tokenizer.fingerprint[:12]}). Use the tokenizer the checkpoint was "
-                "trained with: it is saved as tokenizer.json in the run directory (set data.tokenizer to that file)."
-            )
+        check_tokenizer_state(state_dict, self.tokenizer, self.tokenizer_source)
         names = state_dict.get("label_names")
         if names is not None and list(names) != self.label_names:
             raise DataError(

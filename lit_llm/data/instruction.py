@@ -28,7 +28,7 @@ from torch.utils.data import DataLoader, Dataset
 from lit_llm.data.collate import InstructionCollate, LengthGroupedSampler
 from lit_llm.data.sampler import ResumableLoader, ResumableSampler
 from lit_llm.data.sources import default_cache_dir, load_records
-from lit_llm.data.tokenizing import resolve_tokenizer
+from lit_llm.data.tokenizing import check_tokenizer_state, resolve_tokenizer, tokenizer_state
 from lit_llm.errors import ConfigError, DataError
 from lit_llm.prompts import format_prompt, get_template
 from lit_llm.tokenizer import Tokenizer
@@ -451,7 +451,7 @@ class InstructionDataModule(pl.LightningDataModule):
 
     def state_dict(self) -> dict[str, Any]:
         """The tokenizer, so a checkpoint records which ids its weights mean."""
-        return {"tokenizer_json": self.tokenizer.to_json(), "tokenizer_fingerprint": self.tokenizer.fingerprint}
+        return tokenizer_state(self.tokenizer)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Check that the checkpoint was trained with this tokenizer.
@@ -459,13 +459,7 @@ class InstructionDataModule(pl.LightningDataModule):
         Raises:
             DataError: The checkpoint's tokenizer differs from the configured one.
         """
-        saved = state_dict.get("tokenizer_fingerprint")
-        if saved is not None and saved != self.tokenizer.fingerprint:
-            raise DataError(
-                f"tokenizer mismatch between the checkpoint ({saved[:12]}) and data.tokenizer="
-                f"{self.tokenizer_source!r} ({self.tokenizer.fingerprint[:12]}). Use the tokenizer the checkpoint was "
-                "trained with: it is saved as tokenizer.json in the run directory (set data.tokenizer to that file)."
-            )
+        check_tokenizer_state(state_dict, self.tokenizer, self.tokenizer_source)
 
 
 def _validate(args: dict[str, Any]) -> None:

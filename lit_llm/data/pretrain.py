@@ -26,7 +26,7 @@ from torch.utils.data import DataLoader, Subset
 from lit_llm.data.packing import ROWS_PER_BATCH, Piece, Rows, TokenWindows, write_npy
 from lit_llm.data.sampler import ResumableLoader, ResumableSampler
 from lit_llm.data.sources import default_cache_dir, load_documents
-from lit_llm.data.tokenizing import cache_key, resolve_tokenizer
+from lit_llm.data.tokenizing import cache_key, check_tokenizer_state, resolve_tokenizer, tokenizer_state
 from lit_llm.errors import ConfigError, DataError
 from lit_llm.tokenizer import Tokenizer
 
@@ -490,7 +490,7 @@ class PretrainDataModule(pl.LightningDataModule):
 
     def state_dict(self) -> dict[str, Any]:
         """The tokenizer, so a checkpoint records which ids its weights mean."""
-        return {"tokenizer_json": self.tokenizer.to_json(), "tokenizer_fingerprint": self.tokenizer.fingerprint}
+        return tokenizer_state(self.tokenizer)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Check that the checkpoint was trained with this tokenizer.
@@ -498,12 +498,4 @@ class PretrainDataModule(pl.LightningDataModule):
         Raises:
             DataError: The checkpoint's tokenizer differs from the configured one.
         """
-        saved = state_dict.get("tokenizer_fingerprint")
-        if saved is None:
-            return
-        if saved != self.tokenizer.fingerprint:
-            raise DataError(
-                f"tokenizer mismatch between the checkpoint ({saved[:12]}) and data.tokenizer="
-                f"{self.tokenizer_source!r} ({self.tokenizer.fingerprint[:12]}). Use the tokenizer the checkpoint was "
-                "trained with: it is saved as tokenizer.json in the run directory (set data.tokenizer to that file)."
-            )
+        check_tokenizer_state(state_dict, self.tokenizer, self.tokenizer_source)

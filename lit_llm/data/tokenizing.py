@@ -86,3 +86,25 @@ def resolve_tokenizer(
             raise DataError(f"data.tokenizer={source!r}: checkpoint not found (cwd: {Path.cwd()})")
         return checkpoint_tokenizer(path)
     return load_tokenizer(source)
+
+
+def tokenizer_state(tokenizer: Tokenizer) -> dict[str, str]:
+    """What a DataModule's ``state_dict`` stores of its tokenizer: the tokenizer itself and its fingerprint."""
+    return {"tokenizer_json": tokenizer.to_json(), "tokenizer_fingerprint": tokenizer.fingerprint}
+
+
+def check_tokenizer_state(state: dict, tokenizer: Tokenizer, source: str) -> None:
+    """Raise a :class:`DataError` when a checkpoint's tokenizer (from :func:`tokenizer_state`) is not ``tokenizer``.
+
+    Args:
+        state: A DataModule state from a checkpoint.
+        tokenizer: The tokenizer this run configured.
+        source: The ``data.tokenizer`` setting, named in the message.
+    """
+    saved = state.get("tokenizer_fingerprint")
+    if saved is not None and saved != tokenizer.fingerprint:
+        raise DataError(
+            f"tokenizer mismatch between the checkpoint ({saved[:12]}) and data.tokenizer={source!r} "
+            f"({tokenizer.fingerprint[:12]}). Use the tokenizer the checkpoint was trained with: it is saved as "
+            "tokenizer.json in the run directory (set data.tokenizer to that file)."
+        )
