@@ -26,3 +26,14 @@ def in_repo_root(monkeypatch):
     """Run from the repository root, where the shipped configs' relative paths point."""
     monkeypatch.chdir(ROOT)
     return ROOT
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> Path:
+    """4,000 characters of CPython's docs in a local file: ~16 windows of the tiny test models per epoch, so a few
+    dozen optimizer steps cross epoch boundaries. A test module that needs more text defines its own ``corpus``."""
+    from lit_llm.data.builtin import load_builtin
+
+    path = tmp_path_factory.mktemp("corpus") / "corpus.txt"
+    path.write_text("\n\n".join(load_builtin("pydoc")["text"])[:4_000], encoding="utf-8")
+    return path

@@ -13,16 +13,6 @@ from lit_llm.callbacks.signals import REQUEUE_EXIT_CODE
 from lit_llm.train import cli, main
 
 
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory) -> Path:
-    """~16 windows per epoch at batch 6: 20 optimizer steps of 2 or 3 micro-batches cross epoch boundaries."""
-    from lit_llm.data.builtin import load_builtin
-
-    path = tmp_path_factory.mktemp("accumulation") / "corpus.txt"
-    path.write_text("\n\n".join(load_builtin("pydoc")["text"])[:4_000], encoding="utf-8")
-    return path
-
-
 def run(root: Path, corpus: Path, max_steps: int, accumulate: int, *extra: str, **kwargs) -> tuple[object, SaveLog]:
     """``fit`` with a LossLog and a SaveLog; returns the CLI and the SaveLog."""
     cbs = [{"class_path": "faults.LossLog", "init_args": {"folder": str(root / "log")}},

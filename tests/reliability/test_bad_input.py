@@ -4,21 +4,11 @@ beyond the model's vocabulary, a training loader without a single batch, warmup 
 from __future__ import annotations
 
 import warnings
-from pathlib import Path
 
 import pytest
 from faults import fit_args
 
 from lit_llm.train import main
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory) -> Path:
-    from lit_llm.data.builtin import load_builtin
-
-    path = tmp_path_factory.mktemp("bad_input") / "corpus.txt"
-    path.write_text("\n\n".join(load_builtin("pydoc")["text"])[:4_000], encoding="utf-8")
-    return path
 
 
 def one_line_error(capsys, args: list[str]) -> str:

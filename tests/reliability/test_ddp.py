@@ -17,13 +17,6 @@ DDP = ["--trainer.devices=2", "--trainer.strategy=pytorch_lightning.strategies.D
        "--trainer.strategy.process_group_backend=gloo"]
 
 
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory) -> Path:
-    from lit_llm.data.builtin import load_builtin
-
-    path = tmp_path_factory.mktemp("ddp") / "corpus.txt"
-    path.write_text("\n\n".join(load_builtin("pydoc")["text"])[:4_000], encoding="utf-8")
-    return path
 
 
 def log(folder: Path) -> dict:

@@ -20,13 +20,6 @@ pytestmark = pytest.mark.slow  # each test starts two or three training processe
 ACCUMULATE = "--trainer.accumulate_grad_batches=2"
 
 
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory) -> Path:
-    from lit_llm.data.builtin import load_builtin
-
-    path = tmp_path_factory.mktemp("faults") / "corpus.txt"
-    path.write_text("\n\n".join(load_builtin("pydoc")["text"])[:4_000], encoding="utf-8")
-    return path
 
 
 def log(folder: Path) -> dict:

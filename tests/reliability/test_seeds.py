@@ -5,20 +5,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import pytest
 import yaml
 from faults import fit_args, losses_by_batch, read_losses, same_tree, training_state
 
 from lit_llm.train import cli
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory) -> Path:
-    from lit_llm.data.builtin import load_builtin
-
-    path = tmp_path_factory.mktemp("seeds") / "corpus.txt"
-    path.write_text("\n\n".join(load_builtin("pydoc")["text"])[:4_000], encoding="utf-8")
-    return path
 
 
 def fit(root: Path, corpus: Path, *extra: str) -> object:
