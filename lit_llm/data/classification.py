@@ -35,7 +35,7 @@ import torch
 from pytorch_lightning.utilities import rank_zero_info
 from torch.utils.data import DataLoader, Dataset
 
-from lit_llm.data.sampler import ResumableLoader, ResumableSampler
+from lit_llm.data.sampler import CountsConsumedBatches, ResumableLoader, ResumableSampler
 from lit_llm.data.sources import FileFormat, default_cache_dir, load_records
 from lit_llm.data.tokenizing import cache_key, check_tokenizer_state, resolve_tokenizer, tokenizer_state
 from lit_llm.errors import ConfigError, DataError
@@ -122,7 +122,7 @@ class PadCollate:
         return batch
 
 
-class ClassificationDataModule(pl.LightningDataModule):
+class ClassificationDataModule(CountsConsumedBatches, pl.LightningDataModule):
     """Labelled texts for a classifier: split, label-mapped, tokenized and padded like the book's spam data.
 
     Args:
@@ -588,13 +588,6 @@ class ClassificationDataModule(pl.LightningDataModule):
         if not self.datasets:
             self.setup()
         return self._loader(self._predict_dataset())
-
-    def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
-        """Count consumed training batches: the position a checkpoint saves (not the batches prefetched)."""
-        trainer = self.trainer
-        if trainer is not None and trainer.training and self._train_loader is not None:
-            self._train_loader.consumed()
-        return batch
 
     # ---- checkpoints -----------------------------------------------------------------------------------------------
 

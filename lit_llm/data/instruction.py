@@ -26,7 +26,7 @@ from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
 from torch.utils.data import DataLoader, Dataset
 
 from lit_llm.data.collate import InstructionCollate, LengthGroupedSampler
-from lit_llm.data.sampler import ResumableLoader, ResumableSampler
+from lit_llm.data.sampler import CountsConsumedBatches, ResumableLoader, ResumableSampler
 from lit_llm.data.sources import default_cache_dir, load_records
 from lit_llm.data.tokenizing import check_tokenizer_state, resolve_tokenizer, tokenizer_state
 from lit_llm.errors import ConfigError, DataError
@@ -79,7 +79,7 @@ class PromptBatches(Dataset):
         }
 
 
-class InstructionDataModule(pl.LightningDataModule):
+class InstructionDataModule(CountsConsumedBatches, pl.LightningDataModule):
     """Instruction records from any source, formatted with a prompt template and batched with the book's collate.
 
     Batches are ``(inputs, targets)`` for training, validation and ``test`` (loss); ``predict`` yields the test
@@ -417,13 +417,6 @@ class InstructionDataModule(pl.LightningDataModule):
         self._train_loader = ResumableLoader(dataset, sampler, batch_size=self.batch_size, drop_last=self.drop_last,
                                              **self._common())
         return self._train_loader
-
-    def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
-        """Count the training batches consumed: the position a checkpoint saves (not the batches prefetched)."""
-        trainer = self.trainer
-        if trainer is not None and trainer.training and self._train_loader is not None:
-            self._train_loader.consumed()
-        return batch
 
     def val_dataloader(self) -> DataLoader | list:
         """Validation batches in order; ``[]`` without a validation split."""

@@ -24,7 +24,7 @@ import torch
 from torch.utils.data import DataLoader, Subset
 
 from lit_llm.data.packing import ROWS_PER_BATCH, Piece, Rows, TokenWindows, write_npy
-from lit_llm.data.sampler import ResumableLoader, ResumableSampler
+from lit_llm.data.sampler import CountsConsumedBatches, ResumableLoader, ResumableSampler
 from lit_llm.data.sources import default_cache_dir, load_documents
 from lit_llm.data.tokenizing import cache_key, check_tokenizer_state, resolve_tokenizer, tokenizer_state
 from lit_llm.errors import ConfigError, DataError
@@ -39,7 +39,7 @@ _TOKENIZER_SAMPLE_CHARS = 200_000_000
 _hash = cache_key
 
 
-class PretrainDataModule(pl.LightningDataModule):
+class PretrainDataModule(CountsConsumedBatches, pl.LightningDataModule):
     """Packed next-token-prediction data from any text source.
 
     Args:
@@ -432,14 +432,6 @@ class PretrainDataModule(pl.LightningDataModule):
         sampler = ResumableSampler(len(dataset), seed=self.seed, shuffle=self.shuffle)
         self._train_loader = ResumableLoader(dataset, sampler, drop_last=self.drop_last, **common)
         return self._train_loader
-
-    def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
-        """Count the training batches consumed, which is the position a checkpoint saves (not the batches
-        prefetched)."""
-        trainer = self.trainer
-        if trainer is not None and trainer.training and self._train_loader is not None:
-            self._train_loader.consumed()
-        return batch
 
     def train_dataloader(self) -> DataLoader:
         """Shuffled (seeded) training windows, batched as ``(inputs[B, T], targets[B, T])``."""

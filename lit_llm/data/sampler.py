@@ -192,3 +192,19 @@ class ResumableLoader(DataLoader):
         """Resume the sampler where training stopped; the next iterator yields the rest of that epoch."""
         self.sampler.load_state_dict(state_dict)
         self._batches = self.sampler.resume_offset() // (self.batch_size or 1)
+
+
+class CountsConsumedBatches:
+    """DataModule mixin: tell the training :class:`ResumableLoader` (kept in ``self._train_loader``) each batch that
+    training takes, so a checkpoint saves the position of training rather than of prefetching.
+
+    List it before ``LightningDataModule`` in the bases, so its ``on_before_batch_transfer`` is the one called.
+    """
+
+    _train_loader: ResumableLoader | None = None
+
+    def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        trainer = self.trainer  # type: ignore[attr-defined] - provided by LightningDataModule
+        if trainer is not None and trainer.training and self._train_loader is not None:
+            self._train_loader.consumed()
+        return batch
