@@ -30,26 +30,16 @@ from typing import Any, TextIO
 
 import torch
 
-from lit_llm.errors import CheckpointError, ConfigError, LitLLMError, debugging
+from lit_llm.errors import CheckpointError, CommandLineParser, ConfigError, LitLLMError, debugging
 from lit_llm.generate import read_text_file
 from lit_llm.tasks.base import GPTTask
 from lit_llm.tasks.classify import ClassifierModule
 from lit_llm.tokenizer import Tokenizer
 
 
-class _UsageError(Exception):
-    """A command-line flag that argparse refused."""
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # type: ignore[override]
-        # One line and status 1, like every lit_llm entry point (argparse would print the usage and exit 2).
-        raise _UsageError(f"{message} (see python -m lit_llm.classify --help)")
-
-
 def build_parser() -> argparse.ArgumentParser:
     """The command-line interface of ``python -m lit_llm.classify``."""
-    p = _Parser(prog="python -m lit_llm.classify",
+    p = CommandLineParser(prog="python -m lit_llm.classify",
                 description="Label texts with a lit_llm classification checkpoint (ClassifierModule).")
     p.add_argument("texts", nargs="*", metavar="TEXT", help="texts to classify")
     p.add_argument("--checkpoint", required=True, metavar="CKPT",
@@ -216,7 +206,7 @@ def main(argv: Iterable[str] | None = None, stdin: TextIO | None = None, stdout:
             warnings.showwarning = _show_warning
             args = build_parser().parse_args(None if argv is None else list(argv))
             run(args, stdin or sys.stdin, stdout or sys.stdout)
-    except (_UsageError, LitLLMError, ValueError, OSError) as err:
+    except (LitLLMError, ValueError, OSError) as err:
         if debugging():
             raise
         lines = [line.strip() for line in str(err).splitlines() if line.strip()]

@@ -5,6 +5,7 @@ Every message names the offending key, value or path and says how to fix it.
 
 from __future__ import annotations
 
+import argparse
 import os
 import sys
 
@@ -27,6 +28,18 @@ class CheckpointError(LitLLMError):
 
 class NonFiniteLossError(LitLLMError, RuntimeError):
     """The loss or the gradient norm became NaN or infinite."""
+
+
+class UsageError(LitLLMError):
+    """A command-line flag that argparse refused."""
+
+
+class CommandLineParser(argparse.ArgumentParser):
+    """The ``ArgumentParser`` of lit_llm's commands: a mistake raises :class:`UsageError`, which the command prints as
+    one line with exit status 1 (argparse itself would print the whole usage and exit 2)."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise UsageError(f"{message} (see {self.prog} --help)")
 
 
 def debugging() -> bool:

@@ -32,7 +32,7 @@ from typing import Any, TextIO
 
 import torch
 
-from lit_llm.errors import ConfigError, LitLLMError, debugging
+from lit_llm.errors import CommandLineParser, ConfigError, LitLLMError, debugging
 from lit_llm.generation import check_sampling_args, generate_tokens
 from lit_llm.model import GPTModel
 from lit_llm.prompts import TEMPLATES, extract_response, format_prompt, get_template
@@ -47,19 +47,9 @@ DTYPES: dict[str, torch.dtype | None] = {
 }
 
 
-class _UsageError(Exception):
-    """A command-line flag that argparse refused."""
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # type: ignore[override]
-        # argparse would print the whole usage and exit 2; lit_llm's CLIs answer with one line and status 1.
-        raise _UsageError(f"{message} (see python -m lit_llm.generate --help)")
-
-
 def build_parser() -> argparse.ArgumentParser:
     """The command-line interface of ``python -m lit_llm.generate``."""
-    p = _Parser(
+    p = CommandLineParser(
         prog="python -m lit_llm.generate",
         description="Generate text with a lit_llm GPT (a .ckpt, an exported/HF GPT-2 directory, or a Hub id).",
     )
@@ -409,7 +399,7 @@ def main(argv: Iterable[str] | None = None, stdin: TextIO | None = None, stdout:
     try:
         args = build_parser().parse_args(None if argv is None else list(argv))
         run(args, stdin or sys.stdin, stdout or sys.stdout)
-    except (_UsageError, LitLLMError, ValueError, OSError) as err:
+    except (LitLLMError, ValueError, OSError) as err:
         if debugging():
             raise
         print(f"error: {_one_line(err)}", file=sys.stderr)

@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from lit_llm.errors import ConfigError, DataError, LitLLMError, debugging
+from lit_llm.errors import CommandLineParser, ConfigError, DataError, LitLLMError, debugging
 from lit_llm.prompts import TEMPLATES
 
 Api = Literal["ollama", "openai"]
@@ -232,7 +232,7 @@ def read_responses(path: str | Path) -> list[dict[str, Any]]:
 
 def build_parser() -> argparse.ArgumentParser:
     """The command-line interface of ``python -m lit_llm.judge``."""
-    p = _Parser(prog="python -m lit_llm.judge",
+    p = CommandLineParser(prog="python -m lit_llm.judge",
                 description="Score instruction responses 0-100 with an LLM judge (Ollama or OpenAI-compatible).")
     p.add_argument("responses", help="responses JSON (a list of records with model_response), e.g. test_responses.json")
     p.add_argument("--url", default="http://localhost:11434", help="the judge server's base URL (default: %(default)s)")
@@ -249,15 +249,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for each reply")
     p.add_argument("--seed", type=int, default=123, help="the judge's sampling seed (default: %(default)s)")
     return p
-
-
-class _UsageError(Exception):
-    """A command-line flag that argparse refused."""
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # type: ignore[override]
-        raise _UsageError(f"{message} (see python -m lit_llm.judge --help)")
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -295,7 +286,7 @@ def main(argv: Iterable[str] | None = None) -> int:
     """Run ``python -m lit_llm.judge`` with ``argv`` (default: ``sys.argv[1:]``); returns the exit status."""
     try:
         run(build_parser().parse_args(None if argv is None else list(argv)))
-    except (_UsageError, LitLLMError, OSError) as err:
+    except (LitLLMError, OSError) as err:
         if debugging():
             raise
         print(f"error: {err}", file=sys.stderr)
