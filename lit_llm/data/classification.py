@@ -21,7 +21,6 @@ number of real (non-pad) tokens of each row, which ``last_nonpad`` and ``mean`` 
 
 from __future__ import annotations
 
-import hashlib
 import math
 import warnings
 from collections.abc import Sequence
@@ -37,7 +36,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from lit_llm.data.sampler import CountsConsumedBatches, ResumableLoader, ResumableSampler
 from lit_llm.data.sources import FileFormat, default_cache_dir, load_records
-from lit_llm.data.tokenizing import cache_key, check_tokenizer_state, resolve_tokenizer, tokenizer_state
+from lit_llm.data.tokenizing import check_tokenizer_state, resolve_tokenizer, texts_key, tokenizer_state
 from lit_llm.errors import ConfigError, DataError
 from lit_llm.tokenizer import Tokenizer
 
@@ -447,16 +446,9 @@ class ClassificationDataModule(CountsConsumedBatches, pl.LightningDataModule):
                 train_texts=lambda: iter(self._records()["train"].texts),
                 vocab_size=self.tokenizer_vocab_size,
                 cache_dir=self.cache_dir,
-                key=self._train_texts_key() if self.tokenizer_source == "train" else "",
+                key=lambda: texts_key(self._records()["train"].texts),
             )
         return self._tokenizer
-
-    def _train_texts_key(self) -> str:
-        digest = hashlib.sha256()
-        for text in self._records()["train"].texts:
-            digest.update(text.encode("utf-8"))
-            digest.update(b"\0")
-        return cache_key("classification", digest.hexdigest())
 
     @property
     def vocab_size(self) -> int:

@@ -13,7 +13,6 @@ whitespace.
 
 from __future__ import annotations
 
-import hashlib
 import warnings
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -28,7 +27,7 @@ from torch.utils.data import DataLoader, Dataset
 from lit_llm.data.collate import InstructionCollate, LengthGroupedSampler
 from lit_llm.data.sampler import CountsConsumedBatches, ResumableLoader, ResumableSampler
 from lit_llm.data.sources import default_cache_dir, load_records
-from lit_llm.data.tokenizing import check_tokenizer_state, resolve_tokenizer, tokenizer_state
+from lit_llm.data.tokenizing import check_tokenizer_state, resolve_tokenizer, texts_key, tokenizer_state
 from lit_llm.errors import ConfigError, DataError
 from lit_llm.prompts import format_prompt, get_template
 from lit_llm.tokenizer import Tokenizer
@@ -296,15 +295,9 @@ class InstructionDataModule(CountsConsumedBatches, pl.LightningDataModule):
     def tokenizer(self) -> Tokenizer:
         """The tokenizer, loaded (or trained on the training split and cached) on first access."""
         if self._tokenizer is None:
-            key = ""
-            if self.tokenizer_source == "train":
-                digest = hashlib.sha256()
-                for text in self._tokenizer_texts():
-                    digest.update(text.encode("utf-8") + b"\0")
-                key = digest.hexdigest()[:16]
             self._tokenizer = resolve_tokenizer(
                 self.tokenizer_source, train_texts=self._tokenizer_texts, vocab_size=self.tokenizer_vocab_size,
-                cache_dir=self.cache_dir, key=key,
+                cache_dir=self.cache_dir, key=lambda: texts_key(self._tokenizer_texts()),
             )
         return self._tokenizer
 

@@ -36,7 +36,6 @@ _FORMAT_VERSION = 1
 _TOKENIZER_SAMPLE_CHARS = 200_000_000
 
 
-_hash = cache_key
 
 
 class PretrainDataModule(CountsConsumedBatches, pl.LightningDataModule):
@@ -173,10 +172,11 @@ class PretrainDataModule(CountsConsumedBatches, pl.LightningDataModule):
     def tokenizer(self) -> Tokenizer:
         """The tokenizer, loaded (or trained and cached) on first access; works before ``prepare_data``."""
         if self._tokenizer is None:
-            key = _hash(_FORMAT_VERSION, self._corpus_id("source"), self._split_settings(), self.tokenizer_vocab_size)
             self._tokenizer = resolve_tokenizer(
                 self.tokenizer_source, train_texts=self._tokenizer_texts, vocab_size=self.tokenizer_vocab_size,
-                cache_dir=self.cache_dir, key=key,
+                cache_dir=self.cache_dir,
+                key=lambda: cache_key(_FORMAT_VERSION, self._corpus_id("source"), self._split_settings(),
+                                      self.tokenizer_vocab_size),
             )
         return self._tokenizer
 
@@ -237,7 +237,7 @@ class PretrainDataModule(CountsConsumedBatches, pl.LightningDataModule):
             return docs._fingerprint  # content-derived by `datasets` (file paths + mtimes, or hashed data)
         # A stream has no fingerprint; identify it by its configuration.
         spec = self.source if which == "source" else self.val_source
-        return _hash("stream", spec, self.text_column, self.hf_split, self.sha256)
+        return cache_key("stream", spec, self.text_column, self.hf_split, self.sha256)
 
     def _split_settings(self) -> dict[str, Any]:
         if self.val_source is not None:
@@ -277,7 +277,7 @@ class PretrainDataModule(CountsConsumedBatches, pl.LightningDataModule):
         return np.uint16 if self.vocab_size < 2**16 else np.uint32
 
     def _pack_dir(self) -> Path:
-        key = _hash(_FORMAT_VERSION, self._corpus_id("source"), self.tokenizer.fingerprint, self._split_settings())
+        key = cache_key(_FORMAT_VERSION, self._corpus_id("source"), self.tokenizer.fingerprint, self._split_settings())
         return self.cache_dir / "pretrain" / key
 
     def _split_paths(self) -> dict[str, Path]:
@@ -310,7 +310,7 @@ class PretrainDataModule(CountsConsumedBatches, pl.LightningDataModule):
             features=features,
             # An explicit fingerprint (the function is a bound method `datasets` cannot hash stably) makes re-runs
             # with the same corpus and tokenizer load the cached arrow file instead of tokenizing again.
-            new_fingerprint=_hash("tokenize", _FORMAT_VERSION, docs._fingerprint, self.tokenizer.fingerprint),
+            new_fingerprint=cache_key("tokenize", _FORMAT_VERSION, docs._fingerprint, self.tokenizer.fingerprint),
             desc="Tokenizing",
         )
 

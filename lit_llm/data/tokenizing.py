@@ -22,6 +22,14 @@ def cache_key(*parts: object) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+def texts_key(texts: Iterable[str]) -> str:
+    """A short hash of a sequence of texts: the cache key of a BPE trained on exactly those texts."""
+    digest = hashlib.sha256()
+    for text in texts:
+        digest.update(text.encode("utf-8") + b"\0")
+    return digest.hexdigest()[:16]
+
+
 def trained_tokenizer(
     texts: Callable[[], Iterable[str]], vocab_size: int, cache_dir: Path, key: str
 ) -> Tokenizer:
@@ -65,7 +73,7 @@ def resolve_tokenizer(
     train_texts: Callable[[], Iterable[str]] | None = None,
     vocab_size: int = 4096,
     cache_dir: Path | None = None,
-    key: str = "",
+    key: Callable[[], str] = lambda: "",
 ) -> Tokenizer:
     """Load the tokenizer that ``data.tokenizer = source`` names (see the module docstring for the forms).
 
@@ -74,12 +82,13 @@ def resolve_tokenizer(
         train_texts: Called for the training text when ``source == "train"``.
         vocab_size: Vocabulary of a trained BPE.
         cache_dir: Cache root for trained BPEs.
-        key: Identifies the training text in the cache (see :func:`trained_tokenizer`).
+        key: Returns what identifies the training text in the cache (see :func:`trained_tokenizer`); called only
+            for ``"train"``, as it may have to read the data.
     """
     if source == "train":
         if train_texts is None or cache_dir is None:
             raise DataError("data.tokenizer='train' is not supported by this data module; pass a tokenizer path")
-        return trained_tokenizer(train_texts, vocab_size, cache_dir, key)
+        return trained_tokenizer(train_texts, vocab_size, cache_dir, key())
     path = Path(source).expanduser()
     if path.suffix == ".ckpt" or (path.is_dir() and (path / "last.ckpt").is_file()):
         if not path.exists():
