@@ -240,3 +240,12 @@ def test_the_verdict_gives_the_books_loaders(tmp_path: Path) -> None:
     assert (dm.vocab_size, dm.eos_id) == (50257, 50256)
     assert len(dm.train_dataloader()) == 9 and len(dm.val_dataloader()) == 1  # as in the book's chapter 5
     assert dm.train_dataset.ids[:5].tolist() == [40, 367, 2885, 1464, 1807]
+
+
+def test_named_tokenizer_does_not_read_the_corpus(tmp_path: Path, tok_dir: str) -> None:
+    """The vocabulary size (linked into the model when the CLI instantiates) comes from the tokenizer alone; the
+    corpus is read only when it is needed (prepare_data), so a missing file is reported there, not earlier."""
+    dm = _dm(tmp_path, str(tmp_path / "missing.txt"), tok_dir)
+    assert dm.vocab_size == 300
+    with pytest.raises(DataError, match="missing.txt"):
+        dm.prepare_data()
