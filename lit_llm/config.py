@@ -18,6 +18,12 @@ PRESETS: dict[str, dict[str, Any]] = {
     "gpt2-355m": dict(emb_dim=1024, n_layers=24, n_heads=16, context_length=1024, vocab_size=50257),
     "gpt2-774m": dict(emb_dim=1280, n_layers=36, n_heads=20, context_length=1024, vocab_size=50257),
     "gpt2-1558m": dict(emb_dim=1600, n_layers=48, n_heads=25, context_length=1024, vocab_size=50257),
+    # Larger shapes for sharded training (FSDP / DeepSpeed ZeRO-3), in the layout of the GPT-3 paper's table 2.1
+    # (13B rounded to 40 heads of 128), with context 2048. Not GPT-2 releases: no pretrained weights exist for them.
+    "gpt-2.7b": dict(emb_dim=2560, n_layers=32, n_heads=32, context_length=2048, vocab_size=50257),
+    "gpt-6.7b": dict(emb_dim=4096, n_layers=32, n_heads=32, context_length=2048, vocab_size=50257),
+    "gpt-13b": dict(emb_dim=5120, n_layers=40, n_heads=40, context_length=2048, vocab_size=50257),
+    "gpt-20b": dict(emb_dim=6144, n_layers=44, n_heads=48, context_length=2048, vocab_size=50257),
     "tiny": dict(emb_dim=64, n_layers=2, n_heads=4, context_length=64, vocab_size=512),
     "mini": dict(emb_dim=128, n_layers=4, n_heads=4, context_length=128, vocab_size=4096),
     "small": dict(emb_dim=256, n_layers=6, n_heads=8, context_length=256, vocab_size=8192),
@@ -94,8 +100,8 @@ class GPTConfig:
 
     @classmethod
     def from_name(cls, name: str, **overrides: Any) -> GPTConfig:
-        """A preset by name (``gpt2-124m``, ``gpt2-355m``, ``gpt2-774m``, ``gpt2-1558m``, ``tiny``, ``mini``,
-        ``small``) with any field overridden."""
+        """A preset by name (``gpt2-124m``, ``gpt2-355m``, ``gpt2-774m``, ``gpt2-1558m``, ``gpt-2.7b``, ``gpt-6.7b``,
+        ``gpt-13b``, ``gpt-20b``, ``tiny``, ``mini``, ``small``) with any field overridden."""
         if name not in PRESETS:
             raise ConfigError(f"Unknown model preset {name!r}; choose one of {', '.join(PRESETS)}")
         return cls(**{**PRESETS[name], **overrides})

@@ -6,23 +6,27 @@ Hugging Face.
     python -m lit_llm.convert to-hf checkpoints/quickstart/last.ckpt exports/quickstart-hf
     python -m lit_llm.convert merge-lora checkpoints/lora-run/last.ckpt checkpoints/lora-merged
     python -m lit_llm.convert extract-lora checkpoints/lora-run/last.ckpt adapters.safetensors
+    python -m lit_llm.convert consolidate checkpoints/fsdp-run/last.ckpt checkpoints/fsdp-run/last.consolidated.ckpt
 
 ``from-hf``, ``from-book`` and ``merge-lora`` write a converted weights directory (``model.safetensors`` in lit_llm's
 layout, ``model_config.json``, ``tokenizer.json``) that ``model.init_weights``, ``python -m lit_llm.generate`` and
 ``to-hf`` read. ``to-hf`` writes a directory that ``transformers.AutoModelForCausalLM`` and ``AutoTokenizer`` load.
-``extract-lora`` writes a checkpoint's LoRA adapters alone, for :func:`lit_llm.lora.load_lora`.
+``extract-lora`` writes a checkpoint's LoRA adapters alone, for :func:`lit_llm.lora.load_lora`. ``consolidate`` makes
+one ``.ckpt`` file of the checkpoint directory an FSDP or DeepSpeed run writes (:mod:`lit_llm.consolidate`).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import sys
 import warnings
 from pathlib import Path
 
 import torch
 
 from lit_llm.config import PRESETS, GPTConfig
+from lit_llm.consolidate import _consolidate
 from lit_llm.errors import CheckpointError, ConfigError, LitLLMError, debugging, exit_with_error
 from lit_llm.lora import read_lora, write_lora_file
 from lit_llm.tokenizer import Tokenizer, load_tokenizer
@@ -93,6 +97,15 @@ def _extract_lora(args: argparse.Namespace) -> str:
     n = sum(t.numel() for k, t in state.items() if not k.endswith("lora_scaling"))
     return (f"wrote {out}: {len(state) // 3} LoRA adapters, {n:,} parameters (rank {config.rank}, alpha "
             f"{config.alpha:g}, targets {', '.join(config.targets)})")
+
+
+def _consolidate_dir(args: argparse.Namespace) -> str:
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result = _consolidate(args.checkpoint, args.out, keep_optimizer=args.keep_optimizer)
+    for warning in caught:  # what was left out, as one line each rather than Python's file:line format
+        print(f"warning: {warning.message}", file=sys.stderr)
+    return result.describe()
 
 
 def _tokenizer_beside(path: Path) -> Tokenizer | None:
@@ -179,6 +192,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("checkpoint", metavar="CKPT", help="lit_llm .ckpt or run directory trained with model.lora")
     p.add_argument("out", metavar="OUT", type=Path, help="the .safetensors file to write")
     p.set_defaults(run=_extract_lora)
+
+    p = sub.add_parser(
+        "consolidate", help="FSDP / DeepSpeed checkpoint directory -> one lit_llm .ckpt file",
+        description="Merge the per-GPU parts of a checkpoint that FSDP (state_dict_type: sharded) or DeepSpeed wrote "
+                    "as a directory (e.g. checkpoints/<run>/last.ckpt/) into one .ckpt in the format of a "
+                    "single-device run, which generate, to-hf, model.init_weights and lit_llm.weights read. The "
+                    "weights keep the strategy's stored dtype (DeepSpeed: its float32 master weights); "
+                    "hyperparameters, model config, tokenizer and the other saved states come along. A run directory "
+                    "stands for its last.ckpt (else its newest *.ckpt). No GPU is needed; DeepSpeed checkpoints need "
+                    "DeepSpeed installed (pip install 'lit_llm[deepspeed]').",
+    )
+    p.add_argument("checkpoint", metavar="CKPT_DIR",
+                   help="the checkpoint directory, or a run directory whose last.ckpt is one")
+    p.add_argument("out", metavar="OUT", type=Path,
+                   help="the .ckpt file to write, e.g. checkpoints/<run>/last.consolidated.ckpt (replaced if present)")
+    p.add_argument("--keep-optimizer", action="store_true",
+                   help="keep the optimizer and LR-scheduler states, so that fit --ckpt_path OUT resumes the run "
+                        "without a sharded strategy (FSDP checkpoints only; DeepSpeed's ZeRO partitions of it do "
+                        "not convert). Default: weights only, like save_weights_only")
+    p.set_defaults(run=_consolidate_dir)
     return parser
 
 

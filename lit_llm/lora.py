@@ -466,7 +466,9 @@ def lora_config_of(model: nn.Module) -> LoRAConfig | None:
 def count_trainable(model: nn.Module) -> tuple[int, int]:
     """``(trainable, total)`` parameter counts; a parameter shared by two modules is counted once."""
     params = list(model.parameters())  # .parameters() already de-duplicates shared ones
-    return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
+    # DeepSpeed ZeRO-3 empties partitioned parameters and keeps their size in ds_numel.
+    sizes = [(int(getattr(p, "ds_numel", p.numel())), p.requires_grad) for p in params]
+    return sum(n for n, trains in sizes if trains), sum(n for n, _ in sizes)
 
 
 # ---- adapter files ---------------------------------------------------------------------------------------------

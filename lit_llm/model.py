@@ -19,6 +19,7 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from lit_llm.config import GPTConfig
 
@@ -225,6 +226,10 @@ class GPTModel(nn.Module):
         self.out_head = Linear(config.emb_dim, V, bias=False, std=std)
         if config.tie_weights:
             self.out_head.weight = self.tok_emb.weight
+        #: Recompute each block's activations in the backward pass instead of keeping them (training only): saves
+        #: most activation memory for about a third more compute. Set by the task's ``activation_checkpointing``.
+        self.activation_checkpointing = False
+        self._counts: dict[bool, int] | None = None
 
     def forward(self, in_idx: torch.Tensor, kv_cache: KVCache | None = None) -> torch.Tensor:
         B, T = in_idx.shape
@@ -240,8 +245,9 @@ class GPTModel(nn.Module):
         pos = torch.arange(start, start + T, device=in_idx.device)
         x = self.drop_emb(self.tok_emb(in_idx) + self.pos_emb(pos))  # (B, T, C)
         if kv_cache is None:
+            recompute = self.activation_checkpointing and self.training and torch.is_grad_enabled()
             for block in self.trf_blocks:
-                x = block(x)
+                x = checkpoint(block, x, use_reentrant=False) if recompute else block(x)
         else:
             if len(kv_cache.layers) != len(self.trf_blocks):
                 raise ValueError(
@@ -258,8 +264,19 @@ class GPTModel(nn.Module):
         return KVCache(len(self.trf_blocks), n)
 
     def num_parameters(self, trainable_only: bool = False) -> int:
-        """Parameters counted once each (a tied embedding and head count once)."""
-        return sum(p.numel() for p in self.parameters() if p.requires_grad or not trainable_only)
+        """Parameters counted once each (a tied embedding and head count once).
+
+        Sharded strategies replace each rank's parameters by its shard; :meth:`record_parameter_counts`, called once
+        the model is complete and before it is sharded, keeps the full counts for then.
+        """
+        if self._counts is not None:
+            return self._counts[trainable_only]
+        return sum(_full_numel(p) for p in self.parameters() if p.requires_grad or not trainable_only)
+
+    def record_parameter_counts(self) -> None:
+        """Remember the parameter counts now (full model); :meth:`num_parameters` returns them from then on."""
+        self._counts = None
+        self._counts = {flag: self.num_parameters(trainable_only=flag) for flag in (False, True)}
 
     def flops_per_token(self, seq_len: int | None = None) -> float:
         """Training FLOPs per token by the PaLM formula ``6 N + 12 L d T``.
@@ -271,10 +288,15 @@ class GPTModel(nn.Module):
         """
         c = self.config
         T = seq_len or c.context_length
-        n = self.num_parameters() - self.pos_emb.weight.numel()
+        n = self.num_parameters() - c.context_length * c.emb_dim  # minus the position embedding
         if not c.tie_weights:
-            n -= self.tok_emb.weight.numel()
+            n -= c.padded_vocab_size * c.emb_dim  # the token embedding is a lookup, unless it is also the head
         return 6.0 * n + 12.0 * c.n_layers * c.emb_dim * T
+
+
+def _full_numel(p: torch.Tensor) -> int:
+    """Elements of a parameter; DeepSpeed ZeRO-3 empties partitioned parameters and keeps the count in ``ds_numel``."""
+    return int(getattr(p, "ds_numel", p.numel()))
 
 
 def _future_mask(T: int, S: int, device: torch.device) -> torch.Tensor:

@@ -14,16 +14,24 @@ Schedule = Literal["cosine", "linear", "constant"]
 def parameter_groups(model: nn.Module, weight_decay: float, decay_all: bool = False) -> list[dict]:
     """Split trainable parameters into a decayed group (matrices and embeddings) and an undecayed one.
 
-    Biases and LayerNorm weights (1-D tensors) are not decayed, as in GPT-2 and nanoGPT. ``decay_all=True``
+    Biases and normalisation weights (the 1-D tensors) are not decayed, as in GPT-2 and nanoGPT. ``decay_all=True``
     decays every parameter, as the book's ``AdamW(model.parameters(), weight_decay=0.1)`` does.
     Tied parameters appear once.
+
+    The split goes by the owning module and the parameter's name, not by its shape: FSDP (``use_orig_params``) and
+    DeepSpeed ZeRO-3 have already replaced each parameter by a flat shard (often empty) when the optimizer is built.
     """
     params = [p for p in model.parameters() if p.requires_grad]  # .parameters() already de-duplicates ties
     if decay_all:
         return [{"params": params, "weight_decay": weight_decay}]
-    decay = [p for p in params if p.dim() >= 2]
-    no_decay = [p for p in params if p.dim() < 2]
+    undecayed = {id(p) for module in model.modules() for name, p in module.named_parameters(recurse=False)
+                 if name == "bias" or isinstance(module, _NORMS)}
+    decay = [p for p in params if id(p) not in undecayed]
+    no_decay = [p for p in params if id(p) in undecayed]
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+_NORMS = tuple(getattr(nn, name) for name in ("LayerNorm", "RMSNorm", "GroupNorm", "BatchNorm1d") if hasattr(nn, name))
 
 
 def lr_multiplier(

@@ -19,6 +19,7 @@ from pytorch_lightning.cli import LightningCLI
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 from pytorch_lightning.utilities.rank_zero import rank_zero_info, rank_zero_warn
 
+from lit_llm import strategies as _strategies  # noqa: F401 - registers the lit_* strategy names
 from lit_llm.callbacks.checkpoint import checkpoint_order, looks_complete, naming_unreadable_checkpoint
 from lit_llm.callbacks.signals import REQUEUE_EXIT_CODE, stop_launched_processes
 from lit_llm.errors import ConfigError, DataError, debugging, exit_with_error, find_user_error
@@ -126,7 +127,9 @@ def auto_checkpoint(root: Path) -> str | None:
     an interrupted save (``*.ckpt.tmp``, not ``*.ckpt``) are ignored, and so, with a log line, are files that are
     empty or not a complete ``torch.save`` archive (truncated or overwritten).
     """
-    candidates = [p for p in root.glob("*.ckpt") if p.is_file()]
+    # Directories are FSDP / DeepSpeed checkpoints; a consolidated file holds weights only and cannot resume.
+    candidates = [p for p in root.glob("*.ckpt")
+                  if (p.is_file() or p.is_dir()) and not p.name.endswith(".consolidated.ckpt")]
     broken = [p for p in candidates if not looks_complete(p)]
     for path in broken:
         rank_zero_info(f"--ckpt_path auto: skipping {path}, which is not a complete checkpoint (empty or truncated)")

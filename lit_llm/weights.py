@@ -16,10 +16,12 @@ Layouts read:
 - **The book** (chapter 4/5 ``GPTModel``: ``att.W_query/W_key/W_value``, ``norm1.scale/shift``, ...) and its
   faster variant ``GPTModelFast`` (fused ``att.qkv``, ``att.proj``, ``nn.LayerNorm``), as ``.pth`` (possibly
   ``{"model_state_dict": ...}``) or ``.safetensors``; compiled models' ``_orig_mod.`` prefixes are removed.
-- **lit_llm**: Lightning ``.ckpt`` files, run directories (``last.ckpt``), and converted weights directories
-  (``model.safetensors`` + ``model_config.json`` + ``tokenizer.json``, written by :func:`save_weights`).
-  Weights trained with LoRA (``lora_A``/``lora_B``/``lora_scaling`` entries) are merged on reading
-  (:func:`lit_llm.lora.merge_lora_state`), so every reader returns a plain model's state dict.
+- **lit_llm**: Lightning ``.ckpt`` files, run directories (``last.ckpt``, else the newest ``*.ckpt``), and converted
+  weights directories (``model.safetensors`` + ``model_config.json`` + ``tokenizer.json``, written by
+  :func:`save_weights`). Weights trained with LoRA (``lora_A``/``lora_B``/``lora_scaling`` entries) are merged on
+  reading (:func:`lit_llm.lora.merge_lora_state`), so every reader returns a plain model's state dict. The checkpoint
+  directories of FSDP and DeepSpeed are refused with the command that makes one file of them
+  (:mod:`lit_llm.consolidate`).
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ import torch
 from torch import Tensor, nn
 
 from lit_llm.config import PRESETS, GPTConfig
+from lit_llm.consolidate import consolidate_command, sharded_kind, suggested_output
 from lit_llm.errors import CheckpointError, LitLLMError
 from lit_llm.lora import is_lora_key
 from lit_llm.model import GPTModel
@@ -58,6 +61,7 @@ __all__ = [
     "load_lit_checkpoint",
     "load_model_for_inference",
     "load_weights",
+    "newest_checkpoint",
     "save_weights",
 ]
 
@@ -186,8 +190,8 @@ def load_lit_checkpoint(
 
     Args:
         path: A ``.ckpt`` written by ``lit_llm.train`` (the config comes from its ``model_config`` or
-            ``hyper_parameters["model"]``), a run directory holding ``last.ckpt``, a directory written by
-            :func:`save_weights`, or a ``.safetensors``/``.pth`` state dict in lit_llm's layout.
+            ``hyper_parameters["model"]``), a run directory (its ``last.ckpt``, else its newest ``*.ckpt``), a
+            directory written by :func:`save_weights`, or a ``.safetensors``/``.pth`` state dict in lit_llm's layout.
         config: The model config to use instead of the stored one.
         dtype: Cast floating-point tensors to this dtype while reading.
 
@@ -195,7 +199,8 @@ def load_lit_checkpoint(
         The config and the state dict (``model.`` and ``_orig_mod.`` prefixes removed).
 
     Raises:
-        CheckpointError: The file is missing, corrupt, sharded, or not a lit_llm checkpoint.
+        CheckpointError: The file is missing, corrupt, or not a lit_llm checkpoint, or it is the checkpoint directory
+            of FSDP or DeepSpeed (the message gives the ``python -m lit_llm.convert consolidate`` command).
     """
     loaded = _load(path, config, dtype)
     if loaded.format != "lit":
@@ -208,7 +213,9 @@ def load_weights(
 ) -> tuple[GPTConfig, dict[str, Tensor]]:
     """Read weights in any supported layout, deciding by what ``source`` is.
 
-    A ``.ckpt`` or a run directory is a lit_llm checkpoint; a directory with ``model_config.json`` is converted
+    A ``.ckpt`` or a run directory (its ``last.ckpt``, else its newest ``*.ckpt``) is a lit_llm checkpoint, and a
+    sharded checkpoint directory (FSDP, DeepSpeed) is refused with the command that consolidates it into one file;
+    a directory with ``model_config.json`` is converted
     lit_llm weights; a directory with ``config.json`` is Hugging Face GPT-2; a ``.pth``/``.safetensors`` file is
     recognised by its tensor names (lit_llm, the book's, or HF); anything else that reads as a Hub id is
     downloaded from the Hugging Face Hub.
@@ -507,17 +514,21 @@ def _build_with_config(loaded: _Loaded, device: str | torch.device) -> tuple[GPT
 def _load(source: str | Path, config: GPTConfig | None, dtype: torch.dtype | None) -> _Loaded:
     path = Path(source).expanduser()
     if path.is_dir():
-        if _is_sharded(path):
+        kind = sharded_kind(path)
+        if kind is not None:
+            strategy = {"fsdp": "FSDP", "deepspeed": "DeepSpeed"}[kind]
             raise CheckpointError(
-                f"{path} is a sharded (DeepSpeed/FSDP) checkpoint directory; consolidate it into a single .ckpt file "
-                "first and pass that file"
+                f"{path} is a sharded {strategy} checkpoint directory (each GPU saved its own part), which lit_llm "
+                f"reads only as one file; make one with `{consolidate_command(path)}` and pass "
+                f"{suggested_output(path)} instead"
             )
         if (path / "model_config.json").is_file():
             return _load_converted(path, config, dtype)
         if (path / "config.json").is_file():
             return _load_hf_dir(path, config, dtype, str(source))
-        if (path / "last.ckpt").exists():
-            return _load(path / "last.ckpt", config, dtype)
+        checkpoint = newest_checkpoint(path)
+        if checkpoint is not None:
+            return _load(checkpoint, config, dtype)
         found = sorted(p.name for p in path.iterdir())[:20]
         raise CheckpointError(
             f"{path} holds no weights lit_llm reads (found {found}); expected a lit_llm run directory with "
@@ -893,9 +904,21 @@ def _open_state_file(path: Path, dtype: torch.dtype | None) -> Tensors:
     return Tensors.from_dict(_unwrap(torch_load(path), str(path)), dtype)
 
 
-def _is_sharded(path: Path) -> bool:
-    return ((path / "latest").is_file() or (path / "checkpoint").is_dir() or (path / ".metadata").is_file()
-            or any(path.glob("*.distcp")))
+def newest_checkpoint(directory: str | Path) -> Path | None:
+    """The checkpoint a run directory stands for: ``last.ckpt``, else the ``*.ckpt`` (file, or directory of a sharded
+    strategy) with the highest ``step=N`` in its name, then the most recently written; ``None`` when it has none."""
+    root = Path(directory)
+    if (root / "last.ckpt").exists():
+        return root / "last.ckpt"
+    candidates = [p for p in root.glob("*.ckpt") if p.is_file() or p.is_dir()]
+    if not candidates:
+        return None
+
+    def order(p: Path) -> tuple[int, float]:
+        step = re.search(r"step=(\d+)", p.name)
+        return (int(step[1]) if step else -1, p.stat().st_mtime)
+
+    return max(candidates, key=order)
 
 
 def _config_from_dict(values: dict[str, Any], where: Path) -> GPTConfig:

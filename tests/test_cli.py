@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import math
 import subprocess
 import sys
@@ -14,6 +15,7 @@ from conftest import ROOT, SHARED_DATA
 
 from lit_llm.callbacks import Checkpoint, LossPlot, SampleGeneration, Throughput
 from lit_llm.data import PretrainDataModule
+from lit_llm.errors import ConfigError
 from lit_llm.tasks import PretrainTask
 from lit_llm.train import cli
 
@@ -108,8 +110,20 @@ def test_trainer_presets(config, corpus, tmp_path, in_repo_root):
             *tiny_overrides(quick, corpus, tmp_path, hardware=False), "--data.init_args.tokenizer_vocab_size=300"]
     if "accelerator: gpu" in config.read_text() and not torch.cuda.is_available():
         # Instantiate everything but the accelerator, which this machine lacks (run for real by the gpu tests).
+        strategy = yaml.safe_load(config.read_text())["trainer"].get("strategy")
+        if "deepspeed" in str(strategy) and importlib.util.find_spec("deepspeed") is None:
+            with pytest.raises(ConfigError, match=r"pip install 'lit_llm\[deepspeed\]'"):
+                cli([*args[1:], "--trainer.accelerator=cpu"], run=False)
+            return
         c = cli([*args[1:], "--trainer.accelerator=cpu"], run=False)
         assert c.trainer.precision == "bf16-mixed"
+        if strategy is not None:  # the registered name resolved to its class and settings
+            from pytorch_lightning.strategies import StrategyRegistry
+
+            assert type(c.trainer.strategy) is StrategyRegistry[strategy]["strategy"]
+            wanted = StrategyRegistry[strategy]["init_params"].get("sharding_strategy")
+            if wanted is not None:
+                assert c.trainer.strategy.sharding_strategy.name == wanted
         return
     c = cli([*args, "--trainer.fast_dev_run=true"])
     assert c.trainer.state.finished

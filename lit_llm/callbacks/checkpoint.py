@@ -7,6 +7,7 @@ import contextlib
 import glob
 import os
 import re
+import shutil
 import warnings
 import zipfile
 from collections.abc import Callable, Iterator
@@ -23,10 +24,8 @@ from pytorch_lightning.utilities.exceptions import SIGTERMException
 
 from lit_llm.callbacks.signals import REQUEUE_EXIT_CODE, SigtermStop
 from lit_llm.errors import CheckpointError, NonFiniteLossError
+from lit_llm.strategies import TMP_SUFFIX
 from lit_llm.tensor_files import UNREADABLE_FILE_ERRORS, error_reason
-
-#: Suffix of a checkpoint being written; renamed onto its final name only once complete.
-TMP_SUFFIX = ".tmp"
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -88,7 +87,20 @@ def naming_unreadable_checkpoint(path: Any) -> Iterator[None]:
 
 def looks_complete(path: str | os.PathLike) -> bool:
     """Cheap integrity check of a local checkpoint file: ``torch.save`` writes a zip archive whose directory is at its
-    very end, so a truncated or overwritten file fails this without reading the tensors."""
+    very end, so a truncated or overwritten file fails this without reading the tensors.
+
+    A checkpoint directory (FSDP sharded, DeepSpeed) is complete when it holds its index: ``.metadata`` and ``meta.pt``
+    (FSDP), or ``latest`` and the folder it names (DeepSpeed). lit_llm's strategies write them under a temporary
+    name and rename them once every rank has finished, so an interrupted save never has the final name.
+    """
+    if os.path.isdir(path):
+        if os.path.isfile(os.path.join(path, ".metadata")):
+            return os.path.isfile(os.path.join(path, "meta.pt"))
+        latest = os.path.join(path, "latest")
+        if os.path.isfile(latest):
+            with open(latest) as f:
+                return os.path.isdir(os.path.join(path, f.read().strip()))
+        return False
     try:
         return os.path.getsize(path) > 0 and zipfile.is_zipfile(path)
     except OSError:
@@ -105,8 +117,7 @@ def _previous_good_advice(path: str) -> str:
     if "://" in path:
         return "Resume from an earlier checkpoint (--ckpt_path), or start fresh."
     folder = os.path.dirname(os.path.abspath(path))
-    others = [p for p in glob.glob(os.path.join(folder, "*.ckpt"))
-              if os.path.abspath(p) != os.path.abspath(path) and os.path.isfile(p)]
+    others = [p for p in glob.glob(os.path.join(folder, "*.ckpt")) if os.path.abspath(p) != os.path.abspath(path)]
     good = [p for p in others if looks_complete(p)]
     if good:
         newest = max(good, key=lambda p: (os.path.basename(p) == "last.ckpt", os.path.getmtime(p)))
@@ -255,9 +266,10 @@ class Checkpoint(ModelCheckpoint):
         # Leftovers of a save that was killed before its rename; the previous complete checkpoint is still there.
         if not self.dirpath or "://" in str(self.dirpath):
             return
-        for leftover in sorted(glob.glob(os.path.join(str(self.dirpath), f"*{self.FILE_EXTENSION}{TMP_SUFFIX}"))):
+        pattern = os.path.join(str(self.dirpath), f"*{self.FILE_EXTENSION}")
+        for leftover in sorted(glob.glob(pattern + TMP_SUFFIX) + glob.glob(pattern + ".old")):
             with contextlib.suppress(OSError):
-                os.remove(leftover)
+                shutil.rmtree(leftover) if os.path.isdir(leftover) else os.remove(leftover)
                 rank_zero_info(f"Removed {leftover}, the partial file of a checkpoint save that did not finish")
 
     # ---- saving only at optimizer-step boundaries -------------------------------------------------------------

@@ -18,21 +18,9 @@ from rich.text import Text
 
 from lit_llm.errors import ConfigError
 from lit_llm.generation import generate
+from lit_llm.strategies import params_are_sharded
 
 _T = TypeVar("_T")
-
-
-def params_are_sharded(strategy: Any) -> bool:
-    """Whether the strategy shards the weights over ranks (FSDP, FSDP2/ModelParallel, DeepSpeed ZeRO stage 3).
-
-    Then every rank has to take part in each forward pass, because the full weights are gathered collectively.
-    """
-    names = [cls.__name__ for cls in type(strategy).__mro__]
-    if any("FSDP" in n or n == "ModelParallelStrategy" for n in names):
-        return True
-    if any("DeepSpeed" in n for n in names):
-        return bool(getattr(strategy, "zero_stage_3", False))
-    return False
 
 
 def _call_inside_root(trainer: pl.Trainer, pl_module: pl.LightningModule, fn: Callable[[], _T]) -> _T:

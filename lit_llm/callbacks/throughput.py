@@ -11,9 +11,9 @@ import pytorch_lightning as pl
 import torch
 from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
 
-from lit_llm.callbacks.samples import params_are_sharded
 from lit_llm.errors import ConfigError
 from lit_llm.model import GPTModel
+from lit_llm.strategies import params_are_sharded
 
 # Dense (no 2:4 sparsity) peak FLOP/s of one device, from the vendors' datasheets and architecture whitepapers.
 # "bf16"/"fp16" are tensor-core rates with fp32 accumulation (what training uses; GeForce cards run fp16
@@ -299,8 +299,10 @@ class Throughput(pl.Callback):
             if "peak_memory_gib" in summary:
                 line += f", peak memory {summary['peak_memory_gib']:.1f} GiB"
             rank_zero_info(f"{line} (windows of {self.window} steps; the first, with warm-up, excluded)")
+        # trainer.log_dir is a collective call under DDP (it broadcasts rank 0's path): every rank must make it.
+        log_dir = trainer.log_dir or trainer.default_root_dir
         if trainer.is_global_zero:
             # Machine-readable record of the run's speed (bench/throughput.py reads it).
-            path = Path(trainer.log_dir or trainer.default_root_dir) / "throughput.json"
+            path = Path(log_dir) / "throughput.json"
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")

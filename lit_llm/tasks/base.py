@@ -17,6 +17,7 @@ from lit_llm.errors import ConfigError
 from lit_llm.lora import LoRAConfig, apply_lora, count_trainable, is_lora_key
 from lit_llm.model import GPTModel
 from lit_llm.optim import Schedule, build_adamw, lr_multiplier, parameter_groups
+from lit_llm.strategies import is_deepspeed, load_state_partitioned
 
 CompileMode = Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"]
 SdpaBackend = Literal["auto", "flash", "cudnn", "efficient", "math"]
@@ -57,6 +58,7 @@ class GPTTask(pl.LightningModule):
         init_weights: str | None = None,
         lora: LoRAConfig | None = None,
         sdpa_backend: SdpaBackend = "auto",
+        activation_checkpointing: bool = False,
     ) -> None:
         """
         Args:
@@ -92,6 +94,10 @@ class GPTTask(pl.LightningModule):
                 lit_llm merges them. ``null``: no adapters, every parameter trains. See docs/lora.md.
             sdpa_backend: Fused attention kernel on GPUs: ``auto`` (PyTorch's choice), ``flash``, ``cudnn``,
                 ``efficient`` or ``math`` (the memory-efficient and math kernels remain fallbacks).
+            activation_checkpointing: Keep only each transformer block's input in the forward pass and recompute
+                the rest in the backward pass: most of the activation memory saved for about a third more compute.
+                Works under every strategy; for models whose activations do not fit (large models, long contexts,
+                big micro-batches).
         """
         super().__init__()
         config = _as_config(model)
@@ -125,7 +131,18 @@ class GPTTask(pl.LightningModule):
         """Build the GPT here (idempotent) so that sharded strategies can initialise it directly on the devices."""
         if self.model is not None:
             return
-        self.model = GPTModel(self.config)
+        strategy = self._trainer.strategy if self._trainer is not None else None
+        loads_weights = bool(self.hparams.get("init_weights")) and not self._resuming()
+        if strategy is not None and "FSDP" in type(strategy).__name__ and not loads_weights \
+                and not self.config.tie_weights:
+            # Built without memory; FSDP materialises each unit on its GPU (reset_parameters runs lit_llm's
+            # initialisation) and shards it, so no rank ever holds the whole model. A tied head would come out untied
+            # (each module is materialised separately), and weights to load need real tensors: built normally then.
+            with torch.device("meta"):
+                self.model = GPTModel(self.config)
+        else:
+            self.model = GPTModel(self.config)
+        self.model.activation_checkpointing = bool(self.hparams.get("activation_checkpointing", False))
         if self.hparams.get("init_weights"):
             self._load_init_weights(self.hparams.init_weights)
         self.adapt_model(self.model)
@@ -138,6 +155,7 @@ class GPTTask(pl.LightningModule):
         self.select_trainable(self.model)
         trainable, total = count_trainable(self.model)
         rank_zero_info(f"{trainable:,} of {total:,} parameters trainable ({100 * trainable / max(total, 1):.2f}%)")
+        self.model.record_parameter_counts()  # before a sharded strategy replaces the parameters by shards
         model = self.model
 
         def model_loss(input_ids: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -147,6 +165,10 @@ class GPTTask(pl.LightningModule):
         # The loss is compiled together with the model so the compiler fuses the head's output into the
         # cross-entropy instead of materialising float32 logits for the whole batch.
         compile_ = self.hparams.compile
+        if compile_ and strategy is not None and getattr(strategy, "zero_stage_3", False):
+            # ZeRO-3 gathers and releases parameters in module hooks that the compiler cannot trace.
+            rank_zero_info("model.compile is off under DeepSpeed ZeRO stage 3 (its parameter hooks do not compile)")
+            compile_ = False
         mode = None if compile_ in (True, "default") else compile_
         object.__setattr__(self, "_forward", torch.compile(model, mode=mode) if compile_ else model)
         object.__setattr__(self, "_model_loss", torch.compile(model_loss, mode=mode) if compile_ else model_loss)
@@ -163,9 +185,12 @@ class GPTTask(pl.LightningModule):
         Runs inside ``configure_model`` after LoRA adapters (if any) are added; the default changes nothing.
         """
 
-    def _load_init_weights(self, source: str) -> None:
+    def _resuming(self) -> str | None:
         trainer = self._trainer
-        resuming = (trainer.ckpt_path if trainer is not None else None) or getattr(self, "resume_checkpoint", None)
+        return (trainer.ckpt_path if trainer is not None else None) or getattr(self, "resume_checkpoint", None)
+
+    def _load_init_weights(self, source: str) -> None:
+        resuming = self._resuming()
         if resuming:
             # Lightning restores the checkpoint's weights after configure_model; reading init_weights would be wasted.
             rank_zero_info(f"Resuming from {resuming}: model.init_weights={source} is not loaded")
@@ -173,7 +198,11 @@ class GPTTask(pl.LightningModule):
         from lit_llm.weights import load_into, load_weights
 
         _, state = load_weights(source, self.config)
-        load_into(self.model, state, source=source)
+        strategy = self._trainer.strategy if self._trainer is not None else None
+        if strategy is not None and getattr(strategy, "zero_stage_3", False):
+            load_state_partitioned(self.model, state, source)  # the parameters are already partitioned
+        else:
+            load_into(self.model, state, source=source)
         rank_zero_info(f"Initial weights from {source}")
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
@@ -193,11 +222,19 @@ class GPTTask(pl.LightningModule):
     # ---- optimisation ------------------------------------------------------------------------------------------
     def configure_optimizers(self) -> dict[str, Any]:
         hp = self.hparams
-        fused = hp.fused_adamw
-        if fused is None:
-            fused = self.device.type == "cuda" and "deepspeed" not in type(self.trainer.strategy).__name__.lower()
+        strategy = self.trainer.strategy
         groups = parameter_groups(self, hp.weight_decay, decay_all=hp.decay_all)
-        optimizer = build_adamw(groups, hp.learning_rate, tuple(hp.betas), hp.eps, fused=fused)
+        if getattr(strategy, "offloads_optimizer", False):
+            # DeepSpeed keeps the optimizer state in CPU memory and steps it with its vectorised CPU Adam.
+            from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+            optimizer = DeepSpeedCPUAdam(groups, lr=hp.learning_rate, betas=tuple(hp.betas), eps=hp.eps,
+                                         adamw_mode=True)
+        else:
+            fused = hp.fused_adamw
+            if fused is None:  # the fused kernel needs every parameter on the GPU (not so with FSDP CPU offload)
+                fused = not is_deepspeed(strategy) and all(p.is_cuda for g in groups for p in g["params"])
+            optimizer = build_adamw(groups, hp.learning_rate, tuple(hp.betas), hp.eps, fused=fused)
         total = hp.schedule_steps or self._estimated_steps()
         rank_zero_info(
             f"AdamW lr={hp.learning_rate} wd={hp.weight_decay}; {hp.lr_schedule} schedule, "
@@ -244,8 +281,8 @@ class GPTTask(pl.LightningModule):
     ) -> None:
         # Overridden because Lightning's built-in norm clipping raises under FSDP; the sharded module clips itself.
         max_norm = gradient_clip_val or self.hparams.gradient_clip
-        if not max_norm:
-            return
+        if not max_norm or is_deepspeed(self.trainer.strategy):
+            return  # DeepSpeed clips inside its engine (lit_llm.strategies hands it model.gradient_clip)
         strategy = type(self.trainer.strategy).__name__
         if "FSDP" in strategy:
             norm = self.trainer.strategy.model.clip_grad_norm_(max_norm)

@@ -292,13 +292,16 @@ class ClassifierModule(GPTTask):
         matrix = metric.compute().tolist()  # every rank takes part in the reduction
         metric.reset()
         trainer = self._trainer
-        if trainer is None or trainer.sanity_checking or not trainer.is_global_zero:
+        if trainer is None or trainer.sanity_checking:
+            return
+        # trainer.log_dir broadcasts rank 0's path under DDP: every rank must call it, or rank 0 waits forever.
+        folder = Path(trainer.log_dir or trainer.default_root_dir)
+        if not trainer.is_global_zero:
             return
         names = list(self.hparams.label_names)
         when = f", epoch {self.current_epoch}" if split != "test" else ""
         rank_zero_info(f"{split} confusion matrix{when} (rows: true class, columns: predicted):\n"
                        f"{format_confusion(matrix, names)}")
-        folder = Path(trainer.log_dir or trainer.default_root_dir)
         folder.mkdir(parents=True, exist_ok=True)
         record = {"split": split, "epoch": self.current_epoch, "step": self.global_step, "labels": names,
                   "matrix": matrix}

@@ -27,10 +27,10 @@ from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
 from torchmetrics import MeanMetric, SumMetric
 from torchmetrics.text import ROUGEScore
 
-from lit_llm.callbacks.samples import params_are_sharded
 from lit_llm.errors import ConfigError
 from lit_llm.generation import check_sampling_args, generate
 from lit_llm.prompts import get_template
+from lit_llm.strategies import params_are_sharded
 from lit_llm.tasks.base import GPTTask
 
 RESPONSE_KEY = "model_response"

@@ -1,0 +1,435 @@
+"""One checkpoint file from the checkpoint directory of a sharded strategy (FSDP, DeepSpeed).
+
+Under FSDP (``state_dict_type: sharded``) and DeepSpeed, every rank writes its own part of a checkpoint, and
+Lightning names the resulting *directory* like a file (``checkpoints/<run>/last.ckpt/``):
+
+- **FSDP**: a ``torch.distributed.checkpoint`` (DCP) directory holding ``{"model": ..., "optimizer_0": ...}``
+  (``.metadata`` + one ``__<rank>_0.distcp`` file per rank) and ``meta.pt`` with everything else Lightning saves
+  (hyperparameters, ``model_config``, the DataModule's state with the tokenizer, loops, callbacks).
+- **DeepSpeed**: a ``latest`` file naming a tag folder (Lightning's is ``checkpoint/``) with the module states
+  (``*_model_states.pt``, which also hold what Lightning saves besides the weights) and the ZeRO partitions of the
+  float32 master weights and optimizer state (``*_optim_states.pt``).
+
+:func:`consolidate` writes one Lightning ``.ckpt`` in the format a single-device run writes: ``state_dict`` with the
+task's plain names (``model.tok_emb.weight`` ...), ``hyper_parameters``, ``model_config`` and the DataModule state, so
+that ``lit_llm.weights``, ``python -m lit_llm.generate``, ``python -m lit_llm.convert to-hf`` and
+``model.init_args.init_weights`` read it. The command line is ``python -m lit_llm.convert consolidate DIR OUT``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import os
+import re
+import shlex
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from torch import Tensor
+
+from lit_llm.errors import CheckpointError
+from lit_llm.tensor_files import UNREADABLE_FILE_ERRORS, error_reason, torch_load
+
+__all__ = ["Kind", "consolidate", "consolidate_command", "detect_kind", "sharded_kind", "suggested_output"]
+
+Kind = Literal["fsdp", "deepspeed"]
+
+log = logging.getLogger(__name__)
+
+#: What Lightning's FSDP strategy saves besides the model and optimizer shards (its ``_METADATA_FILENAME``).
+FSDP_META_FILE = "meta.pt"
+_DCP_INDEX = ".metadata"
+_DS_LATEST = "latest"
+#: Suffix of a checkpoint still being written: lit_llm's strategies rename ``<name>.tmp`` once every rank is done.
+_UNFINISHED = ".tmp"
+#: Module wrappers whose names leak into parameter names: Lightning's DeepSpeed wrapper (a prefix), FSDP, activation
+#: checkpointing and torch.compile (anywhere in the name).
+_WRAPPER_PREFIX = "_forward_module."
+_WRAPPER_PARTS = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.", "_orig_mod.")
+#: What DeepSpeed's engine itself puts into ``*_model_states.pt`` beside the client (Lightning) state.
+_DEEPSPEED_KEYS = frozenset({
+    "module", "buffer_names", "optimizer", "param_shapes", "frozen_param_shapes", "shared_params",
+    "frozen_param_fragments", "lr_scheduler", "data_sampler", "random_ltd", "sparse_tensor_module_names",
+    "csr_tensor_module_names", "skipped_steps", "global_steps", "global_samples", "dp_world_size", "mp_world_size",
+    "ds_config", "ds_version", "checkpoint_parallel_dimensions", "universal_checkpoint_info",
+})
+#: Entries that only resuming the training uses; Lightning's ``save_weights_only`` leaves them out too.
+_TRAINING_STATE = ("optimizer_states", "lr_schedulers")
+
+
+# ---- what a directory is -----------------------------------------------------------------------------------------
+
+
+def sharded_kind(path: str | Path) -> Kind | None:
+    """What the directory ``path`` looks like, without checking that it is complete: ``"fsdp"`` (DCP index or
+    shards), ``"deepspeed"`` (a ``latest`` file or ZeRO state files), or ``None`` (neither, or not a directory)."""
+    p = Path(path)
+    if not p.is_dir():
+        return None
+    if (p / _DS_LATEST).is_file() or any(p.glob("*/*_model_states.pt")) or any(p.glob("*/*_optim_states.pt")):
+        return "deepspeed"
+    if (p / _DCP_INDEX).is_file() or any(p.glob("*.distcp")):
+        return "fsdp"
+    return None
+
+
+def detect_kind(path: str | Path) -> Kind:
+    """Which sharded strategy wrote the checkpoint directory ``path``, after checking that it is complete.
+
+    Args:
+        path: A checkpoint directory written under FSDP (``state_dict_type: sharded``) or DeepSpeed.
+
+    Returns:
+        ``"fsdp"`` or ``"deepspeed"``.
+
+    Raises:
+        CheckpointError: ``path`` does not exist, is a file (already one checkpoint), is an unfinished save, is
+            neither kind, or lacks the index its kind needs (DeepSpeed's ``latest`` and the folder it names; FSDP's
+            ``.metadata`` and ``meta.pt``).
+    """
+    p = Path(path)
+    if not p.exists():
+        raise CheckpointError(f"{path} does not exist (cwd: {Path.cwd()}); pass a checkpoint directory written under "
+                              "FSDP or DeepSpeed, such as checkpoints/<run>/last.ckpt")
+    if p.is_file():
+        raise CheckpointError(f"{path} is a file, so it already is one checkpoint and there is nothing to consolidate: "
+                              "pass it as it is to python -m lit_llm.generate --checkpoint, to-hf or "
+                              "model.init_args.init_weights")
+    kind = sharded_kind(p)
+    if p.name.endswith(_UNFINISHED):
+        final = p.with_name(p.name[: -len(_UNFINISHED)])
+        raise CheckpointError(f"{path} is an unfinished save (a checkpoint is written as <name>{_UNFINISHED} and "
+                              f"renamed once every rank has finished); consolidate {final} if it exists, or an "
+                              "earlier checkpoint")
+    if kind == "deepspeed":
+        latest = p / _DS_LATEST
+        if not latest.is_file():
+            raise CheckpointError(f"{path} holds DeepSpeed ZeRO files but no `latest` file naming their folder; the "
+                                  "save did not finish: use an earlier checkpoint")
+        tag = latest.read_text().strip()
+        if not tag or not (p / tag).is_dir():
+            raise CheckpointError(f"{path}: its `latest` file names the folder {tag!r}, which is missing; the save did "
+                                  "not finish or the folder was moved: use an earlier checkpoint")
+        return "deepspeed"
+    if kind == "fsdp":
+        shards = sorted(q.name for q in p.glob("*.distcp"))
+        if not (p / _DCP_INDEX).is_file():
+            raise CheckpointError(f"{path} holds FSDP shards ({', '.join(shards[:4])}) but not their index "
+                                  f"{_DCP_INDEX}; the save did not finish (rank 0 writes it last): use an earlier "
+                                  "checkpoint")
+        if not (p / FSDP_META_FILE).is_file():
+            raise CheckpointError(f"{path} has no {FSDP_META_FILE} (the hyperparameters, model config and tokenizer "
+                                  "Lightning saves beside the shards); the save did not finish: use an earlier "
+                                  "checkpoint")
+        return "fsdp"
+    found = sorted(q.name for q in p.iterdir())
+    what = f"holds {', '.join(found[:10])}{' ...' if len(found) > 10 else ''}" if found else "is empty"
+    raise CheckpointError(f"{path} is neither an FSDP nor a DeepSpeed checkpoint directory (it {what}); pass the "
+                          f"directory Lightning wrote for one checkpoint: under FSDP it holds {_DCP_INDEX}, *.distcp "
+                          f"and {FSDP_META_FILE}, under DeepSpeed `latest` and the folder it names")
+
+
+def suggested_output(path: str | Path) -> Path:
+    """Where the consolidated file of the checkpoint directory ``path`` goes by convention: beside it, as
+    ``<name>.consolidated.ckpt`` (``run/last.ckpt/`` -> ``run/last.consolidated.ckpt``)."""
+    p = Path(path)
+    stem = p.name[: -len(".ckpt")] if p.name.endswith(".ckpt") else p.name
+    return p.with_name(f"{stem}.consolidated.ckpt")
+
+
+def consolidate_command(path: str | Path) -> str:
+    """The shell command that consolidates the checkpoint directory ``path`` into :func:`suggested_output`."""
+    return (f"python -m lit_llm.convert consolidate {shlex.quote(str(path))} "
+            f"{shlex.quote(str(suggested_output(path)))}")
+
+
+# ---- consolidation -----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Result:
+    source: Path
+    out: Path
+    kind: Kind
+    tensors: int
+    parameters: int
+    dtypes: list[str]
+    optimizer: str
+    global_step: int | None
+
+    def describe(self) -> str:
+        size = self.out.stat().st_size
+        label = {"fsdp": "FSDP", "deepspeed": "DeepSpeed"}[self.kind]
+        step = f", step {self.global_step}" if self.global_step is not None else ""
+        return (f"wrote {self.out} ({_size(size)}): {label} checkpoint {self.source}{step}; {self.tensors} tensors, "
+                f"{self.parameters:,} parameters ({', '.join(self.dtypes)}); {self.optimizer}")
+
+
+def consolidate(src: str | Path, out: str | Path, *, keep_optimizer: bool = False) -> Path:
+    """Write the sharded checkpoint directory ``src`` as one lit_llm ``.ckpt`` file ``out``.
+
+    The weights come out as the strategy keeps them: DeepSpeed's float32 master weights (merged from the ZeRO
+    partitions by DeepSpeed's own ``zero_to_fp32``), FSDP's parameters in their stored dtype (float32 under
+    ``bf16-mixed``). Parameter names lose the wrappers' prefixes, so ``state_dict`` holds exactly what a
+    single-device run saves (a tied head listed under both of its names). Everything else that was saved is kept
+    (hyperparameters, ``model_config``, ``tokens_seen``, the DataModule state with the tokenizer, loops, callback
+    states), except entries that are not plain data, which lit_llm's readers (``torch.load(weights_only=True)``)
+    could not load: those are dropped with a warning. The file is written to ``<out>.tmp`` and renamed, so ``out``
+    is never left half-written. Memory: one copy of the weights (FSDP's optimizer shards are not read unless kept).
+
+    Args:
+        src: The checkpoint directory (``checkpoints/<run>/step=000100.ckpt/``), or a run directory whose
+            ``last.ckpt`` (else newest ``*.ckpt``) is one.
+        out: The ``.ckpt`` file to write (its directory is created; an existing file is replaced).
+        keep_optimizer: Keep the optimizer and learning-rate scheduler states, so that ``fit --ckpt_path out``
+            resumes the run on any number of devices without a sharded strategy. Only FSDP checkpoints hold the
+            optimizer state in a form that converts (re-keyed from parameter names to the indices a plain optimizer
+            uses); DeepSpeed's flat ZeRO partitions do not, and the file then holds the weights only (with a
+            warning). Without it the file is what ``ModelCheckpoint(save_weights_only=True)`` writes.
+
+    Returns:
+        ``out``.
+
+    Raises:
+        CheckpointError: ``src`` is missing, a file, not a complete FSDP/DeepSpeed checkpoint, or unreadable;
+            ``out`` is a directory or lies inside ``src``; DeepSpeed is needed and not installed.
+    """
+    result = _consolidate(src, out, keep_optimizer=keep_optimizer)
+    log.info(result.describe())
+    return result.out
+
+
+def _consolidate(src: str | Path, out: str | Path, *, keep_optimizer: bool) -> _Result:
+    source = _resolve_source(Path(src).expanduser())
+    kind = detect_kind(source)
+    target = Path(out).expanduser()
+    if target.is_dir():
+        raise CheckpointError(f"the output {out} is a directory; pass the path of the file to write, such as "
+                              f"{suggested_output(source)}")
+    if target.resolve().is_relative_to(source.resolve()):
+        raise CheckpointError(f"the output {out} lies inside the checkpoint directory {source}, which would then hold "
+                              f"a file that is not part of the checkpoint; write it elsewhere, such as "
+                              f"{suggested_output(source)}")
+    if kind == "fsdp":
+        checkpoint, optimizer = _read_fsdp(source, keep_optimizer)
+    else:
+        checkpoint, optimizer = _read_deepspeed(source, keep_optimizer)
+    if optimizer != "kept":
+        for key in _TRAINING_STATE:
+            checkpoint.pop(key, None)
+    state = checkpoint["state_dict"]
+    _tie_head(state, checkpoint)
+    _drop_unloadable(checkpoint, source)
+    _write(checkpoint, target)
+    tensors = [t for t in state.values() if isinstance(t, Tensor)]
+    unique = {(t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape)): t for t in tensors}
+    return _Result(
+        source=source, out=target, kind=kind, tensors=len(tensors),
+        parameters=sum(t.numel() for t in unique.values() if t.is_floating_point()),
+        dtypes=sorted({str(t.dtype).removeprefix("torch.") for t in tensors}),
+        optimizer={"kept": "optimizer state kept",
+                   "dropped": "optimizer state dropped (--keep-optimizer keeps it)",
+                   "absent": "no optimizer state in the checkpoint",
+                   "unavailable": "optimizer state not kept (DeepSpeed's partitions do not convert)"}[optimizer],
+        global_step=checkpoint.get("global_step"),
+    )
+
+
+def _resolve_source(path: Path) -> Path:
+    """A run directory stands for its newest checkpoint, when that is a directory; anything else is checked as is."""
+    if not path.is_dir() or sharded_kind(path) is not None or path.name.endswith(_UNFINISHED):
+        return path
+    from lit_llm.weights import newest_checkpoint
+
+    newest = newest_checkpoint(path)
+    if newest is None:
+        return path
+    if newest.is_file():
+        raise CheckpointError(f"{path} is a run directory whose newest checkpoint {newest} is already one file: "
+                              "nothing to consolidate; pass it (or the run directory) to generate, to-hf or "
+                              "init_weights as it is")
+    log.info(f"{path} is a run directory: consolidating its checkpoint {newest}")
+    return newest
+
+
+def _read_fsdp(path: Path, keep_optimizer: bool) -> tuple[dict[str, Any], str]:
+    """Lightning's FSDP checkpoint as one dict: the model (and optimizer) shards merged, ``meta.pt`` around them."""
+    try:
+        from torch.distributed.checkpoint import FileSystemReader
+        from torch.distributed.checkpoint.api import CheckpointException
+        from torch.distributed.checkpoint.default_planner import _EmptyStateDictLoadPlanner
+        from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
+    except ImportError as err:  # a PyTorch build without torch.distributed
+        raise CheckpointError(f"reading the FSDP checkpoint {path} needs torch.distributed.checkpoint, which this "
+                              f"PyTorch build lacks ({err}); consolidate on a machine where FSDP runs") from err
+    meta = torch_load(path / FSDP_META_FILE)
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"{path / FSDP_META_FILE} holds a {type(meta).__name__}, not the dict Lightning saves; "
+                              "the checkpoint was not written by Lightning's FSDP strategy")
+    reader = FileSystemReader(path)
+    try:
+        metadata = reader.read_metadata()
+    except Exception as err:  # noqa: BLE001 - whatever the unpickler raises, the index is unreadable
+        raise CheckpointError(f"could not read {path / _DCP_INDEX} ({error_reason(err)}); it is truncated or corrupt: "
+                              "use an earlier checkpoint") from err
+    planner_data = getattr(metadata, "planner_data", None) or {}
+    tops = {str(planner_data[k][0]) if planner_data.get(k) else k.split(".", 1)[0]
+            for k in metadata.state_dict_metadata}
+    if "model" not in tops:
+        raise CheckpointError(f"{path} holds no model shards (its entries are {', '.join(sorted(tops))}); it was not "
+                              "written by Lightning's FSDP strategy")
+    optimizers = sorted((t for t in tops if re.fullmatch(r"optimizer_\d+", t)), key=lambda t: int(t.split("_")[1]))
+    keys = {"model", *(optimizers if keep_optimizer else ())}
+    loaded: dict[str, Any] = {}
+    try:
+        # DCP's own "load everything the index lists" planner, restricted to the keys wanted: the optimizer shards
+        # (twice the model's size under AdamW) stay on disk unless they are kept. Lightning reads them the same way.
+        _load_state_dict(loaded, storage_reader=reader, planner=_EmptyStateDictLoadPlanner(keys=keys), no_dist=True)
+    except (Exception, CheckpointException) as err:  # DCP reports a failed read as CheckpointException
+        raise CheckpointError(f"could not read the shards of {path} ({error_reason(err)}); a *.distcp file is missing, "
+                              "truncated or from another save: use an earlier checkpoint") from err
+    checkpoint = dict(meta)
+    checkpoint["state_dict"] = {_plain_name(k): v for k, v in loaded.pop("model").items()}
+    if not keep_optimizer:
+        return checkpoint, "dropped"
+    if not optimizers:
+        warnings.warn(f"{path} holds no optimizer state (it was saved without one): the consolidated file holds the "
+                      "weights only", stacklevel=3)
+        return checkpoint, "absent"
+    checkpoint["optimizer_states"] = [_indexed_optimizer_state(loaded.pop(name), path) for name in optimizers]
+    return checkpoint, "kept"
+
+
+def _indexed_optimizer_state(state: dict[str, Any], path: Path) -> dict[str, Any]:
+    """FSDP's optimizer state, keyed by parameter name, as ``Optimizer.state_dict()`` keys it: by the parameter's
+    position in the parameter groups, which is how a plain optimizer (and FSDP, re-keying it) loads it again."""
+    groups = state.get("param_groups")
+    if not isinstance(groups, list) or not all(isinstance(g, dict) and "params" in g for g in groups):
+        raise CheckpointError(f"{path}: its optimizer state has no parameter groups, so it cannot be kept; "
+                              "consolidate without --keep-optimizer")
+    names = [p for g in groups for p in g["params"]]
+    if all(isinstance(n, int) for n in names):  # already indexed (DCP stores the state's int keys as strings)
+        return {**state, "state": {int(k): v for k, v in (state.get("state") or {}).items()}}
+    index = {_plain_name(str(n)): i for i, n in enumerate(names)}
+    by_index: dict[int, Any] = {}
+    for name, value in (state.get("state") or {}).items():
+        plain = _plain_name(str(name))
+        if plain not in index:
+            raise CheckpointError(f"{path}: the optimizer state has an entry for {plain}, which no parameter group "
+                                  "lists; consolidate without --keep-optimizer")
+        by_index[index[plain]] = value
+    return {"state": dict(sorted(by_index.items())),
+            "param_groups": [{**g, "params": [index[_plain_name(str(n))] for n in g["params"]]} for g in groups]}
+
+
+def _read_deepspeed(path: Path, keep_optimizer: bool) -> tuple[dict[str, Any], str]:
+    """Lightning's DeepSpeed checkpoint as one dict: DeepSpeed's ``zero_to_fp32`` merges the float32 master weights,
+    and the client state (what Lightning saved besides them) comes from rank 0's model states file."""
+    try:
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+    except ImportError as err:
+        from lit_llm.strategies import DEEPSPEED_INSTALL
+
+        raise CheckpointError(f"{path} is a DeepSpeed checkpoint, and merging its ZeRO partitions needs DeepSpeed, "
+                              f"which is not installed: {DEEPSPEED_INSTALL} (no GPU needed to consolidate)") from err
+    tag = (path / _DS_LATEST).read_text().strip()
+    folder = path / tag
+    states = [folder / "mp_rank_00_model_states.pt", folder / "zero_pp_rank_0_mp_rank_00_model_states.pt"]
+    states_file = next((f for f in states if f.is_file()), None)
+    if states_file is None:
+        raise CheckpointError(f"{folder} has neither {states[0].name} nor {states[1].name}, where DeepSpeed keeps the "
+                              "hyperparameters and tokenizer; the save did not finish: use an earlier checkpoint")
+    said = io.StringIO()
+    try:
+        # DeepSpeed pickles its own objects (its config, ZeRO enums) into these files: they are read as DeepSpeed
+        # itself reads them, so consolidate only checkpoints from a trusted source (such as your own runs).
+        client = torch.load(states_file, map_location="cpu", mmap=True, weights_only=False)
+        with contextlib.redirect_stdout(said):  # zero_to_fp32 reports its progress with print()
+            weights = get_fp32_state_dict_from_zero_checkpoint(str(path), tag=tag)
+    except UNREADABLE_FILE_ERRORS as err:
+        raise CheckpointError(f"could not merge the ZeRO partitions of {path} ({error_reason(err)}); a rank's "
+                              "*_optim_states.pt or *_model_states.pt file is missing, truncated or from another "
+                              "save: use an earlier checkpoint") from err
+    for line in said.getvalue().splitlines():
+        log.debug(f"zero_to_fp32: {line}")
+    if not isinstance(client, dict):
+        raise CheckpointError(f"{states_file} holds a {type(client).__name__}, not DeepSpeed's model states dict")
+    checkpoint = {k: v for k, v in client.items() if k not in _DEEPSPEED_KEYS}
+    checkpoint["state_dict"] = {_plain_name(k): v for k, v in weights.items()}
+    if keep_optimizer:
+        warnings.warn(f"{path}: DeepSpeed keeps the optimizer state as flat ZeRO partitions that do not convert to a "
+                      "plain optimizer's state, so the consolidated file holds the weights only; resume from the "
+                      "directory itself (fit --ckpt_path) under DeepSpeed to continue with it", stacklevel=3)
+        return checkpoint, "unavailable"
+    return checkpoint, "dropped"
+
+
+# ---- assembling and writing --------------------------------------------------------------------------------------
+
+
+def _plain_name(name: str) -> str:
+    name = name.removeprefix(_WRAPPER_PREFIX)
+    for part in _WRAPPER_PARTS:
+        name = name.replace(part, "")
+    return name
+
+
+def _tie_head(state: dict[str, Any], checkpoint: dict[str, Any]) -> None:
+    """A tied head is one tensor under two names in a single-device checkpoint; sharded saves may list it once, or as
+    a separate copy. Both names then point to the embedding, which loaders and Lightning's resume expect."""
+    config = checkpoint.get("model_config") or (checkpoint.get("hyper_parameters") or {}).get("model")
+    if not isinstance(config, dict) or not config.get("tie_weights"):
+        return
+    emb, head = state.get("model.tok_emb.weight"), state.get("model.out_head.weight")
+    if isinstance(emb, Tensor) and (head is None or (isinstance(head, Tensor) and head.shape == emb.shape
+                                                      and torch.equal(head, emb))):
+        state["model.out_head.weight"] = emb
+
+
+def _drop_unloadable(checkpoint: dict[str, Any], source: Path) -> None:
+    """Remove top-level entries that ``torch.load(weights_only=True)`` refuses (each is checked on its own, in memory;
+    the weights and optimizer state, built here from tensors and numbers, are not)."""
+    dropped = []
+    for key in [k for k in checkpoint if k not in ("state_dict", "optimizer_states")]:
+        buffer = io.BytesIO()
+        try:
+            torch.save(checkpoint[key], buffer)
+            buffer.seek(0)
+            torch.load(buffer, weights_only=True)
+        except Exception as err:  # noqa: BLE001 - pickling or the weights-only unpickler: either way, not plain data
+            dropped.append(f"{key} ({error_reason(err)})")
+            del checkpoint[key]
+    if dropped:
+        warnings.warn(f"{source}: left out of the consolidated file, because they are not plain data that lit_llm's "
+                      f"readers load: {'; '.join(dropped)}", stacklevel=4)
+
+
+def _write(checkpoint: dict[str, Any], out: Path) -> None:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + _UNFINISHED)
+    try:
+        with tmp.open("wb") as f:
+            torch.save(checkpoint, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, out)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
+
+
+def _size(n: int) -> str:
+    if n < 1024:
+        return f"{n} B"
+    value, unit = float(n), "B"
+    for unit in ("KiB", "MiB", "GiB", "TiB"):
+        value /= 1024
+        if value < 1024:
+            break
+    return f"{value:.1f} {unit}"

@@ -1,0 +1,255 @@
+"""Named multi-GPU strategies, so that a config switches strategy with one line: ``trainer.strategy: lit_fsdp``.
+
+Importing this module (``lit_llm.train`` does) registers, in Lightning's ``StrategyRegistry``:
+
+================================  =====================================================================================
+``lit_ddp``                       DDP, gradients reduced in place in the communication buckets (no extra copy)
+``lit_fsdp``                      FSDP full shard, one unit per ``TransformerBlock``, sharded checkpoints
+``lit_fsdp_hybrid``               FSDP sharded within a node, replicated across nodes (multi-node)
+``lit_fsdp_offload``              ``lit_fsdp`` with parameters, gradients and optimizer state kept in CPU memory
+``lit_deepspeed_zero1``           DeepSpeed ZeRO stage 1: optimizer state sharded
+``lit_deepspeed_zero2``           stage 2: optimizer state and gradients sharded
+``lit_deepspeed_zero3``           stage 3: parameters sharded too (the model is built partitioned)
+``lit_deepspeed_zero3_offload``   stage 3 with parameters and optimizer state in CPU memory (CPU Adam)
+================================  =====================================================================================
+
+Why lit_llm's own classes rather than Lightning's ``fsdp`` / ``deepspeed_stage_N`` names:
+
+- **FSDP** wraps each ``TransformerBlock`` as a unit and nothing else, so the token embedding, the final norm and
+  the head (tied to the embedding when ``tie_weights``) stay together in the root unit. The model is built on the
+  meta device and materialised shard by shard (``reset_parameters`` re-runs lit_llm's initialisation), so a model
+  larger than one GPU's memory never exists whole. Checkpoints are sharded directories (every rank writes its part;
+  ``python -m lit_llm.convert consolidate`` makes one file of them).
+- **DeepSpeed** is imported only when used, and a missing install is one error naming the extra to install.
+  DeepSpeed's op builder cannot parse an architecture suffix in ``TORCH_CUDA_ARCH_LIST`` (``9.0a``); it is removed
+  for the run, with a log line. ``model.gradient_clip`` is passed to DeepSpeed, which clips inside its engine.
+- **Both** write directory checkpoints atomically: into ``<name>.tmp`` first, renamed once every rank has finished, so
+  a run killed during a save leaves the previous checkpoint whole. Both refuse to run on the CPU with one error.
+
+Activation checkpointing is a switch of the task (``model.init_args.activation_checkpointing: true``); it works under
+every strategy.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import os
+import re
+import shutil
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import torch
+from pytorch_lightning.strategies import DDPStrategy, DeepSpeedStrategy, FSDPStrategy, Strategy, StrategyRegistry
+from pytorch_lightning.utilities import rank_zero_info
+
+from lit_llm.errors import ConfigError
+from lit_llm.model import TransformerBlock
+
+#: Suffix of a checkpoint (file or directory) being written; renamed onto its final name only once complete.
+TMP_SUFFIX = ".tmp"
+
+DEEPSPEED_INSTALL = "pip install 'lit_llm[deepspeed]'"
+
+
+def params_are_sharded(strategy: Any) -> bool:
+    """Whether the strategy shards the weights over ranks (FSDP, FSDP2/ModelParallel, DeepSpeed ZeRO stage 3).
+
+    Then every rank has to take part in each forward pass, because the full weights are gathered collectively.
+    """
+    names = [cls.__name__ for cls in type(strategy).__mro__]
+    if any("FSDP" in n or n == "ModelParallelStrategy" for n in names):
+        return True
+    if any("DeepSpeed" in n for n in names):
+        return bool(getattr(strategy, "zero_stage_3", False))
+    return False
+
+
+def is_deepspeed(strategy: Any) -> bool:
+    return isinstance(strategy, DeepSpeedStrategy)
+
+
+def _refuse_cpu(strategy: Strategy, name: str) -> None:
+    if strategy.root_device.type != "cuda":
+        raise ConfigError(
+            f"{name} (trainer.strategy) needs CUDA GPUs, but this run is on {strategy.root_device.type.upper()} "
+            f"(trainer.accelerator). On the CPU, use trainer.strategy=ddp with trainer.devices=N for N processes, or "
+            "remove the strategy line (and the configs/trainer/<strategy>.yaml --config) for one process."
+        )
+
+
+def _replace_directory(tmp: Path, final: Path) -> None:
+    """Put the complete directory ``tmp`` in place of ``final`` (a file or a directory, or absent)."""
+    old = final.with_name(final.name + ".old")
+    if old.exists():
+        shutil.rmtree(old) if old.is_dir() else old.unlink()
+    if final.is_dir() and not final.is_symlink():
+        final.rename(old)  # a directory cannot be renamed over a non-empty one
+    elif final.exists() or final.is_symlink():
+        final.unlink()
+    tmp.rename(final)
+    if old.exists():
+        shutil.rmtree(old)
+
+
+class _AtomicDirectorySave:
+    """Mixin: a strategy whose checkpoint is a directory written by every rank saves it into ``<path>.tmp`` and renames
+    it once all ranks have finished (the rename happens on global rank 0, between two barriers)."""
+
+    def _atomic_directory_save(self, save: Any, checkpoint: dict, filepath: Any, storage_options: Any) -> None:
+        path = Path(str(filepath))
+        if "://" in str(filepath):
+            save(checkpoint, filepath, storage_options)
+            return
+        tmp = path.with_name(path.name + TMP_SUFFIX)
+        if self.is_global_zero and tmp.exists():  # type: ignore[attr-defined]
+            shutil.rmtree(tmp) if tmp.is_dir() else tmp.unlink()
+        self.barrier("lit_llm.save.start")  # type: ignore[attr-defined]
+        save(checkpoint, tmp, storage_options)
+        self.barrier("lit_llm.save.written")  # type: ignore[attr-defined]
+        if self.is_global_zero:  # type: ignore[attr-defined]
+            if tmp.is_dir():
+                _replace_directory(tmp, path)
+            elif tmp.is_file():  # a strategy configured to write one file (e.g. FSDP state_dict_type=full)
+                os.replace(tmp, path)
+        self.barrier("lit_llm.save.renamed")  # type: ignore[attr-defined]
+
+
+class GPTFSDPStrategy(_AtomicDirectorySave, FSDPStrategy):
+    """Lightning's ``FSDPStrategy`` with lit_llm's defaults: a unit per ``TransformerBlock``, sharded checkpoints
+    saved atomically, ``use_orig_params`` (required by ``torch.compile`` and by per-parameter weight decay), and
+    all-gathers rate-limited so that prefetching cannot run the GPU out of memory."""
+
+    strategy_name = "lit_fsdp"
+
+    def __init__(self, **kwargs: Any) -> None:
+        kwargs.setdefault("auto_wrap_policy", {TransformerBlock})
+        kwargs.setdefault("state_dict_type", "sharded")
+        kwargs.setdefault("limit_all_gathers", True)
+        kwargs.setdefault("use_orig_params", True)
+        super().__init__(**kwargs)
+
+    def setup_environment(self) -> None:
+        _refuse_cpu(self, "FSDP")
+        super().setup_environment()
+
+    def save_checkpoint(self, checkpoint: dict, filepath: Any, storage_options: Any | None = None) -> None:
+        self._atomic_directory_save(super().save_checkpoint, checkpoint, filepath, storage_options)
+
+
+class GPTDeepSpeedStrategy(_AtomicDirectorySave, DeepSpeedStrategy):
+    """Lightning's ``DeepSpeedStrategy`` with a lazy import of DeepSpeed, a sanitised ``TORCH_CUDA_ARCH_LIST``,
+    ``model.gradient_clip`` handed to DeepSpeed's engine, and atomic checkpoint directories."""
+
+    strategy_name = "lit_deepspeed"
+
+    def __init__(self, **kwargs: Any) -> None:
+        if importlib.util.find_spec("deepspeed") is None:
+            raise ConfigError(
+                f"DeepSpeed (trainer.strategy) is not installed: {DEEPSPEED_INSTALL} (on a machine with CUDA), or use "
+                "trainer.strategy=lit_fsdp, which needs nothing extra."
+            )
+        sanitize_cuda_arch_list()
+        super().__init__(**kwargs)
+
+    def setup_environment(self) -> None:
+        _refuse_cpu(self, "DeepSpeed")
+        super().setup_environment()
+
+    def setup(self, trainer: Any) -> None:
+        # DeepSpeed clips inside its engine, from its config; Lightning fills that from trainer.gradient_clip_val only.
+        clip = trainer.gradient_clip_val or getattr(trainer.lightning_module, "hparams", {}).get("gradient_clip")
+        if clip and "gradient_clipping" not in self.config:
+            self.config["gradient_clipping"] = float(clip)
+        with contextlib.ExitStack() as stack:
+            import warnings
+
+            stack.enter_context(warnings.catch_warnings())
+            # lit_llm's configure_gradient_clipping only serves the other strategies; the warning would mislead here.
+            warnings.filterwarnings("ignore", message=r".*configure_gradient_clipping.*")
+            super().setup(trainer)
+
+    def save_checkpoint(self, checkpoint: dict, filepath: Any, storage_options: Any | None = None) -> None:
+        self._atomic_directory_save(super().save_checkpoint, checkpoint, filepath, storage_options)
+
+    @property
+    def offloads_optimizer(self) -> bool:
+        zero = self.config.get("zero_optimization", {}) if isinstance(self.config, dict) else {}
+        return bool(zero.get("offload_optimizer"))
+
+
+def sanitize_cuda_arch_list() -> None:
+    """Drop architecture suffixes (``9.0a`` -> ``9.0``) from ``TORCH_CUDA_ARCH_LIST``, which DeepSpeed's op builder
+    parses as plain ``major.minor`` numbers (``int('0a')`` fails when it compiles an op such as CPU Adam)."""
+    value = os.environ.get("TORCH_CUDA_ARCH_LIST")
+    if not value:
+        return
+    cleaned = re.sub(r"(\d+\.\d+)[a-zA-Z]+", r"\1", value)
+    if cleaned != value:
+        os.environ["TORCH_CUDA_ARCH_LIST"] = cleaned
+        rank_zero_info(f"TORCH_CUDA_ARCH_LIST={value!r} -> {cleaned!r} for DeepSpeed's op builder, which cannot "
+                       "parse architecture suffixes")
+
+
+def load_state_partitioned(model: torch.nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
+    """Copy a full state dict into a model whose parameters DeepSpeed ZeRO-3 has partitioned over the ranks.
+
+    Each module's parameters are gathered, filled from ``state`` on rank 0 and partitioned again (DeepSpeed
+    broadcasts rank 0's values), one module at a time, so no rank ever holds the whole model on its GPU.
+    """
+    import deepspeed
+
+    from lit_llm.errors import CheckpointError
+
+    expected = {name for name, _ in model.named_parameters()} | {name for name, _ in model.named_buffers()}
+    missing = sorted(expected - set(state))
+    if missing:
+        raise CheckpointError(f"{source} lacks {len(missing)} of the model's weights: {', '.join(missing[:8])}"
+                              f"{' ...' if len(missing) > 8 else ''}")
+    rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+    for prefix, module in model.named_modules():
+        params = list(module.named_parameters(recurse=False))
+        if not params:
+            continue
+        with deepspeed.zero.GatheredParameters([p for _, p in params], modifier_rank=0), torch.no_grad():
+            if rank == 0:
+                for name, param in params:
+                    value = state[f"{prefix}.{name}" if prefix else name]
+                    if tuple(value.shape) != tuple(param.shape):
+                        raise CheckpointError(f"{source}: {prefix}.{name} has shape {tuple(value.shape)}, the model "
+                                              f"{tuple(param.shape)}")
+                    param.copy_(value.to(param.dtype))
+    for name, buffer in model.named_buffers():
+        with torch.no_grad():
+            buffer.copy_(state[name].to(buffer.dtype))
+
+
+def _register() -> None:
+    """Register the named strategies (idempotent: re-importing the module changes nothing)."""
+    fsdp = "FSDP, one unit per TransformerBlock, sharded checkpoints"
+    zero = "DeepSpeed ZeRO stage {}, lazily imported"
+    entries: list[tuple[str, type, str, dict[str, Any]]] = [
+        ("lit_ddp", DDPStrategy, "DDP with gradients reduced in place in the buckets",
+         {"gradient_as_bucket_view": True, "timeout": timedelta(minutes=30)}),
+        ("lit_fsdp", GPTFSDPStrategy, fsdp + " (full shard)", {"sharding_strategy": "FULL_SHARD"}),
+        ("lit_fsdp_hybrid", GPTFSDPStrategy, fsdp + " (shard within a node, replicate across nodes)",
+         {"sharding_strategy": "HYBRID_SHARD"}),
+        ("lit_fsdp_offload", GPTFSDPStrategy, fsdp + " with parameters and optimizer state in CPU memory",
+         {"sharding_strategy": "FULL_SHARD", "cpu_offload": True}),
+        ("lit_deepspeed_zero1", GPTDeepSpeedStrategy, zero.format(1), {"stage": 1}),
+        ("lit_deepspeed_zero2", GPTDeepSpeedStrategy, zero.format(2), {"stage": 2}),
+        ("lit_deepspeed_zero3", GPTDeepSpeedStrategy, zero.format(3), {"stage": 3}),
+        ("lit_deepspeed_zero3_offload", GPTDeepSpeedStrategy, zero.format(3) + ", parameters and optimizer on the CPU",
+         {"stage": 3, "offload_optimizer": True, "offload_parameters": True}),
+    ]
+    for name, cls, description, init in entries:
+        StrategyRegistry.register(name, cls, description=description, override=True, **init)
+
+
+_register()
+
+#: The names this module registers, in the order of the table above.
+NAMES = ("lit_ddp", "lit_fsdp", "lit_fsdp_hybrid", "lit_fsdp_offload", "lit_deepspeed_zero1", "lit_deepspeed_zero2",
+         "lit_deepspeed_zero3", "lit_deepspeed_zero3_offload")

@@ -1,0 +1,184 @@
+"""lit_llm's named strategies on the CPU: what can be checked without GPUs (GPU runs: test_gpu_strategies.py)."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import ROOT
+from pytorch_lightning.strategies import StrategyRegistry
+
+from lit_llm import strategies
+from lit_llm.callbacks.checkpoint import Checkpoint, looks_complete
+from lit_llm.config import GPTConfig
+from lit_llm.errors import ConfigError
+from lit_llm.model import GPTModel, TransformerBlock
+from lit_llm.strategies import GPTFSDPStrategy, sanitize_cuda_arch_list
+from lit_llm.train import auto_checkpoint, cli
+
+QUICK = ROOT / "configs/pretrain/quickstart.yaml"
+TINY = ["--model.init_args.model.n_layers=2", "--model.init_args.model.emb_dim=32", "--model.init_args.model.n_heads=2",
+        "--model.init_args.compile=false", "--data.init_args.tokenizer_vocab_size=300",
+        "--data.init_args.num_workers=0", "--trainer.accelerator=cpu", "--trainer.precision=32-true"]
+
+
+def test_every_name_is_registered_with_its_settings():
+    for name in strategies.NAMES:
+        assert name in StrategyRegistry, name
+    fsdp = StrategyRegistry["lit_fsdp"]
+    assert fsdp["strategy"] is GPTFSDPStrategy
+    strategy = GPTFSDPStrategy(**fsdp["init_params"])
+    # One unit per block and nothing else, so the embedding, final norm and (tied) head share the root unit.
+    assert strategy.kwargs["auto_wrap_policy"]._module_classes == {TransformerBlock}
+    assert strategy.kwargs["use_orig_params"] is True and strategy._state_dict_type == "sharded"
+    assert StrategyRegistry["lit_fsdp_hybrid"]["init_params"]["sharding_strategy"] == "HYBRID_SHARD"
+    assert StrategyRegistry["lit_fsdp_offload"]["init_params"]["cpu_offload"] is True
+    assert {StrategyRegistry[f"lit_deepspeed_zero{s}"]["init_params"]["stage"] for s in (1, 2, 3)} == {1, 2, 3}
+
+
+def test_fsdp_on_the_cpu_is_one_clear_error(corpus, tmp_path, in_repo_root):
+    with pytest.raises(ConfigError, match=r"FSDP \(trainer.strategy\) needs CUDA GPUs.*trainer.strategy=ddp"):
+        cli(["fit", "--config", str(QUICK), *TINY, "--trainer.strategy=lit_fsdp", "--trainer.devices=1",
+             f"--trainer.default_root_dir={tmp_path}", "--trainer.max_steps=1", "--model.init_args.warmup_steps=0"])
+
+
+def test_deepspeed_missing_is_one_clear_error(monkeypatch, tmp_path, in_repo_root):
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "deepspeed" else real(name, *a))
+    with pytest.raises(ConfigError, match=r"DeepSpeed .* not installed: pip install 'lit_llm\[deepspeed\]'"):
+        cli(["--config", str(QUICK), *TINY, "--trainer.strategy=lit_deepspeed_zero2",
+             f"--trainer.default_root_dir={tmp_path}"], run=False)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None, reason="deepspeed is not installed")
+def test_deepspeed_on_the_cpu_is_one_clear_error(tmp_path, in_repo_root):
+    with pytest.raises(ConfigError, match=r"DeepSpeed \(trainer.strategy\) needs CUDA GPUs"):
+        cli(["fit", "--config", str(QUICK), *TINY, "--trainer.strategy=lit_deepspeed_zero2", "--trainer.devices=1",
+             f"--trainer.default_root_dir={tmp_path}", "--trainer.max_steps=1"])
+
+
+@pytest.mark.parametrize(("given", "expected"), [
+    ("9.0a", "9.0"), ("8.0;9.0a", "8.0;9.0"), ("9.0a+PTX", "9.0+PTX"), ("10.0f 12.0a", "10.0 12.0"),
+    ("9.0", "9.0"), ("8.6;9.0+PTX", "8.6;9.0+PTX"),
+])
+def test_cuda_arch_suffixes_are_removed_for_deepspeed(given, expected, monkeypatch):
+    monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", given)
+    sanitize_cuda_arch_list()
+    assert os.environ["TORCH_CUDA_ARCH_LIST"] == expected
+
+
+class _OneRank(strategies._AtomicDirectorySave):
+    is_global_zero = True
+
+    def __init__(self) -> None:
+        self.barriers: list[str] = []
+
+    def barrier(self, name: str) -> None:
+        self.barriers.append(name)
+
+
+def _write_shards(checkpoint: dict, path: Path, storage_options=None) -> None:
+    path.mkdir(parents=True)
+    (path / "__0_0.distcp").write_text(checkpoint["payload"])
+    if checkpoint.get("fail"):
+        raise OSError("disk full")
+    (path / ".metadata").write_text("index")
+    (path / "meta.pt").write_text("meta")
+
+
+def test_directory_checkpoints_are_replaced_atomically(tmp_path):
+    target = tmp_path / "last.ckpt"
+    saver = _OneRank()
+    saver._atomic_directory_save(_write_shards, {"payload": "one"}, target, None)
+    assert (target / "__0_0.distcp").read_text() == "one" and looks_complete(target)
+    assert saver.barriers == ["lit_llm.save.start", "lit_llm.save.written", "lit_llm.save.renamed"]
+    saver._atomic_directory_save(_write_shards, {"payload": "two"}, target, None)
+    assert (target / "__0_0.distcp").read_text() == "two"
+    # A save that fails half way leaves the previous checkpoint whole under its name, and only a .tmp leftover.
+    with pytest.raises(OSError, match="disk full"):
+        saver._atomic_directory_save(_write_shards, {"payload": "three", "fail": True}, target, None)
+    assert (target / "__0_0.distcp").read_text() == "two" and looks_complete(target)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.ckpt", "last.ckpt.tmp"]
+    assert not looks_complete(tmp_path / "last.ckpt.tmp")  # no index: an interrupted save
+    # The next run's checkpoint callback clears the leftover.
+    callback = Checkpoint(dirpath=str(tmp_path))
+    callback._remove_partial_saves()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.ckpt"]
+
+
+def test_resume_auto_finds_directory_checkpoints(tmp_path):
+    for step in (10, 20):
+        _write_shards({"payload": str(step)}, tmp_path / f"step={step:06d}.ckpt")
+    deepspeed_like = tmp_path / "step=000030.ckpt"
+    (deepspeed_like / "checkpoint").mkdir(parents=True)
+    (deepspeed_like / "latest").write_text("checkpoint")
+    broken = tmp_path / "step=000040.ckpt"  # a directory without its index
+    broken.mkdir()
+    assert looks_complete(deepspeed_like) and not looks_complete(broken)
+    assert auto_checkpoint(tmp_path) == str(deepspeed_like)
+
+
+def _materialise_like_fsdp(model: torch.nn.Module) -> None:
+    """What FSDP does with a module built on the meta device: allocate each module's own tensors, then let the module
+    initialise them with ``reset_parameters``."""
+    for module in model.modules():
+        module.to_empty(device="cpu", recurse=False)
+        if callable(getattr(module, "reset_parameters", None)):
+            module.reset_parameters()
+
+
+def test_a_model_built_on_meta_materialises_with_lit_llms_initialisation():
+    config = GPTConfig(vocab_size=512, context_length=64, emb_dim=256, n_heads=4, n_layers=4, drop_rate=0.0)
+    torch.manual_seed(0)
+    eager = GPTModel(config)
+    with torch.device("meta"):
+        lazy = GPTModel(config)
+    assert all(p.is_meta for p in lazy.parameters())
+    assert lazy.num_parameters() == eager.num_parameters() and lazy.flops_per_token() == eager.flops_per_token()
+    _materialise_like_fsdp(lazy)
+    eager_params, lazy_params = dict(eager.named_parameters()), dict(lazy.named_parameters())
+    assert eager_params.keys() == lazy_params.keys()
+    for name, p in eager_params.items():
+        q = lazy_params[name]
+        assert not q.is_meta and q.shape == p.shape
+        if name.endswith("bias"):
+            assert torch.count_nonzero(q) == 0, name
+        elif "norm" in name:
+            assert torch.equal(q, torch.ones_like(q)), name
+        else:  # normal(0, 0.02), residual projections scaled by 1/sqrt(2 n_layers): same spread as the eager build
+            assert abs(q.std().item() - p.std().item()) < 0.1 * p.std().item(), name
+
+
+def test_parameter_counts_survive_sharding():
+    model = GPTModel(GPTConfig(vocab_size=300, context_length=32, emb_dim=32, n_heads=2, n_layers=2))
+    full, flops = model.num_parameters(), model.flops_per_token()
+    model.record_parameter_counts()
+    with torch.no_grad():
+        for p in model.parameters():  # what a shard looks like on a rank that owns none of the tensor
+            p.data = torch.empty(0)
+    assert model.num_parameters() == full and model.flops_per_token() == flops
+
+
+def test_activation_checkpointing_gives_the_same_gradients():
+    config = GPTConfig(vocab_size=300, context_length=32, emb_dim=32, n_heads=2, n_layers=3, drop_rate=0.0)
+    torch.manual_seed(0)
+    model = GPTModel(config)
+    ids = torch.randint(0, 300, (2, 32))
+    grads = []
+    for recompute in (False, True):
+        model.zero_grad()
+        model.activation_checkpointing = recompute
+        model(ids).float().logsumexp(-1).mean().backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
+    for name in grads[0]:
+        torch.testing.assert_close(grads[1][name], grads[0][name], rtol=1e-5, atol=1e-7)
+
+
+def test_activation_checkpointing_is_a_task_switch(corpus, tmp_path, in_repo_root):
+    c = cli(["fit", "--config", str(QUICK), *TINY, "--model.init_args.activation_checkpointing=true",
+             f"--trainer.default_root_dir={tmp_path}", "--trainer.fast_dev_run=true"])
+    assert c.model.model.activation_checkpointing is True
+    assert torch.isfinite(c.trainer.callback_metrics["train/loss"])
