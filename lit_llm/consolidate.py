@@ -21,7 +21,6 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
-import os
 import re
 import shlex
 import warnings
@@ -33,7 +32,7 @@ import torch
 from torch import Tensor
 
 from lit_llm.errors import CheckpointError
-from lit_llm.tensor_files import UNREADABLE_FILE_ERRORS, error_reason, torch_load
+from lit_llm.tensor_files import TMP_SUFFIX, UNREADABLE_FILE_ERRORS, atomic_torch_save, error_reason, torch_load
 
 __all__ = ["Kind", "consolidate", "consolidate_command", "detect_kind", "sharded_kind", "suggested_output"]
 
@@ -46,7 +45,6 @@ FSDP_META_FILE = "meta.pt"
 _DCP_INDEX = ".metadata"
 _DS_LATEST = "latest"
 #: Suffix of a checkpoint still being written: lit_llm's strategies rename ``<name>.tmp`` once every rank is done.
-_UNFINISHED = ".tmp"
 #: Module wrappers whose names leak into parameter names: Lightning's DeepSpeed wrapper (a prefix), FSDP, activation
 #: checkpointing and torch.compile (anywhere in the name).
 _WRAPPER_PREFIX = "_forward_module."
@@ -101,9 +99,9 @@ def detect_kind(path: str | Path) -> Kind:
                               "pass it as it is to python -m lit_llm.generate --checkpoint, to-hf or "
                               "model.init_args.init_weights")
     kind = sharded_kind(p)
-    if p.name.endswith(_UNFINISHED):
-        final = p.with_name(p.name[: -len(_UNFINISHED)])
-        raise CheckpointError(f"{path} is an unfinished save (a checkpoint is written as <name>{_UNFINISHED} and "
+    if p.name.endswith(TMP_SUFFIX):
+        final = p.with_name(p.name[: -len(TMP_SUFFIX)])
+        raise CheckpointError(f"{path} is an unfinished save (a checkpoint is written as <name>{TMP_SUFFIX} and "
                               f"renamed once every rank has finished); consolidate {final} if it exists, or an "
                               "earlier checkpoint")
     if kind == "deepspeed":
@@ -225,7 +223,7 @@ def _consolidate(src: str | Path, out: str | Path, *, keep_optimizer: bool) -> _
     state = checkpoint["state_dict"]
     _tie_head(state, checkpoint)
     _drop_unloadable(checkpoint, source)
-    _write(checkpoint, target)
+    atomic_torch_save(checkpoint, target)
     tensors = [t for t in state.values() if isinstance(t, Tensor)]
     unique = {(t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape)): t for t in tensors}
     return _Result(
@@ -242,7 +240,7 @@ def _consolidate(src: str | Path, out: str | Path, *, keep_optimizer: bool) -> _
 
 def _resolve_source(path: Path) -> Path:
     """A run directory stands for its newest checkpoint, when that is a directory; anything else is checked as is."""
-    if not path.is_dir() or sharded_kind(path) is not None or path.name.endswith(_UNFINISHED):
+    if not path.is_dir() or sharded_kind(path) is not None or path.name.endswith(TMP_SUFFIX):
         return path
     from lit_llm.weights import newest_checkpoint
 
@@ -407,21 +405,6 @@ def _drop_unloadable(checkpoint: dict[str, Any], source: Path) -> None:
     if dropped:
         warnings.warn(f"{source}: left out of the consolidated file, because they are not plain data that lit_llm's "
                       f"readers load: {'; '.join(dropped)}", stacklevel=4)
-
-
-def _write(checkpoint: dict[str, Any], out: Path) -> None:
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + _UNFINISHED)
-    try:
-        with tmp.open("wb") as f:
-            torch.save(checkpoint, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, out)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-        raise
 
 
 def _size(n: int) -> str:

@@ -47,9 +47,7 @@ from pytorch_lightning.utilities import rank_zero_info
 
 from lit_llm.errors import ConfigError
 from lit_llm.model import TransformerBlock
-
-#: Suffix of a checkpoint (file or directory) being written; renamed onto its final name only once complete.
-TMP_SUFFIX = ".tmp"
+from lit_llm.tensor_files import TMP_SUFFIX
 
 DEEPSPEED_INSTALL = "pip install 'lit_llm[deepspeed]'"
 

@@ -8,7 +8,9 @@ naming the file.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import pickle
 import zipfile
 from collections.abc import Callable
@@ -25,6 +27,38 @@ from lit_llm.errors import CheckpointError
 UNREADABLE_FILE_ERRORS = (
     RuntimeError, EOFError, OSError, ValueError, IndexError, KeyError, zipfile.BadZipFile, pickle.UnpicklingError,
 )
+
+
+#: Suffix of a file (or checkpoint directory) being written; renamed onto its final name only once complete.
+TMP_SUFFIX = ".tmp"
+
+
+def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
+    """``torch.save`` into ``<path>.tmp`` in the same directory, flushed to disk, then renamed over ``path``.
+
+    A crash or a failed write at any point leaves the previous file whole (and at most a ``.tmp`` leftover). The
+    rename itself is made durable by syncing the directory where the filesystem allows it.
+    """
+    path = os.fspath(path)
+    folder = os.path.dirname(path) or "."
+    os.makedirs(folder, exist_ok=True)
+    tmp = path + TMP_SUFFIX
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise
+    with contextlib.suppress(OSError):
+        fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
 
 class Tensors:

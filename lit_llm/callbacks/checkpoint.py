@@ -15,7 +15,6 @@ from datetime import timedelta
 from typing import Any, Literal
 
 import pytorch_lightning as pl
-import torch
 from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning_fabric.utilities.cloud_io import get_filesystem
 from pytorch_lightning.callbacks import ModelCheckpoint
@@ -24,8 +23,7 @@ from pytorch_lightning.utilities.exceptions import SIGTERMException
 
 from lit_llm.callbacks.signals import REQUEUE_EXIT_CODE, SigtermStop
 from lit_llm.errors import CheckpointError, NonFiniteLossError
-from lit_llm.strategies import TMP_SUFFIX
-from lit_llm.tensor_files import UNREADABLE_FILE_ERRORS, error_reason
+from lit_llm.tensor_files import TMP_SUFFIX, UNREADABLE_FILE_ERRORS, atomic_torch_save, error_reason
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -43,24 +41,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         if "://" in path or storage_options is not None:
             super().save_checkpoint(checkpoint, path, storage_options=storage_options)
             return
-        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-        tmp = path + TMP_SUFFIX
-        try:
-            with open(tmp, "wb") as f:
-                torch.save(checkpoint, f)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.remove(tmp)
-            raise
-        with contextlib.suppress(OSError):  # make the rename itself durable
-            fd = os.open(os.path.dirname(path) or ".", os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
+        atomic_torch_save(checkpoint, path)
 
     def load_checkpoint(self, path: Any, map_location: Callable | None = lambda storage, loc: storage,
                         weights_only: bool | None = None) -> dict[str, Any]:
