@@ -36,7 +36,11 @@ from torch.utils.data import DataLoader, Dataset
 
 from lit_llm.data.sampler import CountsConsumedBatches, ResumableLoader, ResumableSampler
 from lit_llm.data.sources import FileFormat, default_cache_dir, load_records
-from lit_llm.data.tokenizing import check_tokenizer_state, resolve_tokenizer, texts_key, tokenizer_state
+from lit_llm.data.tokenizing import (
+    StoresTokenizer,
+    resolve_tokenizer,
+    texts_key,
+)
 from lit_llm.errors import ConfigError, DataError
 from lit_llm.tokenizer import Tokenizer
 
@@ -121,7 +125,7 @@ class PadCollate:
         return batch
 
 
-class ClassificationDataModule(CountsConsumedBatches, pl.LightningDataModule):
+class ClassificationDataModule(CountsConsumedBatches, StoresTokenizer, pl.LightningDataModule):
     """Labelled texts for a classifier: split, label-mapped, tokenized and padded like the book's spam data.
 
     Args:
@@ -586,7 +590,7 @@ class ClassificationDataModule(CountsConsumedBatches, pl.LightningDataModule):
     def state_dict(self) -> dict[str, Any]:
         """The tokenizer, the class names and the padding, so a checkpoint alone can classify new text."""
         return {
-            **tokenizer_state(self.tokenizer),
+            **super().state_dict(),
             "label_names": list(self.label_names),
             "pad_to": self.pad_to,
             "pad_length": self.pad_length,
@@ -599,7 +603,7 @@ class ClassificationDataModule(CountsConsumedBatches, pl.LightningDataModule):
         Raises:
             DataError: The checkpoint's tokenizer or class names differ from the configured ones.
         """
-        check_tokenizer_state(state_dict, self.tokenizer, self.tokenizer_source)
+        super().load_state_dict(state_dict)
         names = state_dict.get("label_names")
         if names is not None and list(names) != self.label_names:
             raise DataError(

@@ -27,7 +27,11 @@ from torch.utils.data import DataLoader, Dataset
 from lit_llm.data.collate import InstructionCollate, LengthGroupedSampler
 from lit_llm.data.sampler import CountsConsumedBatches, ResumableLoader, ResumableSampler
 from lit_llm.data.sources import default_cache_dir, load_records
-from lit_llm.data.tokenizing import check_tokenizer_state, resolve_tokenizer, texts_key, tokenizer_state
+from lit_llm.data.tokenizing import (
+    StoresTokenizer,
+    resolve_tokenizer,
+    texts_key,
+)
 from lit_llm.errors import ConfigError, DataError
 from lit_llm.prompts import format_prompt, get_template
 from lit_llm.tokenizer import Tokenizer
@@ -78,7 +82,7 @@ class PromptBatches(Dataset):
         }
 
 
-class InstructionDataModule(CountsConsumedBatches, pl.LightningDataModule):
+class InstructionDataModule(CountsConsumedBatches, StoresTokenizer, pl.LightningDataModule):
     """Instruction records from any source, formatted with a prompt template and batched with the book's collate.
 
     Batches are ``(inputs, targets)`` for training, validation and ``test`` (loss); ``predict`` yields the test
@@ -433,19 +437,6 @@ class InstructionDataModule(CountsConsumedBatches, pl.LightningDataModule):
         self.setup("predict")
         return PromptBatches(self.test_prompt_ids, self.batch_size)
 
-    # ---- checkpoints -----------------------------------------------------------------------------------------
-
-    def state_dict(self) -> dict[str, Any]:
-        """The tokenizer, so a checkpoint records which ids its weights mean."""
-        return tokenizer_state(self.tokenizer)
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Check that the checkpoint was trained with this tokenizer.
-
-        Raises:
-            DataError: The checkpoint's tokenizer differs from the configured one.
-        """
-        check_tokenizer_state(state_dict, self.tokenizer, self.tokenizer_source)
 
 
 def _validate(args: dict[str, Any]) -> None:

@@ -26,7 +26,11 @@ from torch.utils.data import DataLoader, Subset
 from lit_llm.data.packing import ROWS_PER_BATCH, Piece, Rows, TokenWindows, write_npy
 from lit_llm.data.sampler import CountsConsumedBatches, ResumableLoader, ResumableSampler
 from lit_llm.data.sources import default_cache_dir, load_documents
-from lit_llm.data.tokenizing import cache_key, check_tokenizer_state, resolve_tokenizer, tokenizer_state
+from lit_llm.data.tokenizing import (
+    StoresTokenizer,
+    cache_key,
+    resolve_tokenizer,
+)
 from lit_llm.errors import ConfigError, DataError
 from lit_llm.tokenizer import Tokenizer
 
@@ -38,7 +42,7 @@ _TOKENIZER_SAMPLE_CHARS = 200_000_000
 
 
 
-class PretrainDataModule(CountsConsumedBatches, pl.LightningDataModule):
+class PretrainDataModule(CountsConsumedBatches, StoresTokenizer, pl.LightningDataModule):
     """Packed next-token-prediction data from any text source.
 
     Args:
@@ -478,16 +482,3 @@ class PretrainDataModule(CountsConsumedBatches, pl.LightningDataModule):
             self.setup("validate")
         return [] if self.val_dataset is None else self._loader(self.val_dataset, train=False)
 
-    # ---- checkpoints -----------------------------------------------------------------------------------------
-
-    def state_dict(self) -> dict[str, Any]:
-        """The tokenizer, so a checkpoint records which ids its weights mean."""
-        return tokenizer_state(self.tokenizer)
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Check that the checkpoint was trained with this tokenizer.
-
-        Raises:
-            DataError: The checkpoint's tokenizer differs from the configured one.
-        """
-        check_tokenizer_state(state_dict, self.tokenizer, self.tokenizer_source)

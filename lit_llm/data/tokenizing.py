@@ -117,3 +117,26 @@ def check_tokenizer_state(state: dict, tokenizer: Tokenizer, source: str) -> Non
             f"({tokenizer.fingerprint[:12]}). Use the tokenizer the checkpoint was trained with: it is saved as "
             "tokenizer.json in the run directory (set data.tokenizer to that file)."
         )
+
+
+class StoresTokenizer:
+    """DataModule mixin: checkpoints hold the tokenizer, and loading one trained with another tokenizer stops.
+
+    The DataModule provides ``tokenizer`` and ``tokenizer_source`` (the ``data.tokenizer`` setting); one that stores
+    more extends both methods through ``super()``.
+    """
+
+    tokenizer: Tokenizer
+    tokenizer_source: str
+
+    def state_dict(self) -> dict:
+        """The tokenizer, so a checkpoint records which ids its weights mean."""
+        return tokenizer_state(self.tokenizer)
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """Check that the checkpoint was trained with this tokenizer.
+
+        Raises:
+            DataError: The checkpoint's tokenizer differs from the configured one.
+        """
+        check_tokenizer_state(state_dict, self.tokenizer, self.tokenizer_source)
