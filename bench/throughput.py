@@ -10,9 +10,18 @@ Tokens/s exclude warm-up (compilation, autotuning, allocator growth): ``--warmup
 token, ``GPTModel.flops_per_token``) against the dense bf16 peak of lit_llm's table (989.4 TFLOP/s for H100/H200 SXM).
 
     python bench/throughput.py ladder --model gpt2-124m --batch 32 --json ladder.json
+    python bench/throughput.py sweep --model gpt2-124m --json sweep.json   # options beside the top rung
     python bench/throughput.py plain --model gpt2-124m --batch 32 --precision bf16-mixed --compile true
     python bench/throughput.py trainer --model gpt2-124m --batch 32 --accumulate 16 \\
         --source corpus.txt --tokenizer gpt2_dir/ --json trainer.json
+
+To see where the GPU waits, profile both paths: ``--trace-dir DIR`` records two plain-loop steps, and the
+``ProfileWindow`` callback records ``fit`` steps; each writes ``trace.json`` (open it in Perfetto) and prints
+``trace_summary``: the GPU's busy share and its longest idle gaps with what the host was running then.
+
+    python bench/throughput.py compare ... --trace-dir plain_trace \
+        '--trainer-arg=--trainer.callbacks+={"class_path": "bench.throughput.ProfileWindow",
+                                             "init_args": {"folder": "fit_trace", "start_step": 25}}'
 """
 
 from __future__ import annotations
@@ -27,6 +36,7 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
+import pytorch_lightning as pl
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -53,6 +63,8 @@ class Variant:
     pad_vocab_multiple: int = 64
     bias: bool = True
     qkv_bias: bool = True
+    residual: str = "float32"  # float32 | autocast (the residual stream in bf16 under autocast)
+    coordinate_descent: bool = False  # inductor's coordinate-descent tuning of the generated kernels
 
     @property
     def compiled(self) -> bool:
@@ -78,6 +90,17 @@ EXTRAS: list[tuple[str, dict[str, Any]]] = [
     ("top rung, flash attention instead of cuDNN", dict(sdpa_backend="flash")),
     ("top rung, compile max-autotune (no CUDA graphs)", dict(compile="max-autotune-no-cudagraphs")),
 ]
+# The speed sweep beside the top rung: (label, change, micro-batch).
+SWEEP: list[tuple[str, dict[str, Any], int]] = [
+    ("top rung", {}, 32),
+    ("residual stream in bf16", dict(residual="autocast"), 32),
+    ("top rung, batch 64", {}, 64),
+    ("residual stream in bf16, batch 64", dict(residual="autocast"), 64),
+    ("residual bf16, batch 64, coordinate-descent tuning", dict(residual="autocast", coordinate_descent=True), 64),
+    ("residual bf16, batch 32, CUDA graphs (reduce-overhead)", dict(residual="autocast", compile="reduce-overhead"),
+     32),
+    ("bf16-true, batch 64", dict(precision="bf16-true"), 64),
+]
 
 
 def model_config(name: str, v: Variant) -> GPTConfig:
@@ -93,12 +116,15 @@ def _set_matmul_precision(precision: str) -> None:
 
 
 def plain_loop(model_name: str, v: Variant, batch: int, accumulate: int, steps: int, warmup: int,
-               seq_len: int | None = None) -> dict[str, Any]:
+               seq_len: int | None = None, trace_dir: str | None = None) -> dict[str, Any]:
     """Time ``steps`` optimizer steps of a plain PyTorch loop (after ``warmup`` untimed ones)."""
     device = torch.device(DEVICE)
     cuda = device.type == "cuda"
     torch.manual_seed(0)
     torch._dynamo.reset()
+    import torch._inductor.config as inductor_config
+
+    inductor_config.coordinate_descent_tuning = v.coordinate_descent
     if cuda:
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
@@ -109,6 +135,7 @@ def plain_loop(model_name: str, v: Variant, batch: int, accumulate: int, steps: 
         model = GPTModel(cfg)
     if v.precision == "bf16-true":
         model = model.to(torch.bfloat16)
+    model.autocast_residual = v.residual == "autocast"
     model.train()
 
     def model_loss(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -147,6 +174,17 @@ def plain_loop(model_name: str, v: Variant, batch: int, accumulate: int, steps: 
     elapsed = time.perf_counter() - t0
     tokens = steps * accumulate * batch * T
     tps = tokens / elapsed
+    trace = None
+    if trace_dir:
+        folder = Path(trace_dir)
+        folder.mkdir(parents=True, exist_ok=True)
+        with torch.profiler.profile(with_stack=True) as prof:
+            for i in range(2):
+                one_step(warmup + steps + i)
+            _sync(device)
+        prof.export_chrome_trace(str(folder / "trace.json"))
+        trace = trace_summary(folder / "trace.json")
+        print("PROFILE plain", json.dumps(trace), flush=True)
     peak = get_peak_flops(_device_name(), "bf16" if v.precision.startswith("bf16") else v.precision)
     flops = model.flops_per_token(T)
     result = {
@@ -158,7 +196,72 @@ def plain_loop(model_name: str, v: Variant, batch: int, accumulate: int, steps: 
         "final_loss": float(loss.detach()) * accumulate,
         "parameters": model.num_parameters(),
     }
+    if trace is not None:
+        result["trace"] = trace
     return result
+
+
+def trace_summary(trace_file: str | Path, top: int = 12) -> dict[str, Any]:
+    """GPU busy time of a Chrome trace written by ``torch.profiler``: the union of kernel / memcpy / memset intervals
+    against the span from the first GPU event to the last, and the longest idle gaps with the host-side Python
+    functions (``with_stack``) or operators that were running when each gap began."""
+    events = json.loads(Path(trace_file).read_text())
+    events = events.get("traceEvents", events) if isinstance(events, dict) else events
+    gpu = sorted((e["ts"], e["ts"] + e.get("dur", 0)) for e in events
+                 if e.get("ph") == "X" and e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset"))
+    if not gpu:
+        return {"error": "no GPU events in the trace"}
+    busy, gaps, (cur_s, cur_e) = 0.0, [], gpu[0]
+    for s, e in gpu[1:]:
+        if s > cur_e:
+            busy += cur_e - cur_s
+            gaps.append((s - cur_e, cur_e))
+            cur_s, cur_e = s, e
+        else:
+            cur_e = max(cur_e, e)
+    busy += cur_e - cur_s
+    span = gpu[-1][1] - gpu[0][0]
+    host = [e for e in events if e.get("ph") == "X" and e.get("cat") in ("python_function", "cpu_op",
+                                                                          "user_annotation")]
+    worst = []
+    for length, start in sorted(gaps, reverse=True)[:top]:
+        running = [e for e in host if e["ts"] <= start <= e["ts"] + e.get("dur", 0)]
+        # The innermost few frames tell what the host was doing while the GPU waited.
+        names = [e["name"] for e in sorted(running, key=lambda e: e.get("dur", 0))[:6]]
+        worst.append({"gap_us": round(length, 1), "host": names})
+    idle_by_size = {f">{t}us": round(sum(g for g, _ in gaps if g > t) / span, 4) for t in (10, 100, 1000)}
+    return {"span_ms": round(span / 1e3, 2), "gpu_busy": round(busy / span, 4), "idle_fraction_in_gaps": idle_by_size,
+            "gaps": len(gaps), "worst_gaps": worst}
+
+
+class ProfileWindow(pl.Callback):
+    """A Lightning callback (``--trainer.callbacks+=bench.throughput.ProfileWindow``) that records ``steps`` optimizer
+    steps from ``start_step`` with ``torch.profiler`` and writes ``trace.json`` and ``trace_summary.json`` into
+    ``folder``."""
+
+    def __init__(self, folder: str, start_step: int = 10, steps: int = 2, with_stack: bool = True) -> None:
+        self.folder, self.start, self.stop_at = Path(folder), start_step, start_step + steps
+        self.with_stack = with_stack
+        self.prof: Any = None
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
+                             batch_idx: int) -> None:
+        if self.prof is None and trainer.global_step == self.start:
+            torch.cuda.synchronize()
+            self.prof = torch.profiler.profile(with_stack=self.with_stack)
+            self.prof.__enter__()
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        if self.prof is not None and trainer.global_step >= self.stop_at:
+            torch.cuda.synchronize()
+            self.prof.__exit__(None, None, None)
+            self.folder.mkdir(parents=True, exist_ok=True)
+            self.prof.export_chrome_trace(str(self.folder / "trace.json"))
+            summary = trace_summary(self.folder / "trace.json")
+            (self.folder / "trace_summary.json").write_text(json.dumps(summary, indent=1))
+            print("PROFILE trainer", json.dumps(summary), flush=True)
+            self.prof, self.stop_at = None, float("inf")
 
 
 def _sync(device: torch.device) -> None:
@@ -186,6 +289,8 @@ def trainer_run(args: argparse.Namespace, v: Variant) -> dict[str, Any]:
         f"--model.init_args.compile={'false' if not v.compiled else ('true' if v.compile == 'default' else v.compile)}",
         f"--model.init_args.sdpa_backend={v.sdpa_backend}",
         f"--model.init_args.fused_adamw={str(v.fused).lower()}",
+        f"--model.init_args.low_precision_residual={str(v.residual == 'autocast').lower()}",
+        *(["--model.init_args.compile_options={coordinate_descent_tuning: true}"] if v.coordinate_descent else []),
         "--model.init_args.warmup_steps=5",
         f"--data.init_args.source={args.source}", "--data.init_args.sha256=null",
         f"--data.init_args.tokenizer={args.tokenizer}", "--data.init_args.split_by=tokens",
@@ -223,9 +328,9 @@ def _print(r: dict[str, Any], label: str) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("mode", choices=["ladder", "plain", "trainer", "compare"],
-                        help="ladder: every rung in the plain loop; plain/trainer: one variant; compare: the same "
-                             "variant through both paths")
+    parser.add_argument("mode", choices=["ladder", "sweep", "plain", "trainer", "compare"],
+                        help="ladder: every rung in the plain loop; sweep: the options beside the top rung (SWEEP); "
+                             "plain/trainer: one variant; compare: the same variant through both paths")
     parser.add_argument("--model", default="gpt2-124m")
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--accumulate", type=int, default=1)
@@ -236,24 +341,30 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--windows", type=int, default=2,
                         help="trainer: timed windows; one more runs first, untimed (compilation, warm-up)")
     parser.add_argument("--extras", action="store_true", help="ladder: also measure the EXTRAS options")
-    for field in ("precision", "attention", "sdpa_backend", "compile"):
+    for field in ("precision", "attention", "sdpa_backend", "compile", "residual"):
         parser.add_argument(f"--{field.replace('_', '-')}", dest=field)
     parser.add_argument("--fused", choices=["true", "false"])
     parser.add_argument("--bias", choices=["true", "false"])
+    parser.add_argument("--coordinate-descent", action="store_true", help="inductor's coordinate-descent tuning")
     parser.add_argument("--config", default="configs/pretrain/gpt2-124m.yaml")
     parser.add_argument("--source", help="trainer: corpus file")
     parser.add_argument("--tokenizer", default="gpt2", help="trainer: tokenizer directory or Hub name")
     parser.add_argument("--root", default="/tmp/lit_llm_bench")
     parser.add_argument("--trainer-arg", action="append", help="extra argument for lit_llm.train (repeatable)")
     parser.add_argument("--json", help="append the results (a JSON list) to this file")
+    parser.add_argument("--trace-dir", help="plain/compare: also profile two steps of the plain loop and write "
+                                            "trace.json and its GPU-idle summary here")
     args = parser.parse_args(argv)
 
     v = Variant()
-    overrides = {k: getattr(args, k) for k in ("precision", "attention", "sdpa_backend", "compile") if getattr(args, k)}
+    overrides = {k: getattr(args, k) for k in ("precision", "attention", "sdpa_backend", "compile", "residual")
+                 if getattr(args, k)}
     if args.fused:
         overrides["fused"] = args.fused == "true"
     if args.bias:
         overrides["bias"] = overrides["qkv_bias"] = args.bias == "true"
+    if args.coordinate_descent:
+        overrides["coordinate_descent"] = True
     v = replace(v, **overrides)
     print(f"{_device_name()}  torch {torch.__version__}  {args.model} batch {args.batch} x "
           f"accumulate {args.accumulate}", flush=True)
@@ -271,8 +382,15 @@ def main(argv: list[str] | None = None) -> None:
                 gc.collect()
                 results.append(r := plain_loop(args.model, extra, args.batch, args.accumulate, args.steps, args.warmup))
                 _print(r, label)
+    if args.mode == "sweep":
+        for label, change, batch in SWEEP:
+            gc.collect()
+            variant = replace(v, name=label, **change)
+            results.append(r := plain_loop(args.model, variant, batch, args.accumulate, args.steps, args.warmup))
+            _print(r, f"{label} (batch {batch})")
     if args.mode in ("plain", "compare"):
-        results.append(r := plain_loop(args.model, v, args.batch, args.accumulate, args.steps, args.warmup))
+        results.append(r := plain_loop(args.model, v, args.batch, args.accumulate, args.steps, args.warmup,
+                                       trace_dir=args.trace_dir))
         _print(r, f"plain loop: {v.precision} compile={v.compile} sdpa={v.sdpa_backend}")
     if args.mode in ("trainer", "compare"):
         if not args.source:

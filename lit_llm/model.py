@@ -229,6 +229,10 @@ class GPTModel(nn.Module):
         #: Recompute each block's activations in the backward pass instead of keeping them (training only): saves
         #: most activation memory for about a third more compute. Set by the task's ``activation_checkpointing``.
         self.activation_checkpointing = False
+        #: Under autocast, carry the residual stream (embeddings and every block's output) in the autocast dtype
+        #: (bf16) instead of float32. LayerNorm still computes in float32 and the weights stay float32; it halves the
+        #: memory traffic of the elementwise work between the matmuls. Set by the task's ``residual_dtype``.
+        self.autocast_residual = False
         self._counts: dict[bool, int] | None = None
 
     def forward(self, in_idx: torch.Tensor, kv_cache: KVCache | None = None) -> torch.Tensor:
@@ -244,6 +248,8 @@ class GPTModel(nn.Module):
         # Absolute positions: with a cache, the new tokens come after the `start` cached ones.
         pos = torch.arange(start, start + T, device=in_idx.device)
         x = self.drop_emb(self.tok_emb(in_idx) + self.pos_emb(pos))  # (B, T, C)
+        if self.autocast_residual and torch.is_autocast_enabled(x.device.type):
+            x = x.to(torch.get_autocast_dtype(x.device.type))
         if kv_cache is None:
             recompute = self.activation_checkpointing and self.training and torch.is_grad_enabled()
             for block in self.trf_blocks:

@@ -41,7 +41,6 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
-import torch
 from pytorch_lightning.strategies import DDPStrategy, DeepSpeedStrategy, FSDPStrategy, Strategy, StrategyRegistry
 from pytorch_lightning.utilities import rank_zero_info
 
@@ -157,9 +156,10 @@ class GPTDeepSpeedStrategy(_AtomicDirectorySave, DeepSpeedStrategy):
         super().setup_environment()
 
     def setup(self, trainer: Any) -> None:
-        # DeepSpeed clips inside its engine, from its config; Lightning fills that from trainer.gradient_clip_val only.
+        # DeepSpeed clips inside its engine, from its config. Lightning fills that from trainer.gradient_clip_val only,
+        # and may have done so already (with 0.0, no clipping) when it built the model under ZeRO stage 3's context.
         clip = trainer.gradient_clip_val or getattr(trainer.lightning_module, "hparams", {}).get("gradient_clip")
-        if clip and "gradient_clipping" not in self.config:
+        if clip and not self.config.get("gradient_clipping"):
             self.config["gradient_clipping"] = float(clip)
         with contextlib.ExitStack() as stack:
             import warnings
@@ -189,39 +189,6 @@ def sanitize_cuda_arch_list() -> None:
         os.environ["TORCH_CUDA_ARCH_LIST"] = cleaned
         rank_zero_info(f"TORCH_CUDA_ARCH_LIST={value!r} -> {cleaned!r} for DeepSpeed's op builder, which cannot "
                        "parse architecture suffixes")
-
-
-def load_state_partitioned(model: torch.nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
-    """Copy a full state dict into a model whose parameters DeepSpeed ZeRO-3 has partitioned over the ranks.
-
-    Each module's parameters are gathered, filled from ``state`` on rank 0 and partitioned again (DeepSpeed
-    broadcasts rank 0's values), one module at a time, so no rank ever holds the whole model on its GPU.
-    """
-    import deepspeed
-
-    from lit_llm.errors import CheckpointError
-
-    expected = {name for name, _ in model.named_parameters()} | {name for name, _ in model.named_buffers()}
-    missing = sorted(expected - set(state))
-    if missing:
-        raise CheckpointError(f"{source} lacks {len(missing)} of the model's weights: {', '.join(missing[:8])}"
-                              f"{' ...' if len(missing) > 8 else ''}")
-    rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
-    for prefix, module in model.named_modules():
-        params = list(module.named_parameters(recurse=False))
-        if not params:
-            continue
-        with deepspeed.zero.GatheredParameters([p for _, p in params], modifier_rank=0), torch.no_grad():
-            if rank == 0:
-                for name, param in params:
-                    value = state[f"{prefix}.{name}" if prefix else name]
-                    if tuple(value.shape) != tuple(param.shape):
-                        raise CheckpointError(f"{source}: {prefix}.{name} has shape {tuple(value.shape)}, the model "
-                                              f"{tuple(param.shape)}")
-                    param.copy_(value.to(param.dtype))
-    for name, buffer in model.named_buffers():
-        with torch.no_grad():
-            buffer.copy_(state[name].to(buffer.dtype))
 
 
 def _register() -> None:

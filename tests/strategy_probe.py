@@ -1,12 +1,14 @@
 """A callback the multi-GPU tests add with ``--trainer.callbacks+=``: it records what the tests compare.
 
-Rank 0 writes ``probe.json`` into ``folder``: the global training loss of every optimizer step (the mean over ranks,
-each rank's loss being the mean over its micro-batch), and the text the live model writes greedily from a fixed
-prompt at the end of training (all ranks take part in the generation, as sharded weights are gathered collectively).
+Rank 0 writes ``probe.json`` into ``folder``: the global training loss of every optimizer step (the mean over ranks
+and over the step's accumulated micro-batches, each micro-batch's loss being the mean over its tokens), and the text
+the live model writes greedily from a fixed prompt at the end of training (all ranks take part in the generation, as
+sharded weights are gathered collectively).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 from typing import Any
@@ -25,12 +27,40 @@ class StrategyProbe(pl.Callback):
         self.prompt = prompt
         self.new_tokens = new_tokens
         self.losses: dict[int, float] = {}
+        self._pending: list[float] = []
+        self._step: int | None = None
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._step = trainer.global_step  # 0, or the step a resumed run starts from
+        # The sum of each parameter at the start (all ranks hold the same full values once gathered), so that runs
+        # can be checked to start from the same weights. Not under ZeRO-3 (gathering there is per module).
+        self.start_sums: dict[str, float] = {}
+        if getattr(trainer.strategy, "zero_stage_3", False):
+            return
+        context: Any = contextlib.nullcontext()
+        if "FSDP" in type(trainer.strategy).__name__:
+            from torch.distributed.fsdp import FullyShardedDataParallel
+
+            context = FullyShardedDataParallel.summon_full_params(trainer.strategy.model, writeback=False)
+        with context, torch.no_grad():
+            self.start_sums = {n.replace("_fsdp_wrapped_module.", ""): float(p.double().sum())
+                               for n, p in pl_module.model.named_parameters()}
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
+                             batch_idx: int) -> None:
+        if not hasattr(self, "first_batch_sum"):  # the global first batch's token-id sum, over all ranks
+            local = torch.tensor(float(sum(int(t.sum()) for t in batch)), device=pl_module.device)
+            self.first_batch_sum = float(trainer.strategy.reduce(local, reduce_op="sum"))
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
+        # Lightning hands over each micro-batch's loss divided by accumulate_grad_batches: their sum over an
+        # optimizer step is the step's mean loss.
         loss = outputs["loss"] if isinstance(outputs, dict) else outputs
-        mean = trainer.strategy.reduce(loss.detach().float(), reduce_op="mean")
-        self.losses[trainer.global_step] = float(mean)
+        self._pending.append(float(trainer.strategy.reduce(loss.detach().float(), reduce_op="mean")))
+        if trainer.global_step != self._step:  # the optimizer stepped after this micro-batch
+            self.losses[trainer.global_step] = sum(self._pending)
+            self._pending, self._step = [], trainer.global_step
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         model = pl_module.model
@@ -52,5 +82,6 @@ class StrategyProbe(pl.Callback):
         if trainer.is_global_zero:
             self.folder.mkdir(parents=True, exist_ok=True)
             record = {"losses": self.losses, "generated": completion, "dtype": str(dtype).replace("torch.", ""),
-                      "world_size": trainer.world_size, "strategy": type(trainer.strategy).__name__}
+                      "world_size": trainer.world_size, "strategy": type(trainer.strategy).__name__,
+                      "start_sums": self.start_sums, "first_batch_sum": getattr(self, "first_batch_sum", None)}
             (self.folder / "probe.json").write_text(json.dumps(record), encoding="utf-8")

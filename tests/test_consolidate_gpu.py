@@ -29,7 +29,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT
+from conftest import ROOT, cuda_visible
 
 pytestmark = pytest.mark.gpu
 
@@ -49,7 +49,7 @@ LOGITS_TOL = 2e-2
 
 
 def _env(gpus: list[int]) -> dict[str, str]:
-    env = dict(os.environ, CUDA_VISIBLE_DEVICES=",".join(map(str, gpus)), PYTHONUNBUFFERED="1",
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES=cuda_visible(gpus, GPUS), PYTHONUNBUFFERED="1",
                PYTHONPATH=os.pathsep.join([str(ROOT / "tests"), str(ROOT), os.environ.get("PYTHONPATH", "")]))
     # DeepSpeed's op builder reads TORCH_CUDA_ARCH_LIST as plain major.minor numbers ("9.0a" fails).
     if env.get("TORCH_CUDA_ARCH_LIST"):

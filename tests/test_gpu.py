@@ -113,8 +113,9 @@ def test_fast_path_learns_like_the_reference_path(tmp_path, in_repo_root):
     try:
         runs = {}
         bf16_true = ["--trainer.precision=bf16-true", "--model.init_args.compile=true"]
+        residual = [*fast, "--model.init_args.low_precision_residual=true"]
         for name, args, seed in [("ref", reference, 123), ("ref_other_seed", reference, 7), ("fast", fast, 123),
-                                 ("bf16_true", bf16_true, 123)]:
+                                 ("fast_bf16_residual", residual, 123), ("bf16_true", bf16_true, 123)]:
             root = tmp_path / name
             _fit(root, *common, *args, f"--seed_everything={seed}")
             runs[name] = torch.tensor(_train_losses(root))
@@ -127,8 +128,10 @@ def test_fast_path_learns_like_the_reference_path(tmp_path, in_repo_root):
     noise = gap("ref", "ref_other_seed")
     report = {name: round(r[-50:].mean().item(), 4) for name, r in runs.items()}
     print(f"mean train loss over steps 151-200: {report}; seed noise {noise:.4f}, fast gap {gap('fast', 'ref'):.4f}, "
+          f"bf16 residual gap {gap('fast_bf16_residual', 'ref'):.4f}, "
           f"bf16-true gap {gap('bf16_true', 'ref'):.4f}; per-step max |fast - ref| "
           f"{(runs['fast'] - runs['ref']).abs().max().item():.4f}")
     assert all(len(r) == 200 for r in runs.values())
     assert runs["ref"][-50:].mean() < runs["ref"][:10].mean() - 1.0  # it learned
     assert gap("fast", "ref") <= max(2 * noise, 0.02)
+    assert gap("fast_bf16_residual", "ref") <= max(2 * noise, 0.02)

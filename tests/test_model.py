@@ -113,3 +113,35 @@ def test_invalid_config_lists_every_problem():
 def test_unknown_preset():
     with pytest.raises(ConfigError, match="gpt2-124m"):
         GPTConfig.from_name("gpt-5")
+
+
+def test_low_precision_residual_carries_the_stream_in_the_autocast_dtype():
+    torch.manual_seed(0)
+    model = GPTModel(GPTConfig(vocab_size=100, context_length=16, emb_dim=32, n_heads=2, n_layers=2, drop_rate=0.0))
+    ids = torch.randint(0, 100, (2, 16))
+    seen = []
+    model.trf_blocks[0].register_forward_hook(lambda module, args, out: seen.append(out.dtype))
+    exact = model(ids)
+    seen.clear()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        reference = model(ids).float()
+        model.autocast_residual = True
+        low = model(ids).float()
+    assert seen == [torch.float32, torch.bfloat16]  # the first block's output: float32, then bf16
+    # Autocast's bf16 matmuls already move the logits off the float32 ones (mean 3e-4 of logits ~0.09 here); the bf16
+    # stream adds about half as much again, the size of bf16 rounding, not of an error.
+    autocast_error = (reference - exact).abs().mean()
+    assert (low - exact).abs().mean() < 2.5 * autocast_error
+    seen.clear()
+    assert torch.equal(model(ids), model(ids)) and seen == [torch.float32] * 2  # no autocast: the flag does nothing
+    assert all(p.dtype == torch.float32 for p in model.parameters())  # the weights stay float32
+
+
+def test_compile_options_need_compile_true():
+    from lit_llm.tasks import PretrainTask
+
+    with pytest.raises(ConfigError, match=r"compile_options needs model.compile: true.*'max-autotune'"):
+        PretrainTask(compile="max-autotune", compile_options={"coordinate_descent_tuning": True})
+    task = PretrainTask(model=dict(vocab_size=100, context_length=16, emb_dim=32, n_heads=2, n_layers=1),
+                        compile=True, compile_options={"coordinate_descent_tuning": True})
+    assert task.hparams.compile_options == {"coordinate_descent_tuning": True}

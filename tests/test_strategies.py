@@ -152,6 +152,43 @@ def test_a_model_built_on_meta_materialises_with_lit_llms_initialisation():
             assert abs(q.std().item() - p.std().item()) < 0.1 * p.std().item(), name
 
 
+class _FakeFSDPStrategy:
+    """Stands in for an FSDP strategy where ``configure_model`` only reads its class name and process count."""
+
+    num_processes = 2
+    root_device = torch.device("cpu")
+
+
+def _configure_under_fsdp(config: GPTConfig) -> torch.nn.Module:
+    from types import SimpleNamespace
+
+    from lit_llm.tasks import PretrainTask
+
+    task = PretrainTask(model=config.to_dict())
+    task._trainer = SimpleNamespace(strategy=_FakeFSDPStrategy(), ckpt_path=None)
+    task.configure_model()
+    return task.model
+
+
+def test_under_fsdp_a_model_that_fits_starts_from_a_one_device_runs_weights():
+    config = GPTConfig(vocab_size=300, context_length=32, emb_dim=32, n_heads=2, n_layers=2, tie_weights=False)
+    torch.manual_seed(7)
+    one_device = GPTModel(config)
+    torch.manual_seed(7)
+    sharded = _configure_under_fsdp(config)
+    assert not any(p.is_meta for p in sharded.parameters())
+    for (name, p), (_, q) in zip(one_device.named_parameters(), sharded.named_parameters(), strict=True):
+        assert torch.equal(p, q), name
+
+
+def test_under_fsdp_a_model_too_big_for_host_memory_is_built_on_meta(monkeypatch):
+    from lit_llm.tasks import base
+
+    monkeypatch.setattr(base, "WHOLE_MODEL_SHARE", 0.0)
+    config = GPTConfig(vocab_size=300, context_length=32, emb_dim=32, n_heads=2, n_layers=2, tie_weights=False)
+    assert all(p.is_meta for p in _configure_under_fsdp(config).parameters())
+
+
 def test_parameter_counts_survive_sharding():
     model = GPTModel(GPTConfig(vocab_size=300, context_length=32, emb_dim=32, n_heads=2, n_layers=2))
     full, flops = model.num_parameters(), model.flops_per_token()
@@ -182,3 +219,16 @@ def test_activation_checkpointing_is_a_task_switch(corpus, tmp_path, in_repo_roo
              f"--trainer.default_root_dir={tmp_path}", "--trainer.fast_dev_run=true"])
     assert c.model.model.activation_checkpointing is True
     assert torch.isfinite(c.trainer.callback_metrics["train/loss"])
+
+
+
+def test_init_weights_under_zero3_is_one_clear_error(tmp_path):
+    from types import SimpleNamespace
+
+    from lit_llm.tasks import PretrainTask
+
+    config = GPTConfig(vocab_size=300, context_length=16, emb_dim=24, n_heads=2, n_layers=1, tie_weights=False)
+    task = PretrainTask(model=config.to_dict(), init_weights=str(tmp_path / "weights.ckpt"))
+    task._trainer = SimpleNamespace(strategy=SimpleNamespace(zero_stage_3=True), ckpt_path=None)
+    with pytest.raises(ConfigError, match=r"cannot be loaded under DeepSpeed ZeRO stage 3.*trainer.strategy=lit_fsdp"):
+        task.configure_model()

@@ -50,6 +50,12 @@ class ProgressBar(RichProgressBar):
     def get_metrics(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, Any]:
         items = super().get_metrics(trainer, pl_module)
         items.pop("v_num", None)
+        # The tasks log train/loss without prog_bar=True: Lightning copies every progress-bar metric to the host
+        # after every batch (a GPU synchronisation per micro-batch, whether a bar is shown or not). The bar reads it
+        # here instead, when it redraws.
+        loss = trainer.callback_metrics.get("train/loss")
+        if loss is not None and trainer.state.stage == "train":
+            items = {"train/loss": float(loss), **items}
         shown: dict[str, Any] = {}
         for key, value in items.items():
             name = self.SHORT_NAMES.get(key, key)

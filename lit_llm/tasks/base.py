@@ -17,7 +17,7 @@ from lit_llm.errors import ConfigError
 from lit_llm.lora import LoRAConfig, apply_lora, count_trainable, is_lora_key
 from lit_llm.model import GPTModel
 from lit_llm.optim import Schedule, build_adamw, lr_multiplier, parameter_groups
-from lit_llm.strategies import is_deepspeed, load_state_partitioned
+from lit_llm.strategies import is_deepspeed
 
 CompileMode = Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"]
 SdpaBackend = Literal["auto", "flash", "cudnn", "efficient", "math"]
@@ -54,11 +54,13 @@ class GPTTask(pl.LightningModule):
         schedule_steps: int | None = None,
         gradient_clip: float | None = 1.0,
         compile: bool | CompileMode = False,
+        compile_options: dict[str, Any] | None = None,
         fused_adamw: bool | None = None,
         init_weights: str | None = None,
         lora: LoRAConfig | None = None,
         sdpa_backend: SdpaBackend = "auto",
         activation_checkpointing: bool = False,
+        low_precision_residual: bool = False,
     ) -> None:
         """
         Args:
@@ -80,6 +82,9 @@ class GPTTask(pl.LightningModule):
                 the default mode, or a mode name (``max-autotune`` tunes the matmuls at a longer start-up,
                 ``reduce-overhead`` adds CUDA graphs). The eager module stays in
                 ``self.model`` for generation, so checkpoints hold plain parameter names.
+            compile_options: Inductor options for ``torch.compile`` (with ``compile: true``, instead of a mode), e.g.
+                ``{coordinate_descent_tuning: true}``: tunes each generated kernel's launch settings at start-up (about
+                two and a half more minutes of compilation for GPT-2 124M, about 1.4 % faster steps on an H200).
             fused_adamw: Fused CUDA AdamW; default: on when training on a CUDA device.
             init_weights: Initial weights: a lit_llm checkpoint, a converted weights dir, an HF directory or a Hub id
                 such as openai-community/gpt2. ``model`` must describe the same architecture (for GPT-2: the
@@ -98,6 +103,10 @@ class GPTTask(pl.LightningModule):
                 the rest in the backward pass: most of the activation memory saved for about a third more compute.
                 Works under every strategy; for models whose activations do not fit (large models, long contexts,
                 big micro-batches).
+            low_precision_residual: Under ``bf16-mixed``, carry the residual stream (the embeddings and each block's
+                output) in bf16 rather than float32, as DeepSpeed's and FSDP's bf16 modes and Megatron-LM do. The
+                weights, their gradients and AdamW stay float32 and LayerNorm still computes in float32; the
+                elementwise work between the matmuls moves half the bytes. See docs/benchmarks.md for what it buys.
         """
         super().__init__()
         config = _as_config(model)
@@ -112,6 +121,9 @@ class GPTTask(pl.LightningModule):
             problems.append(f"model.min_lr_ratio={min_lr_ratio} must be in [0, 1]")
         if gradient_clip is not None and gradient_clip <= 0:
             problems.append(f"model.gradient_clip={gradient_clip} must be > 0 or null to disable clipping")
+        if compile_options and compile not in (True, "default"):
+            problems.append(f"model.compile_options needs model.compile: true (torch.compile takes a mode or options, "
+                            f"not both), got model.compile={compile!r}")
         if problems:
             raise ConfigError("Invalid task config:\n  - " + "\n  - ".join(problems))
         self.config = config
@@ -133,16 +145,29 @@ class GPTTask(pl.LightningModule):
             return
         strategy = self._trainer.strategy if self._trainer is not None else None
         loads_weights = bool(self.hparams.get("init_weights")) and not self._resuming()
+        self.model = None
         if strategy is not None and "FSDP" in type(strategy).__name__ and not loads_weights \
                 and not self.config.tie_weights:
-            # Built without memory; FSDP materialises each unit on its GPU (reset_parameters runs lit_llm's
-            # initialisation) and shards it, so no rank ever holds the whole model. A tied head would come out untied
-            # (each module is materialised separately), and weights to load need real tensors: built normally then.
-            with torch.device("meta"):
-                self.model = GPTModel(self.config)
-        else:
+            # A model that fits on one device is built there whole, as a one-device run builds it (Lightning builds
+            # on the GPU), so its initial weights are exactly that run's with the same seed; FSDP then shards it. A
+            # larger one is built without memory, and FSDP materialises each unit on its GPU (reset_parameters runs
+            # lit_llm's initialisation) and shards it. A tied head would come out untied from that path (each module
+            # is materialised separately), and weights to load need real tensors: built whole then too.
+            with torch.random.fork_rng(devices=[]), torch.device("meta"):
+                meta = GPTModel(self.config)
+            device = getattr(strategy, "root_device", torch.device("cpu"))
+            if _too_big_to_build_whole(meta, device):
+                self.model = meta
+                rank_zero_info(f"FSDP: the model ({meta.num_parameters():,} parameters) is built on the meta device "
+                               "and initialised shard by shard on the GPUs; its initial weights are not those a "
+                               "one-device run with the same seed starts from")
+            else:
+                with torch.device(device):
+                    self.model = GPTModel(self.config)
+        if self.model is None:
             self.model = GPTModel(self.config)
         self.model.activation_checkpointing = bool(self.hparams.get("activation_checkpointing", False))
+        self.model.autocast_residual = bool(self.hparams.get("low_precision_residual", False))
         if self.hparams.get("init_weights"):
             self._load_init_weights(self.hparams.init_weights)
         self.adapt_model(self.model)
@@ -169,9 +194,11 @@ class GPTTask(pl.LightningModule):
             # ZeRO-3 gathers and releases parameters in module hooks that the compiler cannot trace.
             rank_zero_info("model.compile is off under DeepSpeed ZeRO stage 3 (its parameter hooks do not compile)")
             compile_ = False
-        mode = None if compile_ in (True, "default") else compile_
-        object.__setattr__(self, "_forward", torch.compile(model, mode=mode) if compile_ else model)
-        object.__setattr__(self, "_model_loss", torch.compile(model_loss, mode=mode) if compile_ else model_loss)
+        how = {"mode": None if compile_ in (True, "default") else compile_}
+        if self.hparams.get("compile_options"):
+            how = {"options": dict(self.hparams.compile_options)}
+        object.__setattr__(self, "_forward", torch.compile(model, **how) if compile_ else model)
+        object.__setattr__(self, "_model_loss", torch.compile(model_loss, **how) if compile_ else model_loss)
 
     def adapt_model(self, model: GPTModel) -> None:
         """Change the GPT's structure after its initial weights are loaded (e.g. a classification head).
@@ -197,12 +224,16 @@ class GPTTask(pl.LightningModule):
             return
         from lit_llm.weights import load_into, load_weights
 
-        _, state = load_weights(source, self.config)
         strategy = self._trainer.strategy if self._trainer is not None else None
         if strategy is not None and getattr(strategy, "zero_stage_3", False):
-            load_state_partitioned(self.model, state, source)  # the parameters are already partitioned
-        else:
-            load_into(self.model, state, source=source)
+            # ZeRO-3 has partitioned the parameters as they were built; filling them in from a file is not supported.
+            raise ConfigError(
+                f"model.init_weights={source} cannot be loaded under DeepSpeed ZeRO stage 3 (trainer.strategy), "
+                "which partitions the parameters as it builds them. Use trainer.strategy=lit_fsdp (it loads the "
+                "weights, then shards them) or lit_deepspeed_zero2, or resume a ZeRO-3 checkpoint with --ckpt_path."
+            )
+        _, state = load_weights(source, self.config)
+        load_into(self.model, state, source=source)
         rank_zero_info(f"Initial weights from {source}")
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
@@ -332,6 +363,24 @@ class GPTTask(pl.LightningModule):
         if self.model is not None and isinstance(checkpoint.get("state_dict"), dict):
             saved_lora = (checkpoint.get("hyper_parameters") or {}).get("lora")
             check_same_lora(checkpoint["state_dict"], self.state_dict(), saved_lora, self.hparams.get("lora"))
+
+
+#: Under FSDP, build a model whole on its device only while it takes at most this share of the device's memory.
+WHOLE_MODEL_SHARE = 0.25
+
+
+def _too_big_to_build_whole(meta_model: GPTModel, device: torch.device) -> bool:
+    """Whether the model in float32 would take more than :data:`WHOLE_MODEL_SHARE` of ``device``'s memory."""
+    if device.type == "cuda":
+        memory = torch.cuda.get_device_properties(device).total_memory
+    else:
+        import os
+
+        try:
+            memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        except (ValueError, OSError, AttributeError):  # no sysconf (Windows): build on meta
+            return True
+    return 4 * sum(p.numel() for p in meta_model.parameters()) > WHOLE_MODEL_SHARE * memory
 
 
 def sdpa_backend_context(backend: SdpaBackend) -> contextlib.AbstractContextManager:

@@ -237,7 +237,7 @@ class ClassifierModule(GPTTask):
         logits = self.class_logits(batch["input_ids"], batch["lengths"])
         loss = self._loss(logits, batch["labels"])
         self.count_tokens(batch["input_ids"])
-        self.log("train/loss", loss, on_step=True, on_epoch=False, prog_bar=True)
+        self.log("train/loss", loss, on_step=True, on_epoch=False)  # shown by ProgressBar, see there
         self.log_lr()
         self._update("train", logits.detach(), batch["labels"])
         return {"loss": loss}

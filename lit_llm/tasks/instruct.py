@@ -137,7 +137,7 @@ class InstructModule(GPTTask):
         loss, n_tokens = self._loss(batch)
         self.empty_batches.update((n_tokens == 0).float())  # on the device: no host sync per step
         self.count_tokens(batch[0])
-        self.log("train/loss", loss, on_step=True, on_epoch=False, prog_bar=True)
+        self.log("train/loss", loss, on_step=True, on_epoch=False)  # shown by ProgressBar, see there
         self.log_lr()
         return {"loss": loss}
 

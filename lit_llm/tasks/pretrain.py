@@ -37,7 +37,7 @@ class PretrainTask(GPTTask):
         inputs, targets = batch
         loss = self.loss(inputs, targets)
         self.count_tokens(inputs)
-        self.log("train/loss", loss, on_step=True, on_epoch=False, prog_bar=True)
+        self.log("train/loss", loss, on_step=True, on_epoch=False)  # shown by ProgressBar, see there
         self.log_lr()
         return {"loss": loss}
 
