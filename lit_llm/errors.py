@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from collections.abc import Callable
 
 
 class LitLLMError(Exception):
@@ -56,6 +57,32 @@ def find_user_error(error: BaseException | None) -> LitLLMError | None:
         seen.add(id(error))
         error = error.__cause__ or error.__context__
     return None
+
+
+def one_line(error: BaseException) -> str:
+    """``"Invalid X:\\n  - a\\n  - b"`` -> ``"Invalid X: a; b"``: an error's message as one line."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    if len(lines) <= 1:
+        return lines[0] if lines else type(error).__name__
+    return lines[0] + " " + "; ".join(line.removeprefix("- ") for line in lines[1:])
+
+
+def run_command(action: Callable[[], object], errors: tuple[type[BaseException], ...] = (LitLLMError, OSError),
+                single_line: bool = False) -> int:
+    """Run a command-line tool's ``action`` and return its exit status: 0 when it returns; 1 after one ``error:`` line
+    on stderr when it raises one of ``errors`` (a user mistake; ``LIT_LLM_DEBUG=1`` re-raises it instead); 130 on
+    Ctrl-C."""
+    try:
+        action()
+    except errors as err:
+        if debugging():
+            raise
+        print(f"error: {one_line(err) if single_line else err}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(file=sys.stderr)
+        return 130
+    return 0
 
 
 def exit_with_error(error: BaseException) -> None:

@@ -32,7 +32,7 @@ from typing import Any, TextIO
 
 import torch
 
-from lit_llm.errors import CommandLineParser, ConfigError, LitLLMError, debugging
+from lit_llm.errors import CommandLineParser, ConfigError, LitLLMError, run_command
 from lit_llm.generation import check_sampling_args, generate_tokens
 from lit_llm.model import GPTModel
 from lit_llm.prompts import TEMPLATES, extract_response, format_prompt, get_template
@@ -396,26 +396,10 @@ def main(argv: Iterable[str] | None = None, stdin: TextIO | None = None, stdout:
 
     User mistakes print ``error: <message>`` on stderr and return 1 (``LIT_LLM_DEBUG=1`` re-raises them).
     """
-    try:
-        args = build_parser().parse_args(None if argv is None else list(argv))
-        run(args, stdin or sys.stdin, stdout or sys.stdout)
-    except (LitLLMError, ValueError, OSError) as err:
-        if debugging():
-            raise
-        print(f"error: {_one_line(err)}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print(file=sys.stderr)
-        return 130
-    return 0
+    def action() -> None:
+        run(build_parser().parse_args(None if argv is None else list(argv)), stdin or sys.stdin, stdout or sys.stdout)
 
-
-def _one_line(err: BaseException) -> str:
-    """``"Invalid X:\\n  - a\\n  - b"`` -> ``"Invalid X: a; b"``: errors print as one line."""
-    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
-    if len(lines) <= 1:
-        return lines[0] if lines else type(err).__name__
-    return lines[0] + " " + "; ".join(line.removeprefix("- ") for line in lines[1:])
+    return run_command(action, (LitLLMError, ValueError, OSError), single_line=True)
 
 
 def _show_warning(message: Warning | str, category: type[Warning], *args: Any, **kwargs: Any) -> None:

@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from lit_llm.errors import CommandLineParser, ConfigError, DataError, LitLLMError, debugging
+from lit_llm.errors import CommandLineParser, ConfigError, DataError, LitLLMError, run_command
 from lit_llm.prompts import TEMPLATES
 
 Api = Literal["ollama", "openai"]
@@ -284,17 +284,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 def main(argv: Iterable[str] | None = None) -> int:
     """Run ``python -m lit_llm.judge`` with ``argv`` (default: ``sys.argv[1:]``); returns the exit status."""
-    try:
-        run(build_parser().parse_args(None if argv is None else list(argv)))
-    except (LitLLMError, OSError) as err:
-        if debugging():
-            raise
-        print(f"error: {err}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print(file=sys.stderr)
-        return 130
-    return 0
+    return run_command(lambda: run(build_parser().parse_args(None if argv is None else list(argv))))
 
 
 if __name__ == "__main__":

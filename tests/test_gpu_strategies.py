@@ -149,21 +149,26 @@ class _GpuPool:
             for i in gpus:
                 self.load[i] -= 1
 
-
-@pytest.fixture(scope="module")
-def runs(tmp_path_factory) -> dict:
-    if GPUS < 2:
-        pytest.skip("needs at least 2 CUDA GPUs")
-    base = tmp_path_factory.mktemp("strategies")
-    pool = _GpuPool(GPUS)
-    wanted = [s for s in STRATEGIES if HAS_DEEPSPEED or "deepspeed" not in s]
-
-    def on(count: int, fn, *args):
-        gpus = pool.take(count)
+    def on(self, count: int, fn, *args):
+        """``fn(gpus, *args)`` on ``count`` GPUs taken from the pool for the call."""
+        gpus = self.take(count)
         try:
             return fn(gpus, *args)
         finally:
-            pool.give(gpus)
+            self.give(gpus)
+
+
+def _setup(tmp_path_factory, name: str, strategies: list[str]) -> tuple[Path, _GpuPool, list[str]]:
+    if GPUS < 2:
+        pytest.skip("needs at least 2 CUDA GPUs")
+    wanted = [s for s in strategies if HAS_DEEPSPEED or "deepspeed" not in s]
+    return tmp_path_factory.mktemp(name), _GpuPool(GPUS), wanted
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> dict:
+    base, pool, wanted = _setup(tmp_path_factory, "strategies", STRATEGIES)
+    on = pool.on
 
     def one_gpu(name: str, strategy: str | None, *extra: str, precision: str = "bf16-mixed", batch: int = 2 * BATCH):
         return lambda gpus: _fit(base / name, gpus, strategy, batch, base / name / "probe", *extra,
@@ -279,23 +284,15 @@ MORE_STEPS = 8
 
 @pytest.fixture(scope="module")
 def more_runs(tmp_path_factory) -> dict:
-    if GPUS < 2:
-        pytest.skip("needs at least 2 CUDA GPUs")
-    base = tmp_path_factory.mktemp("more_strategies")
-    pool = _GpuPool(GPUS)
-    wanted = [s for s in MORE_PRESETS if HAS_DEEPSPEED or "deepspeed" not in s]
+    base, pool, wanted = _setup(tmp_path_factory, "more_strategies", MORE_PRESETS)
 
-    def fit(strategy: str) -> dict:
-        gpus = pool.take(2)
-        try:
-            return _fit(base / strategy, gpus, strategy, BATCH, base / strategy / "probe",
-                        f"--trainer.max_steps={MORE_STEPS}", "--model.init_args.learning_rate=3e-3",
-                        "--model.init_args.warmup_steps=2")
-        finally:
-            pool.give(gpus)
+    def fit(gpus: list[int], strategy: str) -> dict:
+        return _fit(base / strategy, gpus, strategy, BATCH, base / strategy / "probe",
+                    f"--trainer.max_steps={MORE_STEPS}", "--model.init_args.learning_rate=3e-3",
+                    "--model.init_args.warmup_steps=2")
 
     with ThreadPoolExecutor(max_workers=len(wanted)) as ex:
-        jobs = {s: ex.submit(fit, s) for s in wanted}
+        jobs = {s: ex.submit(pool.on, 2, fit, s) for s in wanted}
         # Each test re-raises its own run's failure, so one broken preset does not hide the others' results.
         return {s: job.exception() or job.result() for s, job in jobs.items()}
 

@@ -71,3 +71,28 @@ def test_warmup_shorter_than_the_schedule_is_quiet(corpus, tmp_path, in_repo_roo
         warnings.simplefilter("always")
         main(fit_args(tmp_path, corpus, 3, []))  # warmup 2 of a 20-step schedule
     assert not [w for w in caught if "is not shorter than" in str(w.message)]
+
+
+def test_run_command_turns_user_errors_into_one_line_and_exit_codes(capsys, monkeypatch):
+    from lit_llm.errors import ConfigError, run_command
+
+    def bad() -> None:
+        raise ConfigError("Invalid task config:\n  - model.learning_rate=0 must be > 0\n  - model.warmup_steps=-1")
+
+    def interrupted() -> None:
+        raise KeyboardInterrupt
+
+    def bug() -> None:
+        raise KeyError("not a user mistake")
+
+    monkeypatch.delenv("LIT_LLM_DEBUG", raising=False)
+    assert run_command(lambda: None) == 0
+    assert run_command(bad, single_line=True) == 1
+    assert capsys.readouterr().err == ("error: Invalid task config: model.learning_rate=0 must be > 0; "
+                                       "model.warmup_steps=-1\n")
+    assert run_command(interrupted) == 130
+    with pytest.raises(KeyError):  # a bug keeps its traceback
+        run_command(bug)
+    monkeypatch.setenv("LIT_LLM_DEBUG", "1")
+    with pytest.raises(ConfigError):  # LIT_LLM_DEBUG=1 shows the traceback of a user mistake too
+        run_command(bad)
