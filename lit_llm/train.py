@@ -160,7 +160,8 @@ def _warn_if_warmup_spans_the_run(model: pl.LightningModule, trainer: pl.Trainer
     """A warmup as long as the schedule leaves the learning rate below its peak and never decays it: warn.
 
     A warning, not an error: running a shipped config for a few steps (``--trainer.max_steps=5``) is a legitimate
-    trial run. Epoch-based runs, whose length is known only once the data is loaded, are not checked here.
+    trial run. Epoch-based runs, whose length is known only once the data is loaded, are checked when the optimizer is
+    built (``GPTTask.configure_optimizers``).
     """
     hp = getattr(model, "hparams", {})
     warmup = hp.get("warmup_steps") or 0

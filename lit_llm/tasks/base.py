@@ -9,7 +9,7 @@ from typing import Any, Literal
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
-from pytorch_lightning.utilities import rank_zero_info
+from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
 
 from lit_llm.config import GPTConfig
@@ -267,6 +267,17 @@ class GPTTask(pl.LightningModule):
                 fused = not is_deepspeed(strategy) and all(p.is_cuda for g in groups for p in g["params"])
             optimizer = build_adamw(groups, hp.learning_rate, tuple(hp.betas), hp.eps, fused=fused)
         total = hp.schedule_steps or self._estimated_steps()
+        trainer = self.trainer
+        if not hp.schedule_steps and trainer.max_steps in (-1, None) and not trainer.fast_dev_run \
+                and hp.lr_schedule != "constant" and 0 < total <= hp.warmup_steps:
+            # A run bounded by epochs: its length is known only now (lit_llm.train checks max_steps runs at start).
+            rank_zero_warn(
+                f"model.warmup_steps={hp.warmup_steps} is not shorter than the {total} optimizer steps of "
+                f"trainer.max_epochs={trainer.max_epochs}: the learning rate never reaches model.learning_rate="
+                f"{hp.learning_rate} and never decays. Lower model.warmup_steps (a few percent of the steps is usual) "
+                "or train for more epochs.",
+                category=UserWarning,
+            )
         rank_zero_info(
             f"AdamW lr={hp.learning_rate} wd={hp.weight_decay}; {hp.lr_schedule} schedule, "
             f"{hp.warmup_steps} warmup steps over {total} optimizer steps; "

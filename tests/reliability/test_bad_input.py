@@ -53,6 +53,9 @@ def test_a_loader_without_a_batch_is_a_data_error(tmp_path, in_repo_root, capsys
     (["--trainer.max_steps=3"], "the 3 optimizer steps of the schedule (trainer.max_steps=3)"),
     (["--trainer.max_steps=3", "--model.init_args.schedule_steps=8", "--model.init_args.warmup_steps=8"],
      "the 8 optimizer steps of the schedule (model.schedule_steps=8)"),
+    # Bounded by epochs: known once the data is loaded, warned when the optimizer is built.
+    (["--trainer.max_steps=-1", "--trainer.max_epochs=1", "--trainer.limit_train_batches=4",
+      "--model.init_args.warmup_steps=10"], "the 4 optimizer steps of trainer.max_epochs=1"),
 ])
 def test_warmup_as_long_as_the_schedule_warns(extra, where, corpus, tmp_path, in_repo_root):
     """A warning, not an error (docs/decisions.md): shortening a shipped config to a few steps is a legitimate trial."""
