@@ -5,11 +5,14 @@ after a warm-up window, MFU, peak memory of rank 0) read back from ``throughput.
 than the machine has run side by side on disjoint GPUs, so one invocation measures a whole matrix.
 
     python bench/strategies.py speed   --source corpus.txt --tokenizer gpt2_dir/ --json speed.json
+    python bench/strategies.py tune    --source corpus.txt --tokenizer gpt2_dir/ --json tune.json
     python bench/strategies.py memory  --source corpus.txt --tokenizer gpt2_dir/ --json memory.json
     python bench/strategies.py largest --source corpus.txt --tokenizer gpt2_dir/ --json largest.json
 
 - ``speed``: gpt2-124m, seq 1024, batch 32 per GPU, bf16-mixed, compiled (not under ZeRO-3): one GPU, DDP on 2 and 4,
   ZeRO-1/2 and FSDP on 4. Scaling efficiency = tokens/s per GPU / tokens/s of the one-GPU run.
+- ``tune``: the speed cell under DDP's options (static graph and 100 MB buckets; bf16 gradient all-reduce) and FSDP's
+  (forward prefetch; sharding only gradients and optimizer state), each 4-GPU cell alone, after a one-GPU reference.
 - ``memory``: gpt2-1558m, seq 1024, batch 8 per GPU, eager: peak memory per GPU under each strategy on 2 GPUs.
 - ``largest``: GPT-3-shaped presets (``gpt-6.7b``, ``gpt-13b``, ``gpt-20b``; seq 2048, batch 2 per GPU, activation
   checkpointing) under FSDP and ZeRO-3 on 2 and 4 GPUs, 20 optimizer steps each; a cell that runs out of memory is
@@ -58,6 +61,28 @@ def speed_cells() -> list[Cell]:
     return [c("1 GPU", 1, None), c("DDP x2", 2, "lit_ddp"), c("DDP x4", 4, "lit_ddp"),
             c("ZeRO-2 x4", 4, "lit_deepspeed_zero2"), c("FSDP x4", 4, "lit_fsdp"),
             c("ZeRO-1 x4", 4, "lit_deepspeed_zero1"), c("ZeRO-3 x4", 4, "lit_deepspeed_zero3", compile_=False)]
+
+
+def tune_cells() -> list[Cell]:
+    """The speed cell's settings under DDP's and FSDP's tuning options, with a one-GPU reference: one invocation on an
+    otherwise idle 4-GPU machine (about 7 minutes) tells which options pay."""
+    ddp = "pytorch_lightning.strategies.DDPStrategy"
+    fsdp = "lit_llm.strategies.GPTFSDPStrategy"
+
+    def c(name: str, devices: int, strategy: str | None, *extra: str) -> Cell:
+        return Cell(name, "gpt2-124m", devices, strategy, batch=32, window=20, windows=3, compile=True,
+                    extra=list(extra))
+
+    return [
+        c("1 GPU", 1, None),
+        c("DDP x4", 4, "lit_ddp"),
+        c("DDP x4 static graph, 100 MB buckets", 4, ddp, "--trainer.strategy.static_graph=true",
+          "--trainer.strategy.bucket_cap_mb=100", "--trainer.strategy.gradient_as_bucket_view=true"),
+        c("DDP x4 bf16 gradient all-reduce", 4, ddp, "--trainer.strategy.gradient_as_bucket_view=true",
+          "--trainer.strategy.ddp_comm_hook=torch.distributed.algorithms.ddp_comm_hooks.default_hooks.bf16_compress_hook"),
+        c("FSDP x4 forward prefetch", 4, fsdp, "--trainer.strategy.forward_prefetch=true"),
+        c("FSDP x4 shard grads and optimizer only", 4, fsdp, "--trainer.strategy.sharding_strategy=SHARD_GRAD_OP"),
+    ]
 
 
 def memory_cells() -> list[Cell]:
@@ -166,7 +191,7 @@ def _line(r: dict[str, Any]) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("mode", choices=["speed", "memory", "largest"])
+    parser.add_argument("mode", choices=["speed", "tune", "memory", "largest"])
     parser.add_argument("--source", required=True, help="corpus file (plain text)")
     parser.add_argument("--tokenizer", default="gpt2", help="tokenizer directory or Hub name")
     parser.add_argument("--root", default="/tmp/lit_llm_bench_strategies")
@@ -174,7 +199,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--cell-timeout", type=int, default=420)
     parser.add_argument("--json", help="write the results (a JSON list) to this file")
     args = parser.parse_args(argv)
-    cells = {"speed": speed_cells, "memory": memory_cells, "largest": largest_cells}[args.mode]()
+    cells = {"speed": speed_cells, "tune": tune_cells, "memory": memory_cells, "largest": largest_cells}[args.mode]()
     if args.only:
         cells = [c for c in cells if c.name in args.only]
     n = torch.cuda.device_count()

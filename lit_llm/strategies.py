@@ -39,7 +39,7 @@ import re
 import shutil
 from datetime import timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pytorch_lightning.strategies import DDPStrategy, DeepSpeedStrategy, FSDPStrategy, Strategy, StrategyRegistry
 from pytorch_lightning.utilities import rank_zero_info
@@ -121,12 +121,27 @@ class GPTFSDPStrategy(_AtomicDirectorySave, FSDPStrategy):
 
     strategy_name = "lit_fsdp"
 
-    def __init__(self, **kwargs: Any) -> None:
-        kwargs.setdefault("auto_wrap_policy", {TransformerBlock})
-        kwargs.setdefault("state_dict_type", "sharded")
-        kwargs.setdefault("limit_all_gathers", True)
-        kwargs.setdefault("use_orig_params", True)
-        super().__init__(**kwargs)
+    def __init__(self, auto_wrap_policy: Any = None, state_dict_type: Literal["full", "sharded"] = "sharded",
+                 use_orig_params: bool = True, forward_prefetch: bool = False, limit_all_gathers: bool = True,
+                 **kwargs: Any) -> None:
+        """
+        Args:
+            auto_wrap_policy: What becomes an FSDP unit; default (``None``): each ``TransformerBlock``.
+            state_dict_type: ``sharded`` (every rank writes its part; ``convert consolidate`` makes one file) or
+                ``full`` (rank 0 gathers the whole model and optimizer into one file at every save).
+            use_orig_params: Keep the model's own parameters visible (``torch.compile`` and per-parameter weight
+                decay need it).
+            forward_prefetch: Start the next unit's all-gather before the current unit's forward compute (PyTorch
+                FSDP's option), to overlap communication in the forward pass too.
+            limit_all_gathers: Rate-limit all-gathers so that prefetching cannot run the GPU out of memory.
+            **kwargs: Lightning's ``FSDPStrategy`` arguments (``sharding_strategy``, ``cpu_offload``, ...).
+
+        Written out here so that a config naming the class (``class_path: lit_llm.strategies.GPTFSDPStrategy``) gets
+        these defaults too, not Lightning's.
+        """
+        super().__init__(auto_wrap_policy=auto_wrap_policy or {TransformerBlock}, state_dict_type=state_dict_type,
+                         use_orig_params=use_orig_params, forward_prefetch=forward_prefetch,
+                         limit_all_gathers=limit_all_gathers, **kwargs)
 
     def setup_environment(self) -> None:
         _refuse_cpu(self, "FSDP")
