@@ -11,8 +11,9 @@ than the machine has run side by side on disjoint GPUs, so one invocation measur
 
 - ``speed``: gpt2-124m, seq 1024, batch 32 per GPU, bf16-mixed, compiled (not under ZeRO-3): one GPU, DDP on 2 and 4,
   ZeRO-1/2 and FSDP on 4. Scaling efficiency = tokens/s per GPU / tokens/s of the one-GPU run.
-- ``tune``: the speed cell under DDP's options (static graph and 100 MB buckets; bf16 gradient all-reduce) and FSDP's
-  (forward prefetch; sharding only gradients and optimizer state), each 4-GPU cell alone, after a one-GPU reference.
+- ``tune``: the speed cell under DDP's options (static graph and 100 MB buckets; bf16 gradient all-reduce), FSDP's
+  (forward prefetch; sharding only gradients and optimizer state) and FSDP2, each 4-GPU cell alone, after a one-GPU
+  reference.
 - ``memory``: gpt2-1558m, seq 1024, batch 8 per GPU, eager: peak memory per GPU under each strategy on 2 GPUs.
 - ``largest``: GPT-3-shaped presets (``gpt-6.7b``, ``gpt-13b``, ``gpt-20b``; seq 2048, batch 2 per GPU, activation
   checkpointing) under FSDP and ZeRO-3 on 2 and 4 GPUs, 20 optimizer steps each; a cell that runs out of memory is
@@ -82,6 +83,7 @@ def tune_cells() -> list[Cell]:
           "--trainer.strategy.ddp_comm_hook=torch.distributed.algorithms.ddp_comm_hooks.default_hooks.bf16_compress_hook"),
         c("FSDP x4 forward prefetch", 4, fsdp, "--trainer.strategy.forward_prefetch=true"),
         c("FSDP x4 shard grads and optimizer only", 4, fsdp, "--trainer.strategy.sharding_strategy=SHARD_GRAD_OP"),
+        c("FSDP2 x4", 4, "lit_fsdp2"),
     ]
 
 

@@ -278,11 +278,13 @@ def _read_fsdp(path: Path, keep_optimizer: bool) -> tuple[dict[str, Any], str]:
     planner_data = getattr(metadata, "planner_data", None) or {}
     tops = {str(planner_data[k][0]) if planner_data.get(k) else k.split(".", 1)[0]
             for k in metadata.state_dict_metadata}
-    if "model" not in tops:
+    # The model's entry: "model" from Lightning's FSDPStrategy, "state_dict" from its ModelParallelStrategy (FSDP2).
+    model_key = next((k for k in ("model", "state_dict") if k in tops), None)
+    if model_key is None:
         raise CheckpointError(f"{path} holds no model shards (its entries are {', '.join(sorted(tops))}); it was not "
                               "written by Lightning's FSDP strategy")
     optimizers = sorted((t for t in tops if re.fullmatch(r"optimizer_\d+", t)), key=lambda t: int(t.split("_")[1]))
-    keys = {"model", *(optimizers if keep_optimizer else ())}
+    keys = {model_key, *(optimizers if keep_optimizer else ())}
     loaded: dict[str, Any] = {}
     try:
         # DCP's own "load everything the index lists" planner, restricted to the keys wanted: the optimizer shards
@@ -292,7 +294,7 @@ def _read_fsdp(path: Path, keep_optimizer: bool) -> tuple[dict[str, Any], str]:
         raise CheckpointError(f"could not read the shards of {path} ({error_reason(err)}); a *.distcp file is missing, "
                               "truncated or from another save: use an earlier checkpoint") from err
     checkpoint = dict(meta)
-    checkpoint["state_dict"] = {_plain_name(k): v for k, v in loaded.pop("model").items()}
+    checkpoint["state_dict"] = {_plain_name(k): v for k, v in loaded.pop(model_key).items()}
     if not keep_optimizer:
         return checkpoint, "dropped"
     if not optimizers:

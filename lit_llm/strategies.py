@@ -5,6 +5,7 @@ Importing this module (``lit_llm.train`` does) registers, in Lightning's ``Strat
 ================================  =====================================================================================
 ``lit_ddp``                       DDP, gradients reduced in place in the communication buckets (no extra copy)
 ``lit_fsdp``                      FSDP full shard, one unit per ``TransformerBlock``, sharded checkpoints
+``lit_fsdp2``                     FSDP2 (PyTorch's ``fully_shard``): each ``TransformerBlock``, then the GPT; DTensors
 ``lit_fsdp_hybrid``               FSDP sharded within a node, replicated across nodes (multi-node)
 ``lit_fsdp_offload``              ``lit_fsdp`` with parameters, gradients and optimizer state kept in CPU memory
 ``lit_deepspeed_zero1``           DeepSpeed ZeRO stage 1: optimizer state sharded
@@ -41,7 +42,15 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any, Literal
 
-from pytorch_lightning.strategies import DDPStrategy, DeepSpeedStrategy, FSDPStrategy, Strategy, StrategyRegistry
+import torch
+from pytorch_lightning.strategies import (
+    DDPStrategy,
+    DeepSpeedStrategy,
+    FSDPStrategy,
+    ModelParallelStrategy,
+    Strategy,
+    StrategyRegistry,
+)
 from pytorch_lightning.utilities import rank_zero_info
 
 from lit_llm.errors import ConfigError
@@ -151,6 +160,56 @@ class GPTFSDPStrategy(_AtomicDirectorySave, FSDPStrategy):
         self._atomic_directory_save(super().save_checkpoint, checkpoint, filepath, storage_options)
 
 
+class GPTFSDP2Strategy(_AtomicDirectorySave, ModelParallelStrategy):
+    """FSDP2 (PyTorch's ``fully_shard``) over every rank, on Lightning's ``ModelParallelStrategy``: the task shards each
+    ``TransformerBlock`` and then the whole GPT (embeddings, final norm and head in the root group) over a 1-D mesh of
+    all ranks. Parameters are DTensors; under ``bf16-mixed`` they are all-gathered in bf16 and gradients reduced in
+    float32. Checkpoints are sharded directories, saved atomically."""
+
+    strategy_name = "lit_fsdp2"
+
+    def __init__(self, reshard_after_forward: bool = True, save_distributed_checkpoint: bool = True,
+                 **kwargs: Any) -> None:
+        """
+        Args:
+            reshard_after_forward: Free each block's gathered weights after its forward pass and gather them again
+                for the backward (full sharding). ``false`` keeps them until the backward: less communication, more
+                memory (ZeRO-2-like).
+            save_distributed_checkpoint: Every rank writes its shard (a directory; ``convert consolidate`` makes one
+                file of it). ``false``: rank 0 gathers everything into one file at every save.
+            **kwargs: Lightning's ``ModelParallelStrategy`` arguments (``process_group_backend``, ``timeout``).
+        """
+        super().__init__(data_parallel_size="auto", tensor_parallel_size=1,
+                         save_distributed_checkpoint=save_distributed_checkpoint, **kwargs)
+        self.reshard_after_forward = reshard_after_forward
+
+    def setup_environment(self) -> None:
+        # Data parallelism over every rank, no tensor parallelism ("auto" would put one data-parallel group per node).
+        self._tensor_parallel_size = 1
+        self._data_parallel_size = self.world_size
+        super().setup_environment()
+
+    def save_checkpoint(self, checkpoint: dict, filepath: Any, storage_options: Any | None = None) -> None:
+        self._atomic_directory_save(super().save_checkpoint, checkpoint, filepath, storage_options)
+
+
+def is_fsdp2(strategy: Any) -> bool:
+    return isinstance(strategy, GPTFSDP2Strategy)
+
+
+def shard_with_fsdp2(model: torch.nn.Module, strategy: GPTFSDP2Strategy, precision: str) -> None:
+    """Apply ``fully_shard`` to each ``TransformerBlock`` of ``model`` and then to ``model`` itself."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    mesh = strategy.device_mesh["data_parallel"]
+    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) \
+        if precision == "bf16-mixed" else MixedPrecisionPolicy()
+    for module in model.modules():
+        if isinstance(module, TransformerBlock):
+            fully_shard(module, mesh=mesh, mp_policy=policy, reshard_after_forward=strategy.reshard_after_forward)
+    fully_shard(model, mesh=mesh, mp_policy=policy, reshard_after_forward=strategy.reshard_after_forward)
+
+
 class GPTDeepSpeedStrategy(_AtomicDirectorySave, DeepSpeedStrategy):
     """Lightning's ``DeepSpeedStrategy`` with a lazy import of DeepSpeed, a sanitised ``TORCH_CUDA_ARCH_LIST``,
     ``model.gradient_clip`` handed to DeepSpeed's engine, and atomic checkpoint directories."""
@@ -214,6 +273,7 @@ def _register() -> None:
         ("lit_ddp", DDPStrategy, "DDP with gradients reduced in place in the buckets",
          {"gradient_as_bucket_view": True, "timeout": timedelta(minutes=30)}),
         ("lit_fsdp", GPTFSDPStrategy, fsdp + " (full shard)", {"sharding_strategy": "FULL_SHARD"}),
+        ("lit_fsdp2", GPTFSDP2Strategy, "FSDP2 (fully_shard per TransformerBlock), sharded checkpoints", {}),
         ("lit_fsdp_hybrid", GPTFSDPStrategy, fsdp + " (shard within a node, replicate across nodes)",
          {"sharding_strategy": "HYBRID_SHARD"}),
         ("lit_fsdp_offload", GPTFSDPStrategy, fsdp + " with parameters and optimizer state in CPU memory",
@@ -231,5 +291,5 @@ def _register() -> None:
 _register()
 
 #: The names this module registers, in the order of the table above.
-NAMES = ("lit_ddp", "lit_fsdp", "lit_fsdp_hybrid", "lit_fsdp_offload", "lit_deepspeed_zero1", "lit_deepspeed_zero2",
-         "lit_deepspeed_zero3", "lit_deepspeed_zero3_offload")
+NAMES = ("lit_ddp", "lit_fsdp", "lit_fsdp2", "lit_fsdp_hybrid", "lit_fsdp_offload", "lit_deepspeed_zero1",
+         "lit_deepspeed_zero2", "lit_deepspeed_zero3", "lit_deepspeed_zero3_offload")

@@ -37,14 +37,18 @@ class StrategyProbe(pl.Callback):
         self.start_sums: dict[str, float] = {}
         if getattr(trainer.strategy, "zero_stage_3", False):
             return
+        from pytorch_lightning.strategies import FSDPStrategy
+
         context: Any = contextlib.nullcontext()
-        if "FSDP" in type(trainer.strategy).__name__:
+        if isinstance(trainer.strategy, FSDPStrategy):
             from torch.distributed.fsdp import FullyShardedDataParallel
 
             context = FullyShardedDataParallel.summon_full_params(trainer.strategy.model, writeback=False)
         with context, torch.no_grad():
-            self.start_sums = {n.replace("_fsdp_wrapped_module.", ""): float(p.double().sum())
-                               for n, p in pl_module.model.named_parameters()}
+            # FSDP2's parameters are DTensors: full_tensor() gathers one (every rank calls it in the same order).
+            self.start_sums = {n.replace("_fsdp_wrapped_module.", ""): float(
+                (p.full_tensor() if hasattr(p, "full_tensor") else p).double().sum())
+                for n, p in pl_module.model.named_parameters()}
 
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
                              batch_idx: int) -> None:

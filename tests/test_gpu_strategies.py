@@ -37,7 +37,7 @@ from conftest import ROOT, cuda_visible
 pytestmark = [pytest.mark.gpu, pytest.mark.distributed]
 
 GPUS = torch.cuda.device_count()
-STRATEGIES = ["lit_ddp", "lit_fsdp", "lit_deepspeed_zero2", "lit_deepspeed_zero3"]
+STRATEGIES = ["lit_ddp", "lit_fsdp", "lit_fsdp2", "lit_deepspeed_zero2", "lit_deepspeed_zero3"]
 HAS_DEEPSPEED = importlib.util.find_spec("deepspeed") is not None
 PROMPT = "The function returns"
 BATCH = 8  # per GPU; the one-GPU references take 2 x BATCH
@@ -124,7 +124,7 @@ def _pipeline(strategy: str, gpus: list[int], base: Path) -> dict:
         single = last
     # The live model ran in bf16 under FSDP (mixed precision gathers bf16 weights) and DeepSpeed (bf16 weights), in
     # float32 under DDP (float32 weights, no autocast outside the training step): generate in the same dtype.
-    dtype = "float32" if strategy == "lit_ddp" else "bfloat16"
+    dtype = "float32" if strategy == "lit_ddp" else "bfloat16"  # FSDP2 too: its policy gathers bf16 weights
     return {"full": full, "resumed": resumed, "generated": _generate(single, gpus[0], dtype),
             "checkpoint_kind": "directory" if last.is_dir() else "file"}
 

@@ -17,7 +17,7 @@ from lit_llm.errors import ConfigError
 from lit_llm.lora import LoRAConfig, apply_lora, count_trainable, is_lora_key
 from lit_llm.model import GPTModel
 from lit_llm.optim import Schedule, build_adamw, lr_multiplier, parameter_groups
-from lit_llm.strategies import is_deepspeed
+from lit_llm.strategies import is_deepspeed, is_fsdp2, shard_with_fsdp2
 
 CompileMode = Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"]
 SdpaBackend = Literal["auto", "flash", "cudnn", "efficient", "math"]
@@ -181,6 +181,9 @@ class GPTTask(pl.LightningModule):
         trainable, total = count_trainable(self.model)
         rank_zero_info(f"{trainable:,} of {total:,} parameters trainable ({100 * trainable / max(total, 1):.2f}%)")
         self.model.record_parameter_counts()  # before a sharded strategy replaces the parameters by shards
+        if strategy is not None and is_fsdp2(strategy):
+            precision = getattr(self._trainer.precision_plugin, "precision", "32-true")
+            shard_with_fsdp2(self.model, strategy, str(precision))
         model = self.model
 
         def model_loss(input_ids: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -326,10 +329,11 @@ class GPTTask(pl.LightningModule):
         if not max_norm or is_deepspeed(self.trainer.strategy):
             return  # DeepSpeed clips inside its engine (lit_llm.strategies hands it model.gradient_clip)
         strategy = type(self.trainer.strategy).__name__
-        if "FSDP" in strategy:
+        if "FSDP" in strategy and not is_fsdp2(self.trainer.strategy):
             norm = self.trainer.strategy.model.clip_grad_norm_(max_norm)
-        else:
+        else:  # DTensor parameters (FSDP2) clip here too; their norm is a DTensor to make whole
             norm = nn.utils.clip_grad_norm_(self.parameters(), max_norm)
+            norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm
         self.log("train/grad_norm", norm, on_step=True, on_epoch=False)
 
     def count_tokens(self, input_ids: torch.Tensor) -> None:

@@ -90,6 +90,8 @@ def runs(corpus: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Ru
         "ddp": [*_training(B), *DDP],
         "single_accumulate": _training(2 * B, accumulate=2),
         "ddp_accumulate": [*_training(B, accumulate=2), *DDP],
+        # FSDP2 (fully_shard) runs on the CPU with gloo too: the sharded math must be the single process's as well.
+        "fsdp2": [*_training(B), "--trainer.devices=2", "--trainer.strategy=lit_fsdp2"],
     }
     started: dict[str, tuple[Path, subprocess.Popen]] = {}
     for name, extra in plans.items():
@@ -199,3 +201,28 @@ def test_two_ranks_train_like_one_process_with_their_union_batch(runs: dict[str,
     for key in final_one:
         torch.testing.assert_close(final_two[key], final_one[key], rtol=0, atol=TOLERANCE, msg=lambda m: f"{key}: {m}")
         assert torch.equal(final_two[key], rank_weights[0][key.removeprefix("model.")])  # last.ckpt = the trained GPT
+
+
+# ---- 3. FSDP2: the same parity with sharded parameters -------------------------------------------------------------
+def test_fsdp2_on_two_ranks_trains_like_one_process(runs: dict[str, Run], tmp_path: Path) -> None:
+    """``lit_fsdp2`` (``fully_shard`` per block, parameters sharded over 2 gloo ranks) against one process at the same
+    global batch: the same per-step global losses within 1e-5, and the sharded final checkpoint, consolidated into one
+    file by ``convert consolidate``, holds the same weights within 1e-5."""
+    from lit_llm.consolidate import consolidate
+
+    one, two = runs["single"], runs["fsdp2"]
+    one.check()
+    two.check()
+    assert {_rank_info(two, rank)["strategy"] for rank in (0, 1)} == {"GPTFSDP2Strategy"}
+    expected = step_losses(read_batches(one.records))
+    per_rank = [step_losses(read_batches(two.records, rank)) for rank in (0, 1)]
+    for step, loss in expected.items():
+        global_loss = (per_rank[0][step] + per_rank[1][step]) / 2
+        assert abs(global_loss - loss) <= TOLERANCE, f"step {step}: FSDP2 {global_loss!r} vs 1 process {loss!r}"
+    assert (two.root / "last.ckpt").is_dir()  # every rank wrote its shard
+    single_file = consolidate(two.root / "last.ckpt", tmp_path / "fsdp2.ckpt")
+    final_one = _final_weights(one)
+    final_two = torch.load(single_file, weights_only=True)["state_dict"]
+    assert final_one.keys() == final_two.keys() and final_one
+    for key in final_one:
+        torch.testing.assert_close(final_two[key], final_one[key], rtol=0, atol=TOLERANCE, msg=lambda m: f"{key}: {m}")
