@@ -226,3 +226,35 @@ def test_fsdp2_on_two_ranks_trains_like_one_process(runs: dict[str, Run], tmp_pa
     assert final_one.keys() == final_two.keys() and final_one
     for key in final_one:
         torch.testing.assert_close(final_two[key], final_one[key], rtol=0, atol=TOLERANCE, msg=lambda m: f"{key}: {m}")
+
+
+def test_fsdp2_resumes_from_its_sharded_checkpoint_exactly(corpus: Path, tmp_path: Path) -> None:
+    """Two FSDP2 ranks save a sharded checkpoint directory at step 3 of 6; a new 2-rank run resumed from it trains
+    steps 4-6 with the uninterrupted run's losses (RNG states, data position, AdamW state and weights restored)."""
+    every_3 = "--trainer.callbacks=" + json.dumps([
+        {"class_path": "lit_llm.callbacks.RNGState"},
+        {"class_path": "lit_llm.callbacks.Checkpoint", "init_args": {
+            "filename": "step={step:06d}", "auto_insert_metric_name": False, "every_n_train_steps": 3,
+            "save_top_k": -1}}])
+    fsdp2 = [*_training(B), every_3, "--trainer.max_steps=6", "--trainer.devices=2", "--trainer.strategy=lit_fsdp2"]
+    runs = {}
+    for name, extra in (("full", []), ("resumed", [f"--ckpt_path={tmp_path / 'full' / 'step=000003.ckpt'}"])):
+        root = tmp_path / name
+        root.mkdir()
+        proc = start_training(_args(root, corpus, *fsdp2, *extra), root / "output.log",
+                              env={"LIT_LLM_CACHE": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1"})
+        try:
+            code = proc.wait(timeout=DEADLINE_S)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+            code = -9
+        runs[name] = Run(root, code, (root / "output.log").read_text(encoding="utf-8"))
+        runs[name].check()
+    assert (tmp_path / "full" / "step=000003.ckpt").is_dir()
+    full = {r: step_losses(read_batches(runs["full"].records, r)) for r in (0, 1)}
+    resumed = {r: step_losses(read_batches(runs["resumed"].records, r)) for r in (0, 1)}
+    assert sorted(resumed[0]) == [3, 4, 5] and sorted(full[0]) == list(range(6))
+    for rank in (0, 1):
+        for step, loss in resumed[rank].items():
+            assert abs(loss - full[rank][step]) <= 1e-6, f"rank {rank}, step {step}: {loss!r} vs {full[rank][step]!r}"
