@@ -336,3 +336,15 @@ def test_resume_does_not_read_init_weights(corpus, tmp_path, in_repo_root):
     last = tmp_path / "tune" / "last.ckpt"
     resumed = cli(["fit", "--config", quick, *tune, "--trainer.max_steps=4", f"--ckpt_path={last}"])
     assert resumed.trainer.global_step == 4
+
+
+def test_fit_after_validate_in_one_process(corpus, tmp_path, in_repo_root):
+    """``trainer.validate`` then ``trainer.fit`` on the same module (a notebook's order): validation ran under
+    inference mode and left the metrics' states as inference tensors; fit's validation must still update them."""
+    quick = ROOT / "configs/pretrain/quickstart.yaml"
+    c = cli(["--config", str(quick), *tiny_overrides(quick, corpus, tmp_path), "--trainer.max_steps=2",
+             "--trainer.val_check_interval=2", "--trainer.limit_val_batches=2"], run=False)
+    before = c.trainer.validate(c.model, datamodule=c.datamodule)[0]["val/loss"]
+    c.trainer.fit(c.model, datamodule=c.datamodule)
+    assert c.trainer.global_step == 2
+    assert torch.isfinite(c.trainer.callback_metrics["val/loss"]) and c.trainer.callback_metrics["val/loss"] < before

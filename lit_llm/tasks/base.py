@@ -358,6 +358,15 @@ class GPTTask(pl.LightningModule):
         self.log(name, torch.tensor(float(value), dtype=torch.float32), on_step=True, on_epoch=False,
                  prog_bar=prog_bar)
 
+    def on_fit_start(self) -> None:
+        # A trainer.validate() or test() before fit() leaves the metrics' states as inference tensors (they were reset
+        # under inference mode), which fit's validation, run under no_grad, cannot update in place: start afresh.
+        from torchmetrics import Metric
+
+        for module in self.modules():
+            if isinstance(module, Metric):
+                module.reset()
+
     # ---- checkpoint extras -------------------------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["tokens_seen"] = self.tokens_seen
