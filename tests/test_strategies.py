@@ -181,6 +181,21 @@ def test_under_fsdp_a_model_that_fits_starts_from_a_one_device_runs_weights():
         assert torch.equal(p, q), name
 
 
+@pytest.mark.parametrize("share", [0.25, 0.0], ids=["fits", "too_big"])
+def test_under_fsdp_a_tied_model_is_built_whole_and_stays_tied(share, monkeypatch):
+    from lit_llm.tasks import base
+
+    monkeypatch.setattr(base, "WHOLE_MODEL_SHARE", share)  # too big: the meta path would untie the head
+    config = GPTConfig(vocab_size=300, context_length=32, emb_dim=32, n_heads=2, n_layers=2, tie_weights=True)
+    torch.manual_seed(5)
+    one_device = GPTModel(config)
+    torch.manual_seed(5)
+    sharded = _configure_under_fsdp(config)
+    assert sharded.out_head.weight is sharded.tok_emb.weight
+    assert not any(p.is_meta for p in sharded.parameters())
+    assert all(torch.equal(p, q) for p, q in zip(one_device.parameters(), sharded.parameters(), strict=True))
+
+
 def test_under_fsdp_a_model_too_big_for_host_memory_is_built_on_meta(monkeypatch):
     from lit_llm.tasks import base
 

@@ -146,24 +146,24 @@ class GPTTask(pl.LightningModule):
         strategy = self._trainer.strategy if self._trainer is not None else None
         loads_weights = bool(self.hparams.get("init_weights")) and not self._resuming()
         self.model = None
-        if strategy is not None and "FSDP" in type(strategy).__name__ and not loads_weights \
-                and not self.config.tie_weights:
+        if strategy is not None and "FSDP" in type(strategy).__name__ and not loads_weights:
             # A model that fits on one device is built there whole, as a one-device run builds it (Lightning builds
             # on the GPU), so its initial weights are exactly that run's with the same seed; FSDP then shards it. A
             # larger one is built without memory, and FSDP materialises each unit on its GPU (reset_parameters runs
-            # lit_llm's initialisation) and shards it. A tied head would come out untied from that path (each module
-            # is materialised separately), and weights to load need real tensors: built whole then too.
+            # lit_llm's initialisation) and shards it; but a tied head would come out untied from that path (each
+            # module is materialised separately), so a large tied model is built whole on the CPU, as is any model
+            # whose weights are loaded (they need real tensors).
             with torch.random.fork_rng(devices=[]), torch.device("meta"):
                 meta = GPTModel(self.config)
             device = getattr(strategy, "root_device", torch.device("cpu"))
-            if _too_big_to_build_whole(meta, device):
+            if not _too_big_to_build_whole(meta, device):
+                with torch.device(device):
+                    self.model = GPTModel(self.config)
+            elif not self.config.tie_weights:
                 self.model = meta
                 rank_zero_info(f"FSDP: the model ({meta.num_parameters():,} parameters) is built on the meta device "
                                "and initialised shard by shard on the GPUs; its initial weights are not those a "
                                "one-device run with the same seed starts from")
-            else:
-                with torch.device(device):
-                    self.model = GPTModel(self.config)
         if self.model is None:
             self.model = GPTModel(self.config)
         self.model.activation_checkpointing = bool(self.hparams.get("activation_checkpointing", False))
