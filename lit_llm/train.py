@@ -17,7 +17,7 @@ import pytorch_lightning as pl
 from jsonargparse import Namespace
 from pytorch_lightning.cli import LightningCLI
 from pytorch_lightning.utilities.exceptions import SIGTERMException
-from pytorch_lightning.utilities.rank_zero import rank_zero_info, rank_zero_warn
+from pytorch_lightning.utilities.rank_zero import rank_zero_info
 
 from lit_llm import strategies as _strategies  # noqa: F401 - registers the lit_* strategy names
 from lit_llm.callbacks.checkpoint import checkpoint_order, looks_complete, naming_unreadable_checkpoint
@@ -113,9 +113,6 @@ class LitLLMCLI(LightningCLI):
             stop_launched_processes(getattr(self, "trainer", None))
             raise
 
-    def before_fit(self) -> None:
-        _warn_if_warmup_spans_the_run(self.model, self.trainer)
-
     def after_fit(self) -> None:
         _raise_if_nothing_trained(self.trainer)
 
@@ -154,28 +151,6 @@ def _explicit_vocab_sizes(model_args: Namespace) -> dict[str, int]:
     if isinstance(nested_vocab, int) and nested_vocab != GPTConfig().vocab_size:
         found["model.model.vocab_size"] = nested_vocab
     return found
-
-
-def _warn_if_warmup_spans_the_run(model: pl.LightningModule, trainer: pl.Trainer) -> None:
-    """A warmup as long as the schedule leaves the learning rate below its peak and never decays it: warn.
-
-    A warning, not an error: running a shipped config for a few steps (``--trainer.max_steps=5``) is a legitimate
-    trial run. Epoch-based runs, whose length is known only once the data is loaded, are checked when the optimizer is
-    built (``GPTTask.configure_optimizers``).
-    """
-    hp = getattr(model, "hparams", {})
-    warmup = hp.get("warmup_steps") or 0
-    if warmup <= 0 or hp.get("lr_schedule", "cosine") == "constant" or trainer.fast_dev_run:
-        return
-    total, key = (hp["schedule_steps"], "model.schedule_steps") if hp.get("schedule_steps") else (
-        trainer.max_steps, "trainer.max_steps")
-    if total is not None and 0 < total <= warmup:
-        rank_zero_warn(
-            f"model.warmup_steps={warmup} is not shorter than the {total} optimizer steps of the schedule ({key}="
-            f"{total}): the learning rate never reaches model.learning_rate={hp.get('learning_rate')} and never "
-            "decays. Lower model.warmup_steps (a few percent of the steps is usual) or train for longer.",
-            category=UserWarning,
-        )
 
 
 def _raise_if_nothing_trained(trainer: pl.Trainer) -> None:

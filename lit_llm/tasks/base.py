@@ -270,17 +270,7 @@ class GPTTask(pl.LightningModule):
                 fused = not is_deepspeed(strategy) and all(p.is_cuda for g in groups for p in g["params"])
             optimizer = build_adamw(groups, hp.learning_rate, tuple(hp.betas), hp.eps, fused=fused)
         total = hp.schedule_steps or self._estimated_steps()
-        trainer = self.trainer
-        if not hp.schedule_steps and trainer.max_steps in (-1, None) and not trainer.fast_dev_run \
-                and hp.lr_schedule != "constant" and 0 < total <= hp.warmup_steps:
-            # A run bounded by epochs: its length is known only now (lit_llm.train checks max_steps runs at start).
-            rank_zero_warn(
-                f"model.warmup_steps={hp.warmup_steps} is not shorter than the {total} optimizer steps of "
-                f"trainer.max_epochs={trainer.max_epochs}: the learning rate never reaches model.learning_rate="
-                f"{hp.learning_rate} and never decays. Lower model.warmup_steps (a few percent of the steps is usual) "
-                "or train for more epochs.",
-                category=UserWarning,
-            )
+        self._warn_if_warmup_spans(total)
         rank_zero_info(
             f"AdamW lr={hp.learning_rate} wd={hp.weight_decay}; {hp.lr_schedule} schedule, "
             f"{hp.warmup_steps} warmup steps over {total} optimizer steps; "
@@ -297,6 +287,30 @@ class GPTTask(pl.LightningModule):
             ),
         )
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+    def _warn_if_warmup_spans(self, total: int) -> None:
+        """A warmup as long as the schedule leaves the learning rate below its peak and never decays it: warn.
+
+        A warning, not an error: running a shipped config for a few steps (``--trainer.max_steps=5``) is a legitimate
+        trial run. Checked here, where the schedule's length is known for every kind of run (an epoch-bounded run's
+        only once its data is loaded).
+        """
+        hp, trainer = self.hparams, self.trainer
+        spans = 0 < total <= hp.warmup_steps
+        if not spans or hp.lr_schedule == "constant" or trainer.fast_dev_run:
+            return
+        if hp.schedule_steps:
+            of = f"the schedule (model.schedule_steps={hp.schedule_steps})"
+        elif trainer.max_steps is not None and trainer.max_steps > 0:
+            of = f"the schedule (trainer.max_steps={trainer.max_steps})"
+        else:
+            of = f"trainer.max_epochs={trainer.max_epochs}"
+        rank_zero_warn(
+            f"model.warmup_steps={hp.warmup_steps} is not shorter than the {total} optimizer steps of {of}: the "
+            f"learning rate never reaches model.learning_rate={hp.learning_rate} and never decays. Lower "
+            "model.warmup_steps (a few percent of the steps is usual) or train for longer.",
+            category=UserWarning,
+        )
 
     def _estimated_steps(self) -> int:
         try:
