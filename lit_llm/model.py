@@ -231,7 +231,7 @@ class GPTModel(nn.Module):
         self.activation_checkpointing = False
         #: Under autocast, carry the residual stream (embeddings and every block's output) in the autocast dtype
         #: (bf16) instead of float32. LayerNorm still computes in float32 and the weights stay float32; it halves the
-        #: memory traffic of the elementwise work between the matmuls. Set by the task's ``residual_dtype``.
+        #: memory traffic of the elementwise work between the matmuls. Set by the task's ``low_precision_residual``.
         self.autocast_residual = False
         self._counts: dict[bool, int] | None = None
 

@@ -265,31 +265,27 @@ def sanitize_cuda_arch_list() -> None:
                        "parse architecture suffixes")
 
 
-def _register() -> None:
-    """Register the named strategies (idempotent: re-importing the module changes nothing)."""
-    fsdp = "FSDP, one unit per TransformerBlock, sharded checkpoints"
-    zero = "DeepSpeed ZeRO stage {}, lazily imported"
-    entries: list[tuple[str, type, str, dict[str, Any]]] = [
-        ("lit_ddp", DDPStrategy, "DDP with gradients reduced in place in the buckets",
-         {"gradient_as_bucket_view": True, "timeout": timedelta(minutes=30)}),
-        ("lit_fsdp", GPTFSDPStrategy, fsdp + " (full shard)", {"sharding_strategy": "FULL_SHARD"}),
-        ("lit_fsdp2", GPTFSDP2Strategy, "FSDP2 (fully_shard per TransformerBlock), sharded checkpoints", {}),
-        ("lit_fsdp_hybrid", GPTFSDPStrategy, fsdp + " (shard within a node, replicate across nodes)",
-         {"sharding_strategy": "HYBRID_SHARD"}),
-        ("lit_fsdp_offload", GPTFSDPStrategy, fsdp + " with parameters and optimizer state in CPU memory",
-         {"sharding_strategy": "FULL_SHARD", "cpu_offload": True}),
-        ("lit_deepspeed_zero1", GPTDeepSpeedStrategy, zero.format(1), {"stage": 1}),
-        ("lit_deepspeed_zero2", GPTDeepSpeedStrategy, zero.format(2), {"stage": 2}),
-        ("lit_deepspeed_zero3", GPTDeepSpeedStrategy, zero.format(3), {"stage": 3}),
-        ("lit_deepspeed_zero3_offload", GPTDeepSpeedStrategy, zero.format(3) + ", parameters and optimizer on the CPU",
-         {"stage": 3, "offload_optimizer": True, "offload_parameters": True}),
-    ]
-    for name, cls, description, init in entries:
-        StrategyRegistry.register(name, cls, description=description, override=True, **init)
+_FSDP = "FSDP, one unit per TransformerBlock, sharded checkpoints"
+_ZERO = "DeepSpeed ZeRO stage {}, lazily imported"
+#: (name, class, description, init arguments) of each strategy this module registers, in the order of the table above.
+_ENTRIES: list[tuple[str, type, str, dict[str, Any]]] = [
+    ("lit_ddp", DDPStrategy, "DDP with gradients reduced in place in the buckets",
+     {"gradient_as_bucket_view": True, "timeout": timedelta(minutes=30)}),
+    ("lit_fsdp", GPTFSDPStrategy, _FSDP + " (full shard)", {"sharding_strategy": "FULL_SHARD"}),
+    ("lit_fsdp2", GPTFSDP2Strategy, "FSDP2 (fully_shard per TransformerBlock), sharded checkpoints", {}),
+    ("lit_fsdp_hybrid", GPTFSDPStrategy, _FSDP + " (shard within a node, replicate across nodes)",
+     {"sharding_strategy": "HYBRID_SHARD"}),
+    ("lit_fsdp_offload", GPTFSDPStrategy, _FSDP + " with parameters and optimizer state in CPU memory",
+     {"sharding_strategy": "FULL_SHARD", "cpu_offload": True}),
+    ("lit_deepspeed_zero1", GPTDeepSpeedStrategy, _ZERO.format(1), {"stage": 1}),
+    ("lit_deepspeed_zero2", GPTDeepSpeedStrategy, _ZERO.format(2), {"stage": 2}),
+    ("lit_deepspeed_zero3", GPTDeepSpeedStrategy, _ZERO.format(3), {"stage": 3}),
+    ("lit_deepspeed_zero3_offload", GPTDeepSpeedStrategy, _ZERO.format(3) + ", parameters and optimizer on the CPU",
+     {"stage": 3, "offload_optimizer": True, "offload_parameters": True}),
+]
+#: The names this module registers.
+NAMES = tuple(name for name, *_ in _ENTRIES)
 
-
-_register()
-
-#: The names this module registers, in the order of the table above.
-NAMES = ("lit_ddp", "lit_fsdp", "lit_fsdp2", "lit_fsdp_hybrid", "lit_fsdp_offload", "lit_deepspeed_zero1",
-         "lit_deepspeed_zero2", "lit_deepspeed_zero3", "lit_deepspeed_zero3_offload")
+# Idempotent: re-importing the module registers the same entries again.
+for _name, _cls, _description, _init in _ENTRIES:
+    StrategyRegistry.register(_name, _cls, description=_description, override=True, **_init)
