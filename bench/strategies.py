@@ -13,7 +13,7 @@ than the machine has run side by side on disjoint GPUs, so one invocation measur
   ZeRO-1/2 and FSDP on 4. Scaling efficiency = tokens/s per GPU / tokens/s of the one-GPU run.
 - ``tune``: the speed cell under DDP's options (static graph and 100 MB buckets; bf16 gradient all-reduce), FSDP's
   (forward prefetch; sharding only gradients and optimizer state) and FSDP2, each 4-GPU cell alone, after a one-GPU
-  reference.
+  reference; then one GPU and DDP on 4 at the shipped config's micro-batch 64 x 8 accumulated.
 - ``memory``: gpt2-1558m, seq 1024, batch 8 per GPU, eager: peak memory per GPU under each strategy on 2 GPUs.
 - ``largest``: GPT-3-shaped presets (``gpt-6.7b``, ``gpt-13b``, ``gpt-20b``; seq 2048, batch 2 per GPU, activation
   checkpointing) under FSDP and ZeRO-3 on 2 and 4 GPUs, 20 optimizer steps each; a cell that runs out of memory is
@@ -52,6 +52,7 @@ class Cell:
     windows: int = 2
     compile: bool = False
     activation_checkpointing: bool = False
+    accumulate: int = 1
     extra: list[str] = field(default_factory=list)
 
 
@@ -74,6 +75,11 @@ def tune_cells() -> list[Cell]:
         return Cell(name, "gpt2-124m", devices, strategy, batch=32, window=20, windows=3, compile=True,
                     extra=list(extra))
 
+    def shipped(name: str, devices: int, strategy: str | None) -> Cell:
+        # configs/pretrain/gpt2-124m.yaml as shipped: micro-batch 64, 8 micro-batches per optimizer step, so DDP
+        # reduces gradients once per 8 forward/backward passes
+        return Cell(name, "gpt2-124m", devices, strategy, batch=64, window=5, windows=3, compile=True, accumulate=8)
+
     return [
         c("1 GPU", 1, None),
         c("DDP x4", 4, "lit_ddp"),
@@ -84,6 +90,8 @@ def tune_cells() -> list[Cell]:
         c("FSDP x4 forward prefetch", 4, fsdp, "--trainer.strategy.forward_prefetch=true"),
         c("FSDP x4 shard grads and optimizer only", 4, fsdp, "--trainer.strategy.sharding_strategy=SHARD_GRAD_OP"),
         c("FSDP2 x4", 4, "lit_fsdp2"),
+        shipped("1 GPU 64x8", 1, None),
+        shipped("DDP x4 64x8", 4, "lit_ddp"),
     ]
 
 
@@ -125,7 +133,8 @@ def command(cell: Cell, args: argparse.Namespace, root: Path) -> list[str]:
            f"--data.init_args.tokenizer={args.tokenizer}", "--data.init_args.split_by=tokens",
            "--data.init_args.val_split=0.001", f"--data.init_args.batch_size={cell.batch}",
            "--trainer.accelerator=gpu", f"--trainer.devices={cell.devices}", "--trainer.precision=bf16-mixed",
-           "--trainer.accumulate_grad_batches=1", f"--trainer.max_steps={(1 + cell.windows) * cell.window}",
+           f"--trainer.accumulate_grad_batches={cell.accumulate}",
+           f"--trainer.max_steps={(1 + cell.windows) * cell.window}",
            "--trainer.limit_val_batches=0", "--trainer.num_sanity_val_steps=0", "--trainer.enable_checkpointing=false",
            "--trainer.enable_progress_bar=false", "--trainer.logger=false", f"--trainer.default_root_dir={root}"]
     if cell.model.startswith("gpt-"):
@@ -191,6 +200,24 @@ def _line(r: dict[str, Any]) -> str:
     return "  ".join(parts) + f"  ({r['wall_s']} s)"
 
 
+def add_scaling(results: list[dict[str, Any]]) -> None:
+    """Scaling efficiency of each measured cell: its tokens/s per GPU over the first measured one-GPU cell's with the
+    same model, micro-batch and accumulation (a cell with no such reference gets none)."""
+
+    def shape(r: dict[str, Any]) -> tuple[Any, ...]:
+        return r["cell"]["model"], r["cell"]["batch"], r["cell"].get("accumulate", 1)
+
+    measured = [r for r in results if "tokens_per_sec_per_device" in r]
+    bases: dict[tuple[Any, ...], dict[str, Any]] = {}
+    for r in measured:
+        if r["cell"]["devices"] == 1:
+            bases.setdefault(shape(r), r)
+    for r in measured:
+        base = bases.get(shape(r))
+        if base is not None:
+            r["scaling_efficiency"] = r["tokens_per_sec_per_device"] / base["tokens_per_sec_per_device"]
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("mode", choices=["speed", "tune", "memory", "largest"])
@@ -213,10 +240,7 @@ def main(argv: list[str] | None = None) -> None:
             futures.append(ex.submit(run_cell, cell, args, pool))
             time.sleep(0.5)
         results = [f.result() for f in futures]
-    base = next((r for r in results if r["cell"]["devices"] == 1 and "tokens_per_sec_per_device" in r), None)
-    for r in results:
-        if base is not None and "tokens_per_sec_per_device" in r and r["cell"]["model"] == base["cell"]["model"]:
-            r["scaling_efficiency"] = r["tokens_per_sec_per_device"] / base["tokens_per_sec_per_device"]
+    add_scaling(results)
     meta = {"date": time.strftime("%Y-%m-%d"), "gpus": n,
             "device": torch.cuda.get_device_name(0) if n else "cpu", "torch": torch.__version__}
     out = {"mode": args.mode, **meta, "results": results}

@@ -47,7 +47,7 @@ from lit_llm.callbacks.throughput import get_peak_flops  # noqa: E402
 from lit_llm.config import GPTConfig  # noqa: E402
 from lit_llm.model import GPTModel  # noqa: E402
 from lit_llm.optim import build_adamw, parameter_groups  # noqa: E402
-from lit_llm.tasks.base import next_token_loss, sdpa_backend_context  # noqa: E402
+from lit_llm.tasks.base import sdpa_backend_context  # noqa: E402
 
 
 @dataclass(frozen=True)
@@ -65,6 +65,7 @@ class Variant:
     qkv_bias: bool = True
     residual: str = "float32"  # float32 | autocast (the residual stream in bf16 under autocast)
     coordinate_descent: bool = False  # inductor's coordinate-descent tuning of the generated kernels
+    loss_chunk: int = 0  # > 0: the head and its cross-entropy fused, this many tokens at a time (chunked_loss)
 
     @property
     def compiled(self) -> bool:
@@ -100,6 +101,7 @@ SWEEP: list[tuple[str, dict[str, Any], int]] = [
     ("residual bf16, batch 32, CUDA graphs (reduce-overhead)", dict(residual="autocast", compile="reduce-overhead"),
      32),
     ("bf16-true, batch 64", dict(precision="bf16-true"), 64),
+    ("residual bf16, batch 64, chunked head loss (8192 tokens)", dict(residual="autocast", loss_chunk=8192), 64),
 ]
 
 
@@ -136,10 +138,11 @@ def plain_loop(model_name: str, v: Variant, batch: int, accumulate: int, steps: 
     if v.precision == "bf16-true":
         model = model.to(torch.bfloat16)
     model.autocast_residual = v.residual == "autocast"
+    model.loss_chunk = v.loss_chunk or None
     model.train()
 
     def model_loss(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        return next_token_loss(model(x), y)
+        return model(x, targets=y)
 
     step_fn = model_loss
     if v.compiled:
@@ -273,12 +276,32 @@ def _device_name() -> str:
     return torch.cuda.get_device_name() if DEVICE == "cuda" else "cpu"
 
 
+def config_with_window(config: Path, window: int, out: Path) -> Path:
+    """A copy of the run config ``config`` at ``out`` whose Throughput callback averages over ``window`` optimizer
+    steps (one is added when the config has none), so ``--window`` sets the timed windows' length."""
+    import yaml
+
+    data = yaml.safe_load(config.read_text(encoding="utf-8"))
+    callbacks = data.setdefault("trainer", {}).setdefault("callbacks", []) or []
+    data["trainer"]["callbacks"] = callbacks
+    found = [c for c in callbacks if isinstance(c, dict) and str(c.get("class_path", "")).endswith("Throughput")]
+    if not found:
+        found = [{"class_path": "lit_llm.callbacks.Throughput"}]
+        callbacks.extend(found)
+    for c in found:
+        c["init_args"] = {**(c.get("init_args") or {}), "window": window}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(yaml.safe_dump(data, sort_keys=False), encoding="utf-8")
+    return out
+
+
 def trainer_run(args: argparse.Namespace, v: Variant) -> dict[str, Any]:
     """Run ``python -m lit_llm.train fit`` with the shipped GPT-2 config and read the Throughput callback's summary."""
     root = Path(args.root) / f"trainer-{v.name}-{int(time.time())}"
     window = args.window
+    config = config_with_window(ROOT / args.config, window, root / "config.yaml")
     cmd = [
-        sys.executable, "-m", "lit_llm.train", "fit", "--config", str(ROOT / args.config),
+        sys.executable, "-m", "lit_llm.train", "fit", "--config", str(config),
         f"--model.init_args.model.n_layers={model_config(args.model, v).n_layers}",
         f"--model.init_args.model.emb_dim={model_config(args.model, v).emb_dim}",
         f"--model.init_args.model.n_heads={model_config(args.model, v).n_heads}",
@@ -291,6 +314,7 @@ def trainer_run(args: argparse.Namespace, v: Variant) -> dict[str, Any]:
         f"--model.init_args.fused_adamw={str(v.fused).lower()}",
         f"--model.init_args.low_precision_residual={str(v.residual == 'autocast').lower()}",
         *(["--model.init_args.compile_options={coordinate_descent_tuning: true}"] if v.coordinate_descent else []),
+        *([f"--model.init_args.chunked_loss={v.loss_chunk}"] if v.loss_chunk else []),
         "--model.init_args.warmup_steps=5",
         f"--data.init_args.source={args.source}", "--data.init_args.sha256=null",
         f"--data.init_args.tokenizer={args.tokenizer}", "--data.init_args.split_by=tokens",
@@ -337,7 +361,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--steps", type=int, default=30, help="timed optimizer steps")
     parser.add_argument("--warmup", type=int, default=10, help="untimed optimizer steps first (plain loop)")
     parser.add_argument("--window", type=int, default=20,
-                        help="trainer: the window of the config's Throughput callback (optimizer steps)")
+                        help="trainer: optimizer steps per timed window (set on the config's Throughput callback)")
     parser.add_argument("--windows", type=int, default=2,
                         help="trainer: timed windows; one more runs first, untimed (compilation, warm-up)")
     parser.add_argument("--extras", action="store_true", help="ladder: also measure the EXTRAS options")
@@ -346,6 +370,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--fused", choices=["true", "false"])
     parser.add_argument("--bias", choices=["true", "false"])
     parser.add_argument("--coordinate-descent", action="store_true", help="inductor's coordinate-descent tuning")
+    parser.add_argument("--loss-chunk", type=int, default=0,
+                        help="the head and its cross-entropy fused, this many tokens at a time (0: plain head)")
     parser.add_argument("--config", default="configs/pretrain/gpt2-124m.yaml")
     parser.add_argument("--source", help="trainer: corpus file")
     parser.add_argument("--tokenizer", default="gpt2", help="trainer: tokenizer directory or Hub name")
@@ -365,6 +391,8 @@ def main(argv: list[str] | None = None) -> None:
         overrides["bias"] = overrides["qkv_bias"] = args.bias == "true"
     if args.coordinate_descent:
         overrides["coordinate_descent"] = True
+    if args.loss_chunk:
+        overrides["loss_chunk"] = args.loss_chunk
     v = replace(v, **overrides)
     print(f"{_device_name()}  torch {torch.__version__}  {args.model} batch {args.batch} x "
           f"accumulate {args.accumulate}", flush=True)

@@ -22,6 +22,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from lit_llm.config import GPTConfig
+from lit_llm.losses import chunked_head_loss, next_token_loss
 
 
 class Linear(nn.Linear):
@@ -233,9 +234,17 @@ class GPTModel(nn.Module):
         #: (bf16) instead of float32. LayerNorm still computes in float32 and the weights stay float32; it halves the
         #: memory traffic of the elementwise work between the matmuls. Set by the task's ``low_precision_residual``.
         self.autocast_residual = False
+        #: With ``targets``, compute the head and its cross-entropy together this many tokens at a time
+        #: (:func:`lit_llm.losses.chunked_head_loss`), never holding the (tokens x vocabulary) logits; ``None``: the
+        #: plain head. Set by the task's ``chunked_loss``.
+        self.loss_chunk: int | None = None
         self._counts: dict[bool, int] | None = None
 
-    def forward(self, in_idx: torch.Tensor, kv_cache: KVCache | None = None) -> torch.Tensor:
+    def forward(
+        self, in_idx: torch.Tensor, kv_cache: KVCache | None = None, targets: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Logits ``(B, T, V)``; with ``targets`` ``(B, T)`` instead the mean next-token cross-entropy (``-100``
+        targets ignored), through the chunked head when ``loss_chunk`` is set."""
         B, T = in_idx.shape
         start = 0 if kv_cache is None else kv_cache.pos
         if start + T > self.config.context_length:
@@ -262,7 +271,12 @@ class GPTModel(nn.Module):
                 )
             for block, layer_cache in zip(self.trf_blocks, kv_cache.layers):
                 x = block(x, layer_cache)
-        return self.out_head(self.final_norm(x))  # (B, T, V)
+        x = self.final_norm(x)
+        if targets is None:
+            return self.out_head(x)  # (B, T, V)
+        if self.loss_chunk:
+            return chunked_head_loss(x, self.out_head.weight, targets, chunk_size=self.loss_chunk)
+        return next_token_loss(self.out_head(x), targets)
 
     def new_kv_cache(self, max_len: int | None = None) -> KVCache:
         """An empty :class:`KVCache` for this model holding ``max_len`` tokens (default: ``context_length``)."""

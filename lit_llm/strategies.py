@@ -77,6 +77,23 @@ def is_deepspeed(strategy: Any) -> bool:
     return isinstance(strategy, DeepSpeedStrategy)
 
 
+def check_ddp_options(strategy: Any, accumulate_grad_batches: int) -> None:
+    """Refuse DDP options that PyTorch's DDP cannot run together, before the model is wrapped.
+
+    ``static_graph=True`` with gradient accumulation (which runs the micro-batches under ``no_sync``) fails on the
+    first accumulated micro-batch inside DDP's reducer ("expect_autograd_hooks_ INTERNAL ASSERT FAILED"), and past
+    that point DDP can stop averaging gradients (pytorch/pytorch#143580, #187732).
+    """
+    kwargs = getattr(strategy, "_ddp_kwargs", None) or {}
+    if isinstance(strategy, DDPStrategy) and kwargs.get("static_graph") and accumulate_grad_batches > 1:
+        raise ConfigError(
+            f"trainer.strategy.static_graph=true cannot run with trainer.accumulate_grad_batches="
+            f"{accumulate_grad_batches}: PyTorch's DDP fails on the first accumulated micro-batch with a static graph "
+            "(and may stop averaging gradients after it). Remove static_graph (lit_ddp leaves it off), or set "
+            "trainer.accumulate_grad_batches=1 and raise data.batch_size instead."
+        )
+
+
 def _refuse_cpu(strategy: Strategy, name: str) -> None:
     if strategy.root_device.type != "cuda":
         raise ConfigError(

@@ -258,3 +258,16 @@ def test_a_config_naming_the_fsdp_class_gets_lit_llms_defaults_and_takes_fsdp_op
     assert strategy.sharding_strategy.name == "SHARD_GRAD_OP" and strategy._state_dict_type == "sharded"
     assert strategy.kwargs["forward_prefetch"] is True and strategy.kwargs["use_orig_params"] is True
     assert strategy.kwargs["auto_wrap_policy"]._module_classes == {TransformerBlock}
+
+
+def test_ddp_static_graph_with_accumulation_is_one_clear_error(corpus, tmp_path, in_repo_root):
+    """PyTorch's DDP fails inside its reducer when a static graph meets accumulated (``no_sync``) micro-batches; lit_llm
+    refuses the pair before the model is wrapped, and takes static_graph without accumulation."""
+    ddp = ["--trainer.strategy=pytorch_lightning.strategies.DDPStrategy", "--trainer.strategy.static_graph=true",
+           "--trainer.devices=1", f"--trainer.default_root_dir={tmp_path}", "--trainer.max_steps=2",
+           "--model.init_args.warmup_steps=0", "--trainer.limit_val_batches=0"]
+    with pytest.raises(ConfigError, match=r"static_graph=true cannot run with trainer.accumulate_grad_batches=2.*"
+                                          r"Remove static_graph"):
+        cli(["fit", "--config", str(QUICK), *TINY, *ddp, "--trainer.accumulate_grad_batches=2"])
+    c = cli(["fit", "--config", str(QUICK), *TINY, *ddp, "--trainer.accumulate_grad_batches=1"])
+    assert c.trainer.global_step == 2 and c.trainer.strategy._ddp_kwargs["static_graph"] is True

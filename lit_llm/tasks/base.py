@@ -8,7 +8,6 @@ from typing import Any, Literal
 
 import pytorch_lightning as pl
 import torch
-import torch.nn.functional as F
 from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
 
@@ -17,20 +16,10 @@ from lit_llm.errors import ConfigError
 from lit_llm.lora import LoRAConfig, apply_lora, count_trainable, is_lora_key
 from lit_llm.model import GPTModel
 from lit_llm.optim import Schedule, build_adamw, lr_multiplier, parameter_groups
-from lit_llm.strategies import is_deepspeed, is_fsdp2, shard_with_fsdp2
+from lit_llm.strategies import check_ddp_options, is_deepspeed, is_fsdp2, shard_with_fsdp2
 
 CompileMode = Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"]
 SdpaBackend = Literal["auto", "flash", "cudnn", "efficient", "math"]
-
-
-def next_token_loss(logits: torch.Tensor, targets: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
-    """Cross-entropy of ``logits`` ``(B, T, V)`` against ``targets`` ``(B, T)``; ``-100`` targets are ignored.
-
-    Computed in float32 even when the logits are bf16 (``bf16-true``), so the loss keeps its precision.
-    """
-    return F.cross_entropy(
-        logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100, reduction=reduction
-    )
 
 
 class GPTTask(pl.LightningModule):
@@ -61,6 +50,7 @@ class GPTTask(pl.LightningModule):
         sdpa_backend: SdpaBackend = "auto",
         activation_checkpointing: bool = False,
         low_precision_residual: bool = False,
+        chunked_loss: int | None = None,
     ) -> None:
         """
         Args:
@@ -107,6 +97,10 @@ class GPTTask(pl.LightningModule):
                 output) in bf16 rather than float32, as DeepSpeed's and FSDP's bf16 modes and Megatron-LM do. The
                 weights, their gradients and AdamW stay float32 and LayerNorm still computes in float32; the
                 elementwise work between the matmuls moves half the bytes. See docs/benchmarks.md for what it buys.
+            chunked_loss: Compute the output head and its cross-entropy together, this many tokens at a time (e.g.
+                8192), in training and validation: the (tokens x vocabulary) logits and their gradient are never held
+                whole (13 GB at GPT-2's vocabulary and 64 x 1024 tokens), for the same matmuls. ``null``: the plain
+                head. Not with a LoRA adapter on the head; under DeepSpeed ZeRO-3 the plain head is used.
         """
         super().__init__()
         config = _as_config(model)
@@ -124,10 +118,17 @@ class GPTTask(pl.LightningModule):
         if compile_options and compile not in (True, "default"):
             problems.append(f"model.compile_options needs model.compile: true (torch.compile takes a mode or options, "
                             f"not both), got model.compile={compile!r}")
+        lora_config = LoRAConfig.coerce(lora)
+        if chunked_loss is not None and (isinstance(chunked_loss, bool) or chunked_loss < 1):
+            problems.append(f"model.chunked_loss={chunked_loss!r} must be a positive number of tokens (e.g. 8192) "
+                            "or null for the plain head")
+        elif chunked_loss is not None and lora_config is not None and "head" in lora_config.layer_names():
+            problems.append("model.chunked_loss cannot be combined with a LoRA adapter on the head "
+                            "(model.lora.targets includes head): drop one of the two")
         if problems:
             raise ConfigError("Invalid task config:\n  - " + "\n  - ".join(problems))
         self.config = config
-        self.lora_config = LoRAConfig.coerce(lora)
+        self.lora_config = lora_config
         # Plain types only, so checkpoints load with torch.load(weights_only=True).
         self.save_hyperparameters(ignore=["model", "lora"])
         self.hparams["model"] = config.to_dict()
@@ -144,6 +145,8 @@ class GPTTask(pl.LightningModule):
         if self.model is not None:
             return
         strategy = self._trainer.strategy if self._trainer is not None else None
+        if strategy is not None:
+            check_ddp_options(strategy, getattr(self._trainer, "accumulate_grad_batches", 1))
         loads_weights = bool(self.hparams.get("init_weights")) and not self._resuming()
         self.model = None
         if strategy is not None and "FSDP" in type(strategy).__name__ and not loads_weights:
@@ -184,16 +187,23 @@ class GPTTask(pl.LightningModule):
         if strategy is not None and is_fsdp2(strategy):
             precision = getattr(self._trainer.precision_plugin, "precision", "32-true")
             shard_with_fsdp2(self.model, strategy, str(precision))
+        zero3 = strategy is not None and getattr(strategy, "zero_stage_3", False)
+        chunk = self.hparams.get("chunked_loss")
+        if chunk and zero3:
+            # ZeRO-3 gathers the head's weight only inside the head module's own forward, which this path skips.
+            rank_zero_info("model.chunked_loss is off under DeepSpeed ZeRO stage 3 (the plain head is used)")
+            chunk = None
+        self.model.loss_chunk = chunk
         model = self.model
 
         def model_loss(input_ids: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-            return next_token_loss(model(input_ids), targets)
+            return model(input_ids, targets=targets)
 
         # Stored outside nn.Module registration: no duplicate parameters, no "_orig_mod." keys in checkpoints.
         # The loss is compiled together with the model so the compiler fuses the head's output into the
         # cross-entropy instead of materialising float32 logits for the whole batch.
         compile_ = self.hparams.compile
-        if compile_ and strategy is not None and getattr(strategy, "zero_stage_3", False):
+        if compile_ and zero3:
             # ZeRO-3 gathers and releases parameters in module hooks that the compiler cannot trace.
             rank_zero_info("model.compile is off under DeepSpeed ZeRO stage 3 (its parameter hooks do not compile)")
             compile_ = False

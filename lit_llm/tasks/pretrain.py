@@ -7,7 +7,8 @@ from typing import Any
 import torch
 from torchmetrics import MeanMetric
 
-from lit_llm.tasks.base import GPTTask, next_token_loss
+from lit_llm.losses import next_token_loss
+from lit_llm.tasks.base import GPTTask
 
 
 class TokenPerplexity(MeanMetric):

@@ -1,0 +1,257 @@
+"""``chunked_head_loss`` against the plain head: ``F.cross_entropy(F.linear(h, w).float(), targets)``."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from lit_llm.losses import chunked_head_loss
+
+N, C, V = 37, 16, 50
+
+
+def _inputs(seed: int = 0, shape: tuple[int, ...] = (N,), ignored: int = 5):
+    g = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(*shape, C, generator=g, requires_grad=True)
+    weight = torch.nn.Parameter(torch.randn(V, C, generator=g) * 0.5)
+    targets = torch.randint(0, V, shape, generator=g)
+    flat = targets.view(-1)
+    flat[torch.randperm(flat.numel(), generator=g)[:ignored]] = -100
+    return hidden, weight, targets
+
+
+def _reference(hidden, weight, targets):
+    logits = F.linear(hidden, weight).float()
+    return F.cross_entropy(logits.flatten(0, -2), targets.flatten(), ignore_index=-100)
+
+
+def _loss_and_grads(fn, hidden, weight, targets, scale: float = 1.0):
+    hidden.grad = weight.grad = None
+    loss = fn(hidden, weight, targets)
+    (loss * scale).backward()
+    return loss.detach(), hidden.grad.clone(), weight.grad.clone()
+
+
+def _assert_close(got, want, atol=1e-5, rtol=1e-5):
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, atol=atol, rtol=rtol)
+
+
+def test_float32_matches_reference_with_partial_last_chunk_and_ignored_targets():
+    hidden, weight, targets = _inputs()
+    assert (targets == -100).sum() == 5
+    got = _loss_and_grads(lambda h, w, t: chunked_head_loss(h, w, t, chunk_size=8), hidden, weight, targets)
+    want = _loss_and_grads(_reference, hidden, weight, targets)
+    assert got[0].dtype == torch.float32 and got[0].dim() == 0
+    _assert_close(got, want)
+    assert got[1][targets == -100].abs().sum() == 0  # ignored rows get no gradient
+
+
+def test_leading_batch_dims_are_flattened():
+    hidden, weight, targets = _inputs(shape=(3, 7))
+    got = _loss_and_grads(lambda h, w, t: chunked_head_loss(h, w, t, chunk_size=4), hidden, weight, targets)
+    want = _loss_and_grads(_reference, hidden, weight, targets)
+    assert got[1].shape == (3, 7, C)
+    _assert_close(got, want)
+
+
+@pytest.mark.parametrize("chunk_size", [1, N, N + 100])
+def test_chunk_size_does_not_change_the_result(chunk_size):
+    hidden, weight, targets = _inputs(seed=1)
+    got = _loss_and_grads(lambda h, w, t: chunked_head_loss(h, w, t, chunk_size=chunk_size), hidden, weight, targets)
+    want = _loss_and_grads(_reference, hidden, weight, targets)
+    _assert_close(got, want)
+
+
+def test_tied_weight_gradients_add_up():
+    g = torch.Generator().manual_seed(2)
+    emb = torch.nn.Parameter(torch.randn(V, C, generator=g) * 0.5)
+    idx = torch.randint(0, V, (N,), generator=g)
+    targets = torch.randint(0, V, (N,), generator=g)
+    targets[::6] = -100
+    proj = torch.randn(C, C, generator=g) * 0.3
+
+    def run(head):
+        emb.grad = None
+        hidden = torch.tanh(F.embedding(idx, emb) @ proj)  # the same weight as embedding and as head
+        loss = head(hidden, emb, targets)
+        loss.backward()
+        return loss.detach(), emb.grad.clone()
+
+    got = run(lambda h, w, t: chunked_head_loss(h, w, t, chunk_size=8))
+    want = run(_reference)
+    _assert_close(got, want)
+    # the embedding's part is really there: rows of tokens not in idx get only the head's gradient
+    head_only = run(lambda h, w, t: chunked_head_loss(h.detach(), w, t, chunk_size=8))[1]
+    assert not torch.allclose(head_only, want[1], atol=1e-4)
+
+
+def test_all_targets_ignored_gives_zero_loss_and_zero_gradients():
+    hidden, weight, _ = _inputs()
+    targets = torch.full((N,), -100)
+    loss, grad_h, grad_w = _loss_and_grads(
+        lambda h, w, t: chunked_head_loss(h, w, t, chunk_size=8), hidden, weight, targets
+    )
+    assert loss.item() == 0.0
+    assert torch.isfinite(grad_h).all() and torch.isfinite(grad_w).all()
+    assert grad_h.abs().sum() == 0 and grad_w.abs().sum() == 0
+
+
+def test_custom_ignore_index():
+    hidden, weight, targets = _inputs(ignored=0)
+    targets = targets.clone()
+    targets[:4] = 7
+    got = chunked_head_loss(hidden, weight, targets, chunk_size=8, ignore_index=7)
+    want = F.cross_entropy(F.linear(hidden, weight), targets, ignore_index=7)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_bf16_autocast_matches_reference_under_the_same_autocast():
+    hidden, weight, targets = _inputs(seed=3)
+
+    def autocast(fn):
+        def wrapped(h, w, t):
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                return fn(h, w, t)
+
+        return wrapped
+
+    got = _loss_and_grads(autocast(lambda h, w, t: chunked_head_loss(h, w, t, chunk_size=8)), hidden, weight, targets)
+    want = _loss_and_grads(autocast(_reference), hidden, weight, targets)
+    assert got[0].dtype == torch.float32
+    assert got[1].dtype == hidden.dtype and got[2].dtype == weight.dtype  # gradients in the inputs' dtypes
+    torch.testing.assert_close(got[0], want[0], rtol=1e-2, atol=0)
+    for g, w in zip(got[1:], want[1:]):
+        assert F.cosine_similarity(g.flatten(), w.flatten(), dim=0) > 0.999
+        torch.testing.assert_close(g, w, rtol=2e-2, atol=2e-3)
+    # it really computed in bf16: the float32 result differs by more than float32 round-off
+    fp32 = chunked_head_loss(hidden, weight, targets, chunk_size=8).detach()
+    assert (got[0] - fp32).abs() > 1e-6
+
+
+def test_bf16_weights_without_autocast_compute_in_bf16():
+    hidden, weight, targets = _inputs(seed=4)
+    h = hidden.detach().bfloat16().requires_grad_()
+    w = torch.nn.Parameter(weight.detach().bfloat16())
+    got = _loss_and_grads(lambda h, w, t: chunked_head_loss(h, w, t, chunk_size=8), h, w, targets)
+    want = _loss_and_grads(_reference, h, w, targets)
+    assert got[1].dtype == torch.bfloat16 and got[2].dtype == torch.bfloat16
+    torch.testing.assert_close(got[0], want[0], rtol=1e-2, atol=0)
+    for g, r in zip(got[1:], want[1:]):
+        assert F.cosine_similarity(g.float().flatten(), r.float().flatten(), dim=0) > 0.999
+
+
+@pytest.mark.parametrize("backend", ["eager", "aot_eager"])
+def test_torch_compile_matches_eager(backend):
+    torch._dynamo.reset()
+    hidden, weight, targets = _inputs(seed=5)
+    compiled = torch.compile(lambda h, w, t: chunked_head_loss(h, w, t, chunk_size=8), backend=backend, fullgraph=True)
+    got = _loss_and_grads(compiled, hidden, weight, targets)
+    want = _loss_and_grads(lambda h, w, t: chunked_head_loss(h, w, t, chunk_size=8), hidden, weight, targets)
+    _assert_close(got, want)
+    _assert_close(want, _loss_and_grads(_reference, hidden, weight, targets))
+
+
+def test_grad_output_scales_the_gradients():
+    hidden, weight, targets = _inputs(seed=6)
+    got = _loss_and_grads(lambda h, w, t: chunked_head_loss(h, w, t, chunk_size=8), hidden, weight, targets, scale=3.0)
+    want = _loss_and_grads(_reference, hidden, weight, targets, scale=3.0)
+    _assert_close(got, want)
+    unscaled = _loss_and_grads(lambda h, w, t: chunked_head_loss(h, w, t, chunk_size=8), hidden, weight, targets)
+    torch.testing.assert_close(got[1], 3.0 * unscaled[1])
+    torch.testing.assert_close(got[2], 3.0 * unscaled[2])
+
+
+def test_frozen_weight_or_hidden_gets_no_gradient():
+    hidden, weight, targets = _inputs(seed=7)
+    want = _loss_and_grads(_reference, hidden, weight, targets)
+
+    hidden.grad = None
+    loss = chunked_head_loss(hidden, weight.detach(), targets, chunk_size=8)
+    loss.backward()
+    torch.testing.assert_close(hidden.grad, want[1], atol=1e-5, rtol=1e-5)
+
+    weight.grad = None
+    loss = chunked_head_loss(hidden.detach(), weight, targets, chunk_size=8)
+    loss.backward()
+    torch.testing.assert_close(weight.grad, want[2], atol=1e-5, rtol=1e-5)
+
+    with torch.no_grad():
+        loss = chunked_head_loss(hidden, weight, targets, chunk_size=8)
+    assert not loss.requires_grad
+    torch.testing.assert_close(loss, want[0], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"chunk_size": 0}, "chunk_size"),
+        ({"targets": torch.zeros(N + 1, dtype=torch.long)}, "targets' shape"),
+        ({"weight": torch.zeros(V, C + 1)}, "weight must be"),
+    ],
+)
+def test_bad_arguments_raise_a_clear_value_error(kwargs, message):
+    hidden, weight, targets = _inputs()
+    args = {"hidden": hidden, "weight": weight, "targets": targets, **kwargs}
+    with pytest.raises(ValueError, match=message):
+        chunked_head_loss(**args)
+
+
+# ---- the task option ``chunked_loss`` ------------------------------------------------------------------------------
+def _task(**kwargs):
+    from lit_llm.tasks import PretrainTask
+
+    shape = dict(vocab_size=97, context_length=16, emb_dim=32, n_heads=2, n_layers=2, drop_rate=0.0)
+    torch.manual_seed(0)
+    task = PretrainTask(model={**shape, "tie_weights": kwargs.pop("tie_weights", True)}, **kwargs)
+    task.configure_model()
+    return task
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_the_task_option_trains_like_the_plain_head(tied):
+    """Same loss and the same gradient on every parameter (float32), tied or untied head, with ignored targets."""
+    plain, chunked = _task(tie_weights=tied), _task(tie_weights=tied, chunked_loss=7)
+    chunked.model.load_state_dict(plain.model.state_dict())
+    assert chunked.model.loss_chunk == 7 and plain.model.loss_chunk is None
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, 97, (3, 16), generator=g)
+    targets = torch.randint(0, 97, (3, 16), generator=g)
+    targets[0, :5] = -100
+    losses = []
+    for task in (plain, chunked):
+        loss = task.loss(ids, targets)
+        loss.backward()
+        losses.append(loss.detach())
+    torch.testing.assert_close(losses[1], losses[0], atol=1e-6, rtol=1e-6)
+    grads = [{n: p.grad for n, p in t.model.named_parameters()} for t in (plain, chunked)]
+    assert grads[0].keys() == grads[1].keys()
+    for name in grads[0]:
+        torch.testing.assert_close(grads[1][name], grads[0][name], atol=1e-6, rtol=1e-5, msg=name)
+    with torch.no_grad():  # validation: the loss alone
+        torch.testing.assert_close(chunked.loss(ids, targets), plain.loss(ids, targets), atol=1e-6, rtol=1e-6)
+
+
+def test_the_task_option_rejects_bad_values_and_a_lora_head():
+    from lit_llm.errors import ConfigError
+
+    for bad in (0, -8, True):
+        with pytest.raises(ConfigError, match=r"model.chunked_loss=.* must be a positive number of tokens"):
+            _task(chunked_loss=bad)
+    with pytest.raises(ConfigError, match=r"chunked_loss cannot be combined with a LoRA adapter on the head"):
+        _task(chunked_loss=64, lora={"rank": 2, "targets": ["head"]})
+    assert _task(chunked_loss=64, lora={"rank": 2, "targets": ["attention"]}).model.loss_chunk == 64
+
+
+def test_under_zero3_the_plain_head_is_used():
+    from types import SimpleNamespace
+
+    from lit_llm.tasks import PretrainTask
+
+    task = PretrainTask(model=dict(vocab_size=97, context_length=16, emb_dim=32, n_heads=2, n_layers=1),
+                        chunked_loss=64)
+    task._trainer = SimpleNamespace(strategy=SimpleNamespace(zero_stage_3=True), ckpt_path=None,
+                                    accumulate_grad_batches=1)
+    task.configure_model()
+    assert task.model.loss_chunk is None
