@@ -282,6 +282,11 @@ class Checkpoint(ModelCheckpoint):
         super().on_validation_end(trainer, pl_module)
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.fast_dev_run:
+            # Lightning's own end-of-training save_last ignores fast_dev_run: a smoke test in a real run's folder would
+            # replace that run's last.ckpt with a one-step model (and --ckpt_path auto would then resume from it).
+            rank_zero_info("Checkpoint: fast_dev_run writes no checkpoint")
+            return
         if self._mid_step:
             if self.save_last and not self._last_checkpoint_saved:
                 rank_zero_info("Checkpoint: training stopped between the micro-batches of an optimizer step; "

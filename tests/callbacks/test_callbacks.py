@@ -421,6 +421,20 @@ def test_checkpoint_saves_into_default_root_dir_and_resumes_from_last(tmp_path: 
     assert torch.load(tmp_path / "last.ckpt", weights_only=False)["global_step"] == 5
 
 
+def test_fast_dev_run_leaves_a_runs_last_checkpoint_alone(tmp_path: Path) -> None:
+    """Lightning's end-of-training save_last ignores fast_dev_run; a smoke test in a real run's folder must not
+    replace that run's last.ckpt (which ``--ckpt_path auto`` resumes from)."""
+    fit_linear(tmp_path, max_steps=3)
+    before = (tmp_path / "last.ckpt").read_bytes()
+    files = sorted(p.name for p in tmp_path.glob("*.ckpt"))
+    trainer = pl.Trainer(accelerator="cpu", devices=1, default_root_dir=tmp_path, fast_dev_run=True,
+                         callbacks=[Checkpoint()], enable_progress_bar=False, enable_model_summary=False)
+    trainer.fit(LinearTask(), train_dataloaders=linear_loader())
+    assert trainer.global_step == 1
+    assert (tmp_path / "last.ckpt").read_bytes() == before
+    assert sorted(p.name for p in tmp_path.glob("*.ckpt")) == files  # nothing new written either
+
+
 def test_checkpoint_keeps_an_explicit_dirpath(tmp_path: Path) -> None:
     fit_linear(tmp_path, max_steps=2, dirpath=str(tmp_path / "elsewhere"), save_last=False)
     assert [p.name for p in (tmp_path / "elsewhere").iterdir()] == ["epoch=0-step=2.ckpt"]
