@@ -282,8 +282,8 @@ def config_with_window(config: Path, window: int, out: Path) -> Path:
     import yaml
 
     data = yaml.safe_load(config.read_text(encoding="utf-8"))
-    callbacks = data.setdefault("trainer", {}).setdefault("callbacks", []) or []
-    data["trainer"]["callbacks"] = callbacks
+    trainer = data.setdefault("trainer", {})
+    callbacks = trainer["callbacks"] = trainer.get("callbacks") or []
     found = [c for c in callbacks if isinstance(c, dict) and str(c.get("class_path", "")).endswith("Throughput")]
     if not found:
         found = [{"class_path": "lit_llm.callbacks.Throughput"}]

@@ -255,3 +255,11 @@ def test_under_zero3_the_plain_head_is_used():
                                     accumulate_grad_batches=1)
     task.configure_model()
     assert task.model.loss_chunk is None
+
+
+def test_the_option_is_a_config_key(tmp_path, in_repo_root):
+    from lit_llm.train import cli
+
+    c = cli(["--config", "configs/pretrain/quickstart.yaml", "--data.init_args.tokenizer_vocab_size=300",
+             "--model.init_args.chunked_loss=64", f"--trainer.default_root_dir={tmp_path}"], run=False)
+    assert c.model.hparams.chunked_loss == 64

@@ -99,8 +99,10 @@ class GPTTask(pl.LightningModule):
                 elementwise work between the matmuls moves half the bytes. See docs/benchmarks.md for what it buys.
             chunked_loss: Compute the output head and its cross-entropy together, this many tokens at a time (e.g.
                 8192), in training and validation: the (tokens x vocabulary) logits and their gradient are never held
-                whole (13 GB at GPT-2's vocabulary and 64 x 1024 tokens), for the same matmuls. ``null``: the plain
-                head. Not with a LoRA adapter on the head; under DeepSpeed ZeRO-3 the plain head is used.
+                whole, for the same matmuls. For uncompiled runs, where the plain head keeps the batch's float32
+                log-probabilities (13 GB at GPT-2's vocabulary and 64 x 1024 tokens); with ``compile`` on it measured
+                slower and larger than the plain head (docs/benchmarks.md). ``null``: the plain head. Not with a LoRA
+                adapter on the head; under DeepSpeed ZeRO-3 the plain head is used.
         """
         super().__init__()
         config = _as_config(model)
