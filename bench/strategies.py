@@ -11,10 +11,11 @@ than the machine has run side by side on disjoint GPUs, so one invocation measur
 
 - ``speed``: gpt2-124m, seq 1024, batch 32 per GPU, bf16-mixed, compiled (not under ZeRO-3): one GPU, DDP on 2 and 4,
   ZeRO-1/2 and FSDP on 4. Scaling efficiency = tokens/s per GPU / tokens/s of the one-GPU run.
-- ``tune``: the speed cell under DDP's options (static graph and 100 MB buckets; bf16 gradient all-reduce), FSDP's
+- ``tune``: the speed cell under DDP's options (the compiled graph split at the gradient buckets, PyTorch's default;
+  that with a static graph and 100 MB buckets; bf16 gradient all-reduce), FSDP's
   (forward prefetch; sharding only gradients and optimizer state) and FSDP2, each 4-GPU cell alone, after a one-GPU
   reference; then one GPU, DDP, ZeRO-2 and FSDP on 4 at the shipped config's micro-batch 64 x 8 accumulated
-  (13 cells of about a minute each: split them over invocations with ``--only``).
+  (14 cells of about a minute each: split them over invocations with ``--only``).
 - ``memory``: gpt2-1558m, seq 1024, batch 8 per GPU, eager: peak memory per GPU under each strategy on 2 GPUs.
 - ``largest``: GPT-3-shaped presets (``gpt-6.7b``, ``gpt-13b``, ``gpt-20b``; seq 2048, batch 2 per GPU, activation
   checkpointing) under FSDP and ZeRO-3 on 2 and 4 GPUs, 20 optimizer steps each; a cell that runs out of memory is
@@ -70,7 +71,7 @@ def tune_cells() -> list[Cell]:
     """The speed cell's settings under DDP's and FSDP's tuning options beside the presets, with a one-GPU reference,
     then the presets at the shipped config's accumulation. Each cell takes about a minute on an otherwise idle 4-GPU
     machine; to stay within a 10-minute window, run them in two invocations with ``--only``."""
-    ddp = "pytorch_lightning.strategies.DDPStrategy"
+    ddp = "lit_llm.strategies.GPTDDPStrategy"  # lit_ddp's class, so that its options can be set
     fsdp = "lit_llm.strategies.GPTFSDPStrategy"
 
     def c(name: str, devices: int, strategy: str | None, *extra: str) -> Cell:
@@ -87,9 +88,10 @@ def tune_cells() -> list[Cell]:
         c("DDP x4", 4, "lit_ddp"),
         c("ZeRO-2 x4", 4, "lit_deepspeed_zero2"),
         c("FSDP x4", 4, "lit_fsdp"),
-        c("DDP x4 static graph, 100 MB buckets", 4, ddp, "--trainer.strategy.static_graph=true",
-          "--trainer.strategy.bucket_cap_mb=100", "--trainer.strategy.gradient_as_bucket_view=true"),
-        c("DDP x4 bf16 gradient all-reduce", 4, ddp, "--trainer.strategy.gradient_as_bucket_view=true",
+        c("DDP x4 compiled graph split at buckets", 4, ddp, "--trainer.strategy.split_compiled_graph=true"),
+        c("DDP x4 static graph, 100 MB buckets", 4, ddp, "--trainer.strategy.split_compiled_graph=true",
+          "--trainer.strategy.static_graph=true", "--trainer.strategy.bucket_cap_mb=100"),
+        c("DDP x4 bf16 gradient all-reduce", 4, ddp,
           "--trainer.strategy.ddp_comm_hook=torch.distributed.algorithms.ddp_comm_hooks.default_hooks.bf16_compress_hook"),
         c("FSDP x4 forward prefetch", 4, fsdp, "--trainer.strategy.forward_prefetch=true"),
         c("FSDP x4 shard grads and optimizer only", 4, fsdp, "--trainer.strategy.sharding_strategy=SHARD_GRAD_OP"),

@@ -66,6 +66,8 @@ class Variant:
     residual: str = "float32"  # float32 | autocast (the residual stream in bf16 under autocast)
     coordinate_descent: bool = False  # inductor's coordinate-descent tuning of the generated kernels
     loss_chunk: int = 0  # > 0: the head and its cross-entropy fused, this many tokens at a time (chunked_loss)
+    float8: str = ""  # an FP8 recipe (tensorwise | rowwise): the blocks' Linear layers as FP8 matmuls (model.float8)
+    float8_head: bool = False  # the output head in FP8 too (model.float8_head)
 
     @property
     def compiled(self) -> bool:
@@ -139,6 +141,10 @@ def plain_loop(model_name: str, v: Variant, batch: int, accumulate: int, steps: 
         model = model.to(torch.bfloat16)
     model.autocast_residual = v.residual == "autocast"
     model.loss_chunk = v.loss_chunk or None
+    if v.float8:
+        from lit_llm.float8 import convert_to_float8
+
+        convert_to_float8(model, v.float8, head=v.float8_head)
     model.train()
 
     def model_loss(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -315,6 +321,8 @@ def trainer_run(args: argparse.Namespace, v: Variant) -> dict[str, Any]:
         f"--model.init_args.low_precision_residual={str(v.residual == 'autocast').lower()}",
         *(["--model.init_args.compile_options={coordinate_descent_tuning: true}"] if v.coordinate_descent else []),
         *([f"--model.init_args.chunked_loss={v.loss_chunk}"] if v.loss_chunk else []),
+        *([f"--model.init_args.float8={v.float8}"] if v.float8 else []),
+        *(["--model.init_args.float8_head=true"] if v.float8_head else []),
         "--model.init_args.warmup_steps=5",
         f"--data.init_args.source={args.source}", "--data.init_args.sha256=null",
         f"--data.init_args.tokenizer={args.tokenizer}", "--data.init_args.split_by=tokens",
@@ -372,6 +380,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--coordinate-descent", action="store_true", help="inductor's coordinate-descent tuning")
     parser.add_argument("--loss-chunk", type=int, default=0,
                         help="the head and its cross-entropy fused, this many tokens at a time (0: plain head)")
+    parser.add_argument("--float8", choices=["tensorwise", "rowwise"],
+                        help="the blocks' Linear layers as FP8 matmuls with this scaling recipe (torchao)")
+    parser.add_argument("--float8-head", action="store_true", help="with --float8: the output head in FP8 too")
     parser.add_argument("--config", default="configs/pretrain/gpt2-124m.yaml")
     parser.add_argument("--source", help="trainer: corpus file")
     parser.add_argument("--tokenizer", default="gpt2", help="trainer: tokenizer directory or Hub name")
@@ -393,6 +404,9 @@ def main(argv: list[str] | None = None) -> None:
         overrides["coordinate_descent"] = True
     if args.loss_chunk:
         overrides["loss_chunk"] = args.loss_chunk
+    if args.float8:
+        overrides["float8"] = args.float8
+        overrides["float8_head"] = args.float8_head
     v = replace(v, **overrides)
     print(f"{_device_name()}  torch {torch.__version__}  {args.model} batch {args.batch} x "
           f"accumulate {args.accumulate}", flush=True)

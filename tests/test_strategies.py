@@ -271,3 +271,49 @@ def test_ddp_static_graph_with_accumulation_is_one_clear_error(corpus, tmp_path,
         cli(["fit", "--config", str(QUICK), *TINY, *ddp, "--trainer.accumulate_grad_batches=2"])
     c = cli(["fit", "--config", str(QUICK), *TINY, *ddp, "--trainer.accumulate_grad_batches=1"])
     assert c.trainer.global_step == 2 and c.trainer.strategy._ddp_kwargs["static_graph"] is True
+
+
+_TORCH_COMPILE = torch.compile
+
+
+def _compiled_graphs(monkeypatch, tmp_path, strategy_args: list[str]) -> tuple[int, object]:
+    """Train 2 steps of the compiled tiny GPT through the CLI and count the graphs ``torch.compile`` hands to its
+    backend (a counting eager backend stands in for inductor, so only Dynamo's graph capture and splitting run)."""
+    import torch._dynamo
+
+    graphs: list[torch.fx.GraphModule] = []
+
+    def counting_backend(gm: torch.fx.GraphModule, example_inputs: list) -> object:
+        graphs.append(gm)
+        return gm.forward
+
+    monkeypatch.setattr(torch, "compile", lambda model, **kw: _TORCH_COMPILE(model, backend=counting_backend))
+    torch._dynamo.reset()
+    # 2 blocks of width 256: 3 MB of float32 weights, several of DDP's smallest (1 MB) buckets
+    args = [a for a in TINY if "compile" not in a] + ["--model.init_args.compile=true",
+                                                     "--model.init_args.model.emb_dim=256"]
+    c = cli(["fit", "--config", str(QUICK), *args, *strategy_args, f"--trainer.default_root_dir={tmp_path}",
+             "--trainer.max_steps=2", "--model.init_args.warmup_steps=0", "--trainer.limit_val_batches=0",
+             "--trainer.callbacks=[]", "--trainer.enable_checkpointing=false"])
+    torch._dynamo.reset()
+    return len(graphs), c.trainer.strategy
+
+
+def test_lit_ddp_keeps_a_compiled_model_in_one_graph(corpus, tmp_path, monkeypatch, in_repo_root):
+    """``lit_ddp`` compiles the GPT and its loss as one graph, as on one device; ``split_compiled_graph: true`` lets
+    PyTorch cut it at the gradient buckets (1 MB buckets of a 3 MB model here, so it must cut); both leave the global
+    setting as they found it."""
+    import torch._dynamo.config as dynamo_config
+
+    before = dynamo_config.optimize_ddp
+    alone, _ = _compiled_graphs(monkeypatch, tmp_path / "one", [])
+    one_graph, strategy = _compiled_graphs(monkeypatch, tmp_path / "ddp", [
+        "--trainer.strategy=lit_ddp", "--trainer.devices=1"])
+    assert isinstance(strategy, strategies.GPTDDPStrategy) and strategy.split_compiled_graph is False
+    split, strategy = _compiled_graphs(monkeypatch, tmp_path / "split", [
+        "--trainer.strategy=lit_llm.strategies.GPTDDPStrategy", "--trainer.strategy.split_compiled_graph=true",
+        "--trainer.strategy.bucket_cap_mb=1", "--trainer.devices=1"])
+    assert strategy._ddp_kwargs["gradient_as_bucket_view"] is True  # the class keeps lit_ddp's defaults
+    assert one_graph == alone >= 1
+    assert split > one_graph
+    assert dynamo_config.optimize_ddp == before

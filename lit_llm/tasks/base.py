@@ -13,10 +13,12 @@ from torch import nn
 
 from lit_llm.config import GPTConfig
 from lit_llm.errors import ConfigError
+from lit_llm.float8 import RECIPES as FLOAT8_RECIPES
+from lit_llm.float8 import Float8Recipe, check_float8_device, convert_to_float8
 from lit_llm.lora import LoRAConfig, apply_lora, count_trainable, is_lora_key
 from lit_llm.model import GPTModel
 from lit_llm.optim import Schedule, build_adamw, lr_multiplier, parameter_groups
-from lit_llm.strategies import check_ddp_options, is_deepspeed, is_fsdp2, shard_with_fsdp2
+from lit_llm.strategies import check_ddp_options, is_deepspeed, is_fsdp2, params_are_sharded, shard_with_fsdp2
 
 CompileMode = Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"]
 SdpaBackend = Literal["auto", "flash", "cudnn", "efficient", "math"]
@@ -51,6 +53,8 @@ class GPTTask(pl.LightningModule):
         activation_checkpointing: bool = False,
         low_precision_residual: bool = False,
         chunked_loss: int | None = None,
+        float8: Float8Recipe | None = None,
+        float8_head: bool = False,
     ) -> None:
         """
         Args:
@@ -103,6 +107,13 @@ class GPTTask(pl.LightningModule):
                 log-probabilities (13 GB at GPT-2's vocabulary and 64 x 1024 tokens); with ``compile`` on it measured
                 slower and larger than the plain head (docs/benchmarks.md). ``null``: the plain head. Not with a LoRA
                 adapter on the head; under DeepSpeed ZeRO-3 the plain head is used.
+            float8: Run the transformer blocks' Linear layers as FP8 matmuls (torchao's ``Float8Linear``, installed
+                with ``pip install 'lit_llm[float8]'``) with this scaling recipe: ``tensorwise`` (fastest)
+                or ``rowwise``. Weights, gradients, optimizer state and checkpoints keep
+                their dtype. Needs a GPU with FP8 tensor cores (H100/H200, Ada) and pays only with ``compile``;
+                one GPU or DDP. ``null``: bf16 matmuls. See ``lit_llm.float8`` and docs/benchmarks.md.
+            float8_head: With ``float8``, the output head's matmul in FP8 too (it stays bf16 by default: the logits
+                feed the loss directly). Not with ``chunked_loss``.
         """
         super().__init__()
         config = _as_config(model)
@@ -127,6 +138,16 @@ class GPTTask(pl.LightningModule):
         elif chunked_loss is not None and lora_config is not None and "head" in lora_config.layer_names():
             problems.append("model.chunked_loss cannot be combined with a LoRA adapter on the head "
                             "(model.lora.targets includes head): drop one of the two")
+        if float8 is not None and float8 not in FLOAT8_RECIPES:
+            problems.append(f"model.float8={float8!r} must be one of {', '.join(FLOAT8_RECIPES)}, or null")
+        elif float8 is not None and lora_config is not None:
+            problems.append("model.float8 cannot be combined with model.lora (FP8 matmuls are for pretraining and "
+                            "full finetuning): drop one of the two")
+        if float8_head and float8 is None:
+            problems.append("model.float8_head needs model.float8 (a recipe such as tensorwise)")
+        elif float8_head and chunked_loss is not None:
+            problems.append("model.float8_head cannot be combined with model.chunked_loss (the chunked loss uses the "
+                            "head's weight directly): drop one of the two")
         if problems:
             raise ConfigError("Invalid task config:\n  - " + "\n  - ".join(problems))
         self.config = config
@@ -186,6 +207,8 @@ class GPTTask(pl.LightningModule):
         trainable, total = count_trainable(self.model)
         rank_zero_info(f"{trainable:,} of {total:,} parameters trainable ({100 * trainable / max(total, 1):.2f}%)")
         self.model.record_parameter_counts()  # before a sharded strategy replaces the parameters by shards
+        if self.hparams.get("float8"):
+            self._convert_to_float8(strategy)
         if strategy is not None and is_fsdp2(strategy):
             precision = getattr(self._trainer.precision_plugin, "precision", "32-true")
             shard_with_fsdp2(self.model, strategy, str(precision))
@@ -214,6 +237,22 @@ class GPTTask(pl.LightningModule):
             how = {"options": dict(self.hparams.compile_options)}
         object.__setattr__(self, "_forward", torch.compile(model, **how) if compile_ else model)
         object.__setattr__(self, "_model_loss", torch.compile(model_loss, **how) if compile_ else model_loss)
+
+    def _convert_to_float8(self, strategy: Any) -> None:
+        recipe = self.hparams.float8
+        if strategy is not None and (params_are_sharded(strategy) or is_deepspeed(strategy)):
+            raise ConfigError(
+                f"model.float8 runs on one GPU or under DDP, not under {type(strategy).__name__} "
+                "(trainer.strategy): use trainer.strategy=lit_ddp, or remove model.float8."
+            )
+        device = getattr(strategy, "root_device", None) or self.device
+        check_float8_device(device)
+        layers = convert_to_float8(self.model, recipe, head=bool(self.hparams.get("float8_head")))
+        head = " and the output head" if self.hparams.get("float8_head") else " (the output head stays bf16)"
+        rank_zero_info(f"FP8 matmuls ({recipe} scaling) in {len(layers)} Linear layers{head}")
+        if not self.hparams.compile:
+            rank_zero_warn("model.float8 without model.compile: the FP8 casts run as separate kernels, which is "
+                           "usually slower than bf16; set model.compile: true")
 
     def adapt_model(self, model: GPTModel) -> None:
         """Change the GPT's structure after its initial weights are loaded (e.g. a classification head).

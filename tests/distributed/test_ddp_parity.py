@@ -1,7 +1,7 @@
 """Data parallelism is exact: DDP over 2 CPU processes (gloo) trains like one process at the same global batch.
 
 Every run goes through ``python -m lit_llm.train fit --config configs/pretrain/quickstart.yaml`` with
-``--trainer.strategy=lit_ddp`` (the preset: a DDPStrategy with a static graph and bucket views), which picks gloo on
+``--trainer.strategy=lit_ddp`` (the preset: a DDPStrategy with bucket views), which picks gloo on
 the CPU by itself (Lightning takes the backend of the device,
 ``torch.distributed.Backend.default_device_backend_map["cpu"] == "gloo"``), which ``run.rank<r>.json`` records.
 
@@ -44,7 +44,7 @@ TINY = [
     "--model.init_args.compile=false", "--data.init_args.tokenizer_vocab_size=300", "--data.init_args.num_workers=0",
     "--trainer.accelerator=cpu", "--trainer.precision=32-true",
 ]
-DDP = ["--trainer.devices=2", "--trainer.strategy=lit_ddp"]  # the preset: static graph, bucket views
+DDP = ["--trainer.devices=2", "--trainer.strategy=lit_ddp"]  # the preset: bucket views, a compiled model in one graph
 # Only what the comparison needs: lit_llm's checkpoint (last.ckpt holds the final weights) and, below, the recorder.
 LEAN_CALLBACKS = "--trainer.callbacks=" + json.dumps(
     [{"class_path": "lit_llm.callbacks.Checkpoint", "init_args": {"save_last": True, "every_n_train_steps": 1000}}])
