@@ -136,8 +136,8 @@ def test_sharded_strategies_are_refused(monkeypatch):
 
 
 def test_a_run_trains_and_its_checkpoint_loads_without_float8(tmp_path, monkeypatch, corpus, in_repo_root):
-    """Through the CLI (emulated): the loss goes down, the checkpoint's weights load into a plain model, and a run
-    with float8 resumes from it."""
+    """Through the CLI (emulated): the loss goes down, the checkpoint's weights load into a plain model and generate,
+    and a run with float8 resumes from it."""
     from lit_llm.train import cli
 
     monkeypatch.setenv(EMULATE_ENV, "1")
@@ -158,6 +158,13 @@ def test_a_run_trains_and_its_checkpoint_loads_without_float8(tmp_path, monkeypa
     plain.configure_model()
     plain.load_state_dict(state)  # strict: the same keys as a plain model
     torch.testing.assert_close(plain.model.trf_blocks[0].att.qkv.weight, c.model.model.trf_blocks[0].att.qkv.weight)
+    from lit_llm.generation import generate
+    from lit_llm.weights import load_model_for_inference
+
+    model, tokenizer, _ = load_model_for_inference(str(ckpts[-1]))  # what python -m lit_llm.generate reads
+    assert not any(isinstance(m, Float8Linear) for m in model.modules())
+    ids = torch.tensor([tokenizer.encode("The import statement")])
+    assert generate(model, ids, 5).shape == (1, ids.shape[1] + 5)
     resumed = cli([*args, "--trainer.max_steps=14", f"--ckpt_path={ckpts[-1]}"])
     assert resumed.trainer.global_step == 14
 
