@@ -45,6 +45,8 @@ sys.path.insert(0, str(ROOT))
 
 from lit_llm.callbacks.throughput import get_peak_flops  # noqa: E402
 from lit_llm.config import GPTConfig  # noqa: E402
+from lit_llm.float8 import RECIPES as FLOAT8_RECIPES  # noqa: E402
+from lit_llm.float8 import convert_to_float8  # noqa: E402
 from lit_llm.model import GPTModel  # noqa: E402
 from lit_llm.optim import build_adamw, parameter_groups  # noqa: E402
 from lit_llm.tasks.base import sdpa_backend_context  # noqa: E402
@@ -142,8 +144,6 @@ def plain_loop(model_name: str, v: Variant, batch: int, accumulate: int, steps: 
     model.autocast_residual = v.residual == "autocast"
     model.loss_chunk = v.loss_chunk or None
     if v.float8:
-        from lit_llm.float8 import convert_to_float8
-
         convert_to_float8(model, v.float8, head=v.float8_head)
     model.train()
 
@@ -380,7 +380,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--coordinate-descent", action="store_true", help="inductor's coordinate-descent tuning")
     parser.add_argument("--loss-chunk", type=int, default=0,
                         help="the head and its cross-entropy fused, this many tokens at a time (0: plain head)")
-    parser.add_argument("--float8", choices=["tensorwise", "rowwise"],
+    parser.add_argument("--float8", choices=FLOAT8_RECIPES,
                         help="the blocks' Linear layers as FP8 matmuls with this scaling recipe (torchao)")
     parser.add_argument("--float8-head", action="store_true", help="with --float8: the output head in FP8 too")
     parser.add_argument("--config", default="configs/pretrain/gpt2-124m.yaml")
@@ -404,6 +404,8 @@ def main(argv: list[str] | None = None) -> None:
         overrides["coordinate_descent"] = True
     if args.loss_chunk:
         overrides["loss_chunk"] = args.loss_chunk
+    if args.float8_head and not args.float8:
+        parser.error("--float8-head needs --float8 (a recipe)")
     if args.float8:
         overrides["float8"] = args.float8
         overrides["float8_head"] = args.float8_head

@@ -34,6 +34,13 @@ FLOAT8_INSTALL = "pip install 'lit_llm[float8]'"
 EMULATE_ENV = "LIT_LLM_FLOAT8_EMULATE"
 
 
+def recipe_problem(recipe: object) -> str | None:
+    """What is wrong with ``model.float8=recipe`` (``None`` when it names a recipe)."""
+    if recipe in RECIPES:
+        return None
+    return f"model.float8={recipe!r} must be one of {', '.join(RECIPES)}, or null for bf16 matmuls"
+
+
 def emulating() -> bool:
     """Whether ``LIT_LLM_FLOAT8_EMULATE`` asks for emulated FP8 matmuls (machines without FP8 tensor cores)."""
     return os.environ.get(EMULATE_ENV, "").strip().lower() in ("1", "true", "yes")
@@ -70,9 +77,9 @@ def convert_to_float8(model: nn.Module, recipe: str = "tensorwise", head: bool =
     Returns:
         The names of the converted layers.
     """
-    if recipe not in RECIPES:
-        raise ConfigError(f"model.float8={recipe!r} is not an FP8 recipe; use one of {', '.join(RECIPES)}, "
-                          "or null for bf16 matmuls")
+    problem = recipe_problem(recipe)
+    if problem:
+        raise ConfigError(problem)
     try:
         from torchao.float8 import Float8LinearConfig, convert_to_float8_training
     except ImportError as e:

@@ -123,6 +123,11 @@ def test_bad_combinations_are_config_errors(kwargs, message):
         PretrainTask(model=dict(SHAPE), **kwargs)
 
 
+def test_the_converter_refuses_an_unknown_recipe_with_the_tasks_message():
+    with pytest.raises(ConfigError, match=r"model.float8='e4m3' must be one of tensorwise, rowwise, or null"):
+        convert_to_float8(_model(), "e4m3", emulate=True)
+
+
 def test_sharded_strategies_are_refused(monkeypatch):
     monkeypatch.setenv(EMULATE_ENV, "1")
 

@@ -13,8 +13,7 @@ from torch import nn
 
 from lit_llm.config import GPTConfig
 from lit_llm.errors import ConfigError
-from lit_llm.float8 import RECIPES as FLOAT8_RECIPES
-from lit_llm.float8 import Float8Recipe, check_float8_device, convert_to_float8
+from lit_llm.float8 import Float8Recipe, check_float8_device, convert_to_float8, recipe_problem
 from lit_llm.lora import LoRAConfig, apply_lora, count_trainable, is_lora_key
 from lit_llm.model import GPTModel
 from lit_llm.optim import Schedule, build_adamw, lr_multiplier, parameter_groups
@@ -138,8 +137,8 @@ class GPTTask(pl.LightningModule):
         elif chunked_loss is not None and lora_config is not None and "head" in lora_config.layer_names():
             problems.append("model.chunked_loss cannot be combined with a LoRA adapter on the head "
                             "(model.lora.targets includes head): drop one of the two")
-        if float8 is not None and float8 not in FLOAT8_RECIPES:
-            problems.append(f"model.float8={float8!r} must be one of {', '.join(FLOAT8_RECIPES)}, or null")
+        if float8 is not None and recipe_problem(float8):
+            problems.append(recipe_problem(float8))
         elif float8 is not None and lora_config is not None:
             problems.append("model.float8 cannot be combined with model.lora (FP8 matmuls are for pretraining and "
                             "full finetuning): drop one of the two")
