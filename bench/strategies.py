@@ -8,6 +8,8 @@ than the machine has run side by side on disjoint GPUs, so one invocation measur
     python bench/strategies.py tune    --source corpus.txt --tokenizer gpt2_dir/ --json tune.json
     python bench/strategies.py memory  --source corpus.txt --tokenizer gpt2_dir/ --json memory.json
     python bench/strategies.py largest --source corpus.txt --tokenizer gpt2_dir/ --json largest.json
+    python bench/strategies.py diagnose --source corpus.txt --tokenizer gpt2_dir/ --json diagnose.json
+    python bench/strategies.py allreduce --json allreduce.json
 
 - ``speed``: gpt2-124m, seq 1024, batch 32 per GPU, bf16-mixed, compiled (not under ZeRO-3): one GPU, DDP on 2 and 4,
   ZeRO-1/2 and FSDP on 4. Scaling efficiency = tokens/s per GPU / tokens/s of the one-GPU run.
@@ -16,6 +18,9 @@ than the machine has run side by side on disjoint GPUs, so one invocation measur
   (forward prefetch; sharding only gradients and optimizer state) and FSDP2, each 4-GPU cell alone, after a one-GPU
   reference; then one GPU, DDP, ZeRO-2 and FSDP on 4 at the shipped config's micro-batch 64 x 8 accumulated
   (14 cells of about a minute each: split them over invocations with ``--only``).
+- ``diagnose``: where DDP's and ZeRO-2's time goes at batch 32 (``diagnose_cells``), with profiles of every rank.
+- ``allreduce``: NCCL all-reduce of gpt2-124m's gradients on 2 and on all GPUs, float32 and bf16, one tensor and
+  25 MB buckets: the communication that DDP adds to a step when nothing of it overlaps the backward.
 - ``memory``: gpt2-1558m, seq 1024, batch 8 per GPU, eager: peak memory per GPU under each strategy on 2 GPUs.
 - ``largest``: GPT-3-shaped presets (``gpt-6.7b``, ``gpt-13b``, ``gpt-20b``; seq 2048, batch 2 per GPU, activation
   checkpointing) under FSDP and ZeRO-3 on 2 and 4 GPUs, 20 optimizer steps each; a cell that runs out of memory is
@@ -25,13 +30,14 @@ than the machine has run side by side on disjoint GPUs, so one invocation measur
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import subprocess
 import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -56,6 +62,8 @@ class Cell:
     activation_checkpointing: bool = False
     accumulate: int = 1
     extra: list[str] = field(default_factory=list)
+    profile: bool = False  # after the timed windows, record two steps with torch.profiler (every rank)
+    alone: bool = False  # hold every GPU of the machine while it runs, so nothing runs beside it
 
 
 def speed_cells() -> list[Cell]:
@@ -103,6 +111,29 @@ def tune_cells() -> list[Cell]:
     ]
 
 
+def diagnose_cells() -> list[Cell]:
+    """Where DDP's and ZeRO-2's time goes at batch 32 without accumulation: the one-GPU run alone and four copies of it
+    side by side (no communication, but four GPUs and their host processes busy at once), DDP without its gradient
+    all-reduce (a hook that skips it), DDP with all gradients in one bucket, and DDP and ZeRO-2 each with two steps
+    profiled on every rank after the timed windows (GPU time by kind of kernel, idle gaps)."""
+    ddp = "lit_llm.strategies.GPTDDPStrategy"
+
+    def c(name: str, devices: int, strategy: str | None, *extra: str, profile: bool = False) -> Cell:
+        return Cell(name, "gpt2-124m", devices, strategy, batch=32, window=20, windows=3, compile=True,
+                    extra=list(extra), profile=profile)
+
+    return [
+        replace(c("1 GPU", 1, None), alone=True),
+        *(c("1 GPU, four at once", 1, None) for _ in range(4)),
+        c("DDP x4", 4, "lit_ddp"),
+        c("DDP x4 without the gradient all-reduce", 4, ddp,
+          "--trainer.strategy.ddp_comm_hook=torch.distributed.algorithms.ddp_comm_hooks.debugging_hooks.noop_hook"),
+        c("DDP x4 one 512 MB bucket", 4, ddp, "--trainer.strategy.bucket_cap_mb=512"),
+        c("DDP x4 profiled", 4, "lit_ddp", profile=True),
+        c("ZeRO-2 x4 profiled", 4, "lit_deepspeed_zero2", profile=True),
+    ]
+
+
 def memory_cells() -> list[Cell]:
     def c(name: str, devices: int, strategy: str | None) -> Cell:
         return Cell(name, "gpt2-1558m", devices, strategy, batch=8, window=3, windows=1)
@@ -128,8 +159,14 @@ def command(cell: Cell, args: argparse.Namespace, root: Path) -> list[str]:
     shape = PRESETS[cell.model]
     callbacks = root / "callbacks.yaml"
     root.mkdir(parents=True, exist_ok=True)
-    callbacks.write_text("trainer:\n  callbacks:\n    - class_path: lit_llm.callbacks.Throughput\n"
-                         f"      init_args:\n        window: {cell.window}\n", encoding="utf-8")
+    timed_steps = (1 + cell.windows) * cell.window
+    text = ("trainer:\n  callbacks:\n    - class_path: lit_llm.callbacks.Throughput\n"
+            f"      init_args:\n        window: {cell.window}\n")
+    if cell.profile:  # after the last timed window, so the profiler's overhead is not in the measured tokens/s
+        text += ("    - class_path: bench.throughput.ProfileWindow\n"
+                 f"      init_args:\n        folder: {root / 'profile'}\n        start_step: {timed_steps}\n"
+                 "        steps: 2\n")
+    callbacks.write_text(text, encoding="utf-8")
     cmd = [sys.executable, "-m", "lit_llm.train", "fit", "--config", str(ROOT / "configs/pretrain/gpt2-124m.yaml"),
            "--config", str(callbacks),
            *(f"--model.init_args.model.{key}={shape[key]}" for key in ("emb_dim", "n_layers", "n_heads")),
@@ -142,7 +179,7 @@ def command(cell: Cell, args: argparse.Namespace, root: Path) -> list[str]:
            "--data.init_args.val_split=0.001", f"--data.init_args.batch_size={cell.batch}",
            "--trainer.accelerator=gpu", f"--trainer.devices={cell.devices}", "--trainer.precision=bf16-mixed",
            f"--trainer.accumulate_grad_batches={cell.accumulate}",
-           f"--trainer.max_steps={(1 + cell.windows) * cell.window}",
+           f"--trainer.max_steps={timed_steps + (3 if cell.profile else 0)}",
            "--trainer.limit_val_batches=0", "--trainer.num_sanity_val_steps=0", "--trainer.enable_checkpointing=false",
            "--trainer.enable_progress_bar=false", "--trainer.logger=false", f"--trainer.default_root_dir={root}"]
     if cell.model.startswith("gpt-"):
@@ -152,17 +189,31 @@ def command(cell: Cell, args: argparse.Namespace, root: Path) -> list[str]:
     return cmd + cell.extra
 
 
+_RUN_IDS = itertools.count()  # cells of one name may start within the same second (side-by-side copies)
+
+
 class GPUPool:
-    """Hands out disjoint sets of GPU indices; a cell waits until enough are free."""
+    """Hands out disjoint sets of GPU indices in the order they are asked for; a cell waits until enough are free and
+    every cell asked for before it has started."""
 
     def __init__(self, n: int) -> None:
+        self.n = n
         self.free = list(range(n))
         self.cond = threading.Condition()
+        self._tickets = itertools.count()
+        self._serving = 0
 
-    def take(self, k: int) -> list[int]:
+    def ticket(self) -> int:
+        """A place in the queue, taken when a cell is submitted."""
         with self.cond:
-            self.cond.wait_for(lambda: len(self.free) >= k)
+            return next(self._tickets)
+
+    def take(self, k: int, ticket: int) -> list[int]:
+        with self.cond:
+            self.cond.wait_for(lambda: self._serving == ticket and len(self.free) >= k)
             taken, self.free = self.free[:k], self.free[k:]
+            self._serving += 1
+            self.cond.notify_all()
             return taken
 
     def give(self, gpus: list[int]) -> None:
@@ -171,9 +222,10 @@ class GPUPool:
             self.cond.notify_all()
 
 
-def run_cell(cell: Cell, args: argparse.Namespace, pool: GPUPool) -> dict[str, Any]:
-    gpus = pool.take(cell.devices)
-    root = Path(args.root) / f"{args.mode}-{cell.name.replace(' ', '_')}-{int(time.time())}"
+def run_cell(cell: Cell, args: argparse.Namespace, pool: GPUPool, ticket: int) -> dict[str, Any]:
+    held = pool.take(pool.n if cell.alone else cell.devices, ticket)
+    gpus = held[: cell.devices]
+    root = Path(args.root) / f"{args.mode}-{cell.name.replace(' ', '_')}-{int(time.time())}-{next(_RUN_IDS)}"
     cmd = command(cell, args, root)
     env = {**__import__("os").environ, "CUDA_VISIBLE_DEVICES": ",".join(map(str, gpus))}
     t0 = time.perf_counter()
@@ -183,7 +235,7 @@ def run_cell(cell: Cell, args: argparse.Namespace, pool: GPUPool) -> dict[str, A
     except subprocess.TimeoutExpired as e:
         rc, log = -1, f"timeout after {args.cell_timeout}s\n{(e.stdout or b'')[-3000:]!r}"
     finally:
-        pool.give(gpus)
+        pool.give(held)
     wall = time.perf_counter() - t0
     record: dict[str, Any] = {"cell": asdict(cell), "gpus": gpus, "wall_s": round(wall, 1),
                               "command": " ".join(cmd[1:])}
@@ -193,6 +245,9 @@ def run_cell(cell: Cell, args: argparse.Namespace, pool: GPUPool) -> dict[str, A
         record.update(error="out of memory" if oom else f"exit {rc}", log_tail=log[-4000:])
     else:
         record.update(json.loads(found[-1].read_text()))
+    profiles = sorted((root / "profile").glob("**/trace_summary.json"))
+    if profiles:
+        record["profile"] = {p.parent.name: json.loads(p.read_text()) for p in profiles}
     print(f"{cell.name:24s} {_line(record)}", flush=True)
     return record
 
@@ -226,31 +281,100 @@ def add_scaling(results: list[dict[str, Any]]) -> None:
             r["scaling_efficiency"] = r["tokens_per_sec_per_device"] / base["tokens_per_sec_per_device"]
 
 
+def _allreduce_worker(rank: int, world: int, port: int, numel: int, bucket_mb: int, iters: int, out: str) -> None:
+    import os
+
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.cuda.set_device(rank)
+    dist.init_process_group("nccl", rank=rank, world_size=world)
+    rows = []
+    for dtype in (torch.float32, torch.bfloat16):
+        flat = torch.randn(numel, dtype=dtype, device="cuda")
+        size = flat.element_size()
+        buckets = list(flat.split(bucket_mb * 2**20 // size))
+        for layout, tensors in (("one tensor", [flat]), (f"{bucket_mb} MB buckets", buckets)):
+            for _ in range(3):
+                for t in tensors:
+                    dist.all_reduce(t)
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            for _ in range(iters):
+                for t in tensors:
+                    dist.all_reduce(t)
+            torch.cuda.synchronize()
+            ms = (time.perf_counter() - t0) / iters * 1e3
+            nbytes = numel * size
+            # NCCL's bus bandwidth of an all-reduce: bytes * 2 (n - 1) / n per unit time
+            rows.append({"dtype": str(dtype).removeprefix("torch."), "layout": layout, "tensors": len(tensors),
+                         "mbytes": round(nbytes / 2**20, 1), "ms": round(ms, 3),
+                         "bus_gb_per_s": round(nbytes * 2 * (world - 1) / world / ms / 1e6, 1)})
+    if rank == 0:
+        Path(out).write_text(json.dumps(rows), encoding="utf-8")
+    dist.destroy_process_group()
+
+
+def allreduce_bench(model: str, devices: int, bucket_mb: int = 25, iters: int = 20) -> list[dict[str, Any]]:
+    """The time of one all-reduce of ``model``'s gradients over ``devices`` GPUs (NCCL), float32 and bf16, as one
+    tensor and in DDP-sized buckets one after another: the floor of what DDP adds to a step when nothing overlaps."""
+    import tempfile
+
+    import torch.multiprocessing as mp
+
+    from lit_llm.config import GPTConfig
+    from lit_llm.model import GPTModel
+
+    shape = {k: PRESETS[model][k] for k in ("emb_dim", "n_layers", "n_heads", "context_length")}
+    shape.update(tie_weights=True, pad_vocab_multiple=64)  # as configs/pretrain/gpt2-124m.yaml trains it
+    with torch.device("meta"):
+        numel = GPTModel(GPTConfig(**shape)).num_parameters()
+    with tempfile.TemporaryDirectory() as tmp:
+        out = str(Path(tmp) / "allreduce.json")
+        mp.spawn(_allreduce_worker, args=(devices, 29400 + int(time.time()) % 500, numel, bucket_mb, iters, out),
+                 nprocs=devices, join=True)
+        rows = json.loads(Path(out).read_text())
+    return [{"model": model, "devices": devices, "parameters": numel, **r} for r in rows]
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("mode", choices=["speed", "tune", "memory", "largest"])
-    parser.add_argument("--source", required=True, help="corpus file (plain text)")
+    parser.add_argument("mode", choices=["speed", "tune", "diagnose", "memory", "largest", "allreduce"])
+    parser.add_argument("--source", help="corpus file (plain text); every mode but allreduce needs it")
     parser.add_argument("--tokenizer", default="gpt2", help="tokenizer directory or Hub name")
     parser.add_argument("--root", default="/tmp/lit_llm_bench_strategies")
     parser.add_argument("--only", action="append", help="run only the cells with this name (repeatable)")
     parser.add_argument("--cell-timeout", type=int, default=420)
     parser.add_argument("--json", help="write the results (a JSON list) to this file")
     args = parser.parse_args(argv)
-    cells = {"speed": speed_cells, "tune": tune_cells, "memory": memory_cells, "largest": largest_cells}[args.mode]()
+    n = torch.cuda.device_count()
+    meta = {"date": time.strftime("%Y-%m-%d"), "gpus": n,
+            "device": torch.cuda.get_device_name(0) if n else "cpu", "torch": torch.__version__}
+    if args.mode == "allreduce":
+        if n < 2:
+            parser.error("allreduce needs at least two CUDA GPUs")
+        rows = [r for k in sorted({2, n}) for r in allreduce_bench("gpt2-124m", k)]
+        if args.json:
+            Path(args.json).write_text(json.dumps({"mode": "allreduce", **meta, "results": rows}, indent=2) + "\n",
+                                       encoding="utf-8")
+        for r in rows:
+            print(f"{r['devices']} GPUs {r['dtype']:8s} {r['layout']:14s} {r['mbytes']:7.1f} MB  {r['ms']:7.3f} ms  "
+                  f"bus {r['bus_gb_per_s']:6.1f} GB/s")
+        return
+    if not args.source:
+        parser.error(f"{args.mode} needs --source (a corpus file)")
+    cells = {"speed": speed_cells, "tune": tune_cells, "diagnose": diagnose_cells, "memory": memory_cells,
+             "largest": largest_cells}[args.mode]()
     if args.only:
         cells = [c for c in cells if c.name in args.only]
-    n = torch.cuda.device_count()
     cells = [c for c in cells if c.devices <= n]
     pool = GPUPool(n)
     with ThreadPoolExecutor(max_workers=max(n, 1)) as ex:
         futures = []
         for cell in cells:  # submitted in order; a cell starts as soon as its GPUs are free
-            futures.append(ex.submit(run_cell, cell, args, pool))
-            time.sleep(0.5)
+            futures.append(ex.submit(run_cell, cell, args, pool, pool.ticket()))
         results = [f.result() for f in futures]
     add_scaling(results)
-    meta = {"date": time.strftime("%Y-%m-%d"), "gpus": n,
-            "device": torch.cuda.get_device_name(0) if n else "cpu", "torch": torch.__version__}
     out = {"mode": args.mode, **meta, "results": results}
     if args.json:
         Path(args.json).write_text(json.dumps(out, indent=2) + "\n", encoding="utf-8")

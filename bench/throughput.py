@@ -68,6 +68,7 @@ class Variant:
     residual: str = "float32"  # float32 | autocast (the residual stream in bf16 under autocast)
     coordinate_descent: bool = False  # inductor's coordinate-descent tuning of the generated kernels
     loss_chunk: int = 0  # > 0: the head and its cross-entropy fused, this many tokens at a time (chunked_loss)
+    fused_loss: bool = False  # the head's cross-entropy in lit_llm's Triton kernel (model.fused_loss)
     float8: str = ""  # an FP8 recipe (tensorwise | rowwise): the blocks' Linear layers as FP8 matmuls (model.float8)
     float8_head: bool = False  # the output head in FP8 too (model.float8_head)
 
@@ -143,6 +144,7 @@ def plain_loop(model_name: str, v: Variant, batch: int, accumulate: int, steps: 
         model = model.to(torch.bfloat16)
     model.autocast_residual = v.residual == "autocast"
     model.loss_chunk = v.loss_chunk or None
+    model.fused_loss = v.fused_loss
     if v.float8:
         convert_to_float8(model, v.float8, head=v.float8_head)
     model.train()
@@ -240,13 +242,50 @@ def trace_summary(trace_file: str | Path, top: int = 12) -> dict[str, Any]:
         worst.append({"gap_us": round(length, 1), "host": names})
     idle_by_size = {f">{t}us": round(sum(g for g, _ in gaps if g > t) / span, 4) for t in (10, 100, 1000)}
     return {"span_ms": round(span / 1e3, 2), "gpu_busy": round(busy / span, 4), "idle_fraction_in_gaps": idle_by_size,
-            "gaps": len(gaps), "worst_gaps": worst}
+            "gaps": len(gaps), "worst_gaps": worst, **kernel_breakdown(events, top)}
+
+
+#: Kernel-name fragments (lower case) of each kind of GPU work, tried in this order; the rest is "other".
+KERNEL_KINDS: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("communication", ("nccl",)),
+    ("attention", ("flash", "fmha", "cudnn", "attention", "sdpa")),
+    ("matmul", ("gemm", "cutlass", "nvjet", "xmma", "cublas", "wgmma", "matmul")),
+    ("optimizer", ("adam", "multi_tensor", "foreach")),
+    ("compiled (triton)", ("triton",)),
+)
+
+
+def kernel_kind(name: str) -> str:
+    low = name.lower()
+    return next((kind for kind, parts in KERNEL_KINDS if any(p in low for p in parts)), "other")
+
+
+def kernel_breakdown(events: list[dict[str, Any]], top: int = 12) -> dict[str, Any]:
+    """GPU time by kind of work (matmul, attention, compiled Triton kernels, optimizer, communication, copies) and the
+    ``top`` kernels by total time, from the events of a ``torch.profiler`` Chrome trace."""
+    by_kind: dict[str, float] = {}
+    by_name: dict[str, list[Any]] = {}  # name -> [microseconds, calls, kind]
+    for e in events:
+        if e.get("ph") != "X" or e.get("cat") not in ("kernel", "gpu_memcpy", "gpu_memset"):
+            continue
+        dur, name = float(e.get("dur", 0)), e.get("name", "?")
+        kind = "copies" if e["cat"] != "kernel" else kernel_kind(name)
+        by_kind[kind] = by_kind.get(kind, 0.0) + dur
+        entry = by_name.setdefault(name, [0.0, 0, kind])
+        entry[0] += dur
+        entry[1] += 1
+    total = sum(by_kind.values()) or 1.0
+    kinds = {k: {"ms": round(v / 1e3, 3), "share": round(v / total, 4)}
+             for k, v in sorted(by_kind.items(), key=lambda kv: -kv[1])}
+    kernels = [{"name": n[:120], "kind": kind, "ms": round(t / 1e3, 3), "calls": c, "share": round(t / total, 4)}
+               for n, (t, c, kind) in sorted(by_name.items(), key=lambda kv: -kv[1][0])[:top]]
+    return {"kernel_ms": round(total / 1e3, 3), "kernel_kinds": kinds, "top_kernels": kernels}
 
 
 class ProfileWindow(pl.Callback):
     """A Lightning callback (``--trainer.callbacks+=bench.throughput.ProfileWindow``) that records ``steps`` optimizer
     steps from ``start_step`` with ``torch.profiler`` and writes ``trace.json`` and ``trace_summary.json`` into
-    ``folder``."""
+    ``folder`` (into ``folder/rank<N>`` on each rank of a multi-process run)."""
 
     def __init__(self, folder: str, start_step: int = 10, steps: int = 2, with_stack: bool = True) -> None:
         self.folder, self.start, self.stop_at = Path(folder), start_step, start_step + steps
@@ -256,20 +295,21 @@ class ProfileWindow(pl.Callback):
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
                              batch_idx: int) -> None:
         if self.prof is None and trainer.global_step == self.start:
-            torch.cuda.synchronize()
+            _sync(pl_module.device)
             self.prof = torch.profiler.profile(with_stack=self.with_stack)
             self.prof.__enter__()
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
         if self.prof is not None and trainer.global_step >= self.stop_at:
-            torch.cuda.synchronize()
+            _sync(pl_module.device)
             self.prof.__exit__(None, None, None)
-            self.folder.mkdir(parents=True, exist_ok=True)
-            self.prof.export_chrome_trace(str(self.folder / "trace.json"))
-            summary = trace_summary(self.folder / "trace.json")
-            (self.folder / "trace_summary.json").write_text(json.dumps(summary, indent=1))
-            print("PROFILE trainer", json.dumps(summary), flush=True)
+            folder = self.folder / f"rank{trainer.global_rank}" if trainer.world_size > 1 else self.folder
+            folder.mkdir(parents=True, exist_ok=True)
+            self.prof.export_chrome_trace(str(folder / "trace.json"))
+            summary = trace_summary(folder / "trace.json")
+            (folder / "trace_summary.json").write_text(json.dumps(summary, indent=1))
+            print(f"PROFILE trainer rank {trainer.global_rank}", json.dumps(summary), flush=True)
             self.prof, self.stop_at = None, float("inf")
 
 
@@ -321,6 +361,7 @@ def trainer_run(args: argparse.Namespace, v: Variant) -> dict[str, Any]:
         f"--model.init_args.low_precision_residual={str(v.residual == 'autocast').lower()}",
         *(["--model.init_args.compile_options={coordinate_descent_tuning: true}"] if v.coordinate_descent else []),
         *([f"--model.init_args.chunked_loss={v.loss_chunk}"] if v.loss_chunk else []),
+        *(["--model.init_args.fused_loss=true"] if v.fused_loss else []),
         *([f"--model.init_args.float8={v.float8}"] if v.float8 else []),
         *(["--model.init_args.float8_head=true"] if v.float8_head else []),
         "--model.init_args.warmup_steps=5",
@@ -380,6 +421,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--coordinate-descent", action="store_true", help="inductor's coordinate-descent tuning")
     parser.add_argument("--loss-chunk", type=int, default=0,
                         help="the head and its cross-entropy fused, this many tokens at a time (0: plain head)")
+    parser.add_argument("--fused-loss", action="store_true",
+                        help="the head's cross-entropy in lit_llm's Triton kernel (softmax and gradient in one pass)")
     parser.add_argument("--float8", choices=FLOAT8_RECIPES,
                         help="the blocks' Linear layers as FP8 matmuls with this scaling recipe (torchao)")
     parser.add_argument("--float8-head", action="store_true", help="with --float8: the output head in FP8 too")
@@ -404,6 +447,8 @@ def main(argv: list[str] | None = None) -> None:
         overrides["coordinate_descent"] = True
     if args.loss_chunk:
         overrides["loss_chunk"] = args.loss_chunk
+    if args.fused_loss:
+        overrides["fused_loss"] = True
     if args.float8_head and not args.float8:
         parser.error("--float8-head needs --float8 (a recipe)")
     if args.float8:

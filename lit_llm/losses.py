@@ -13,10 +13,18 @@ states, gradient of the weight), so this saves memory, not FLOPs.
 
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.nn.functional as F
 
-__all__ = ["chunked_head_loss", "next_token_loss"]
+__all__ = ["chunked_head_loss", "next_token_loss", "triton_interpreting"]
+
+
+def triton_interpreting() -> bool:
+    """Whether Triton runs kernels with its CPU interpreter (``TRITON_INTERPRET=1``), so that
+    :mod:`lit_llm.fused_loss` runs without a GPU (slowly; for tests)."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 def next_token_loss(logits: torch.Tensor, targets: torch.Tensor, reduction: str = "mean") -> torch.Tensor:

@@ -238,13 +238,17 @@ class GPTModel(nn.Module):
         #: (:func:`lit_llm.losses.chunked_head_loss`), never holding the (tokens x vocabulary) logits; ``None``: the
         #: plain head. Set by the task's ``chunked_loss``.
         self.loss_chunk: int | None = None
+        #: With ``targets``, compute the head's cross-entropy with lit_llm's Triton kernel
+        #: (:func:`lit_llm.fused_loss.fused_head_loss`: the softmax and its gradient in one pass over the logits, the
+        #: gradient written in place); CUDA GPUs only. Set by the task's ``fused_loss``.
+        self.fused_loss = False
         self._counts: dict[bool, int] | None = None
 
     def forward(
         self, in_idx: torch.Tensor, kv_cache: KVCache | None = None, targets: torch.Tensor | None = None
     ) -> torch.Tensor:
         """Logits ``(B, T, V)``; with ``targets`` ``(B, T)`` instead the mean next-token cross-entropy (``-100``
-        targets ignored), through the chunked head when ``loss_chunk`` is set."""
+        targets ignored), through the chunked head when ``loss_chunk`` is set, the fused one when ``fused_loss``."""
         B, T = in_idx.shape
         start = 0 if kv_cache is None else kv_cache.pos
         if start + T > self.config.context_length:
@@ -276,6 +280,10 @@ class GPTModel(nn.Module):
             return self.out_head(x)  # (B, T, V)
         if self.loss_chunk:
             return chunked_head_loss(x, self.out_head.weight, targets, chunk_size=self.loss_chunk)
+        if self.fused_loss:
+            from lit_llm.fused_loss import fused_head_loss  # imports Triton, so only when used
+
+            return fused_head_loss(x, self.out_head.weight, targets)
         return next_token_loss(self.out_head(x), targets)
 
     def new_kv_cache(self, max_len: int | None = None) -> KVCache:

@@ -25,6 +25,15 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["HF_DATASETS_OFFLINE"] = "1"
 
 
+# Without a GPU, Triton kernels (lit_llm.fused_loss) run in Triton's CPU interpreter. Triton reads the setting when
+# it is imported (torch.compile imports it), so it is set here, before any test runs.
+if "TRITON_INTERPRET" not in os.environ:
+    import torch  # importing torch alone does not import Triton
+
+    if not torch.cuda.is_available():
+        os.environ["TRITON_INTERPRET"] = "1"
+
+
 def pytest_sessionfinish(session, exitstatus):
     shutil.rmtree(_CACHE, ignore_errors=True)
 

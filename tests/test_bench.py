@@ -40,6 +40,31 @@ def test_trace_summary_measures_gpu_idle_gaps_and_names_the_host_work(tmp_path):
     assert worst["gap_us"] == 100 and worst["host"] == ["aten::item", "outer"]  # innermost first
 
 
+def test_kernel_breakdown_sorts_gpu_time_by_kind_of_work():
+    events = [
+        {"ph": "X", "cat": "kernel", "name": "sm90_xmma_gemm_bf16bf16_bf16f32", "ts": 0, "dur": 60},
+        {"ph": "X", "cat": "kernel", "name": "sm90_xmma_gemm_bf16bf16_bf16f32", "ts": 60, "dur": 40},
+        {"ph": "X", "cat": "kernel", "name": "pytorch_flash::flash_fwd_kernel<...>", "ts": 100, "dur": 30},
+        {"ph": "X", "cat": "kernel", "name": "triton_per_fused_add_native_layer_norm_3", "ts": 130, "dur": 20},
+        {"ph": "X", "cat": "kernel", "name": "ncclDevKernel_AllReduce_Sum_f32_RING_LL", "ts": 150, "dur": 25},
+        {"ph": "X", "cat": "kernel", "name": "void at::native::fused_adam_kernel", "ts": 175, "dur": 10},
+        {"ph": "X", "cat": "gpu_memcpy", "name": "Memcpy HtoD (Pinned -> Device)", "ts": 185, "dur": 5},
+        {"ph": "X", "cat": "kernel", "name": "elementwise_kernel", "ts": 190, "dur": 10},
+        {"ph": "X", "cat": "cpu_op", "name": "aten::mm", "ts": 0, "dur": 500},  # host work is not GPU time
+    ]
+    out = _throughput().kernel_breakdown(events, top=2)
+    assert out["kernel_ms"] == 0.2
+    assert out["kernel_kinds"] == {
+        "matmul": {"ms": 0.1, "share": 0.5}, "attention": {"ms": 0.03, "share": 0.15},
+        "communication": {"ms": 0.025, "share": 0.125}, "compiled (triton)": {"ms": 0.02, "share": 0.1},
+        "optimizer": {"ms": 0.01, "share": 0.05}, "other": {"ms": 0.01, "share": 0.05},
+        "copies": {"ms": 0.005, "share": 0.025}}
+    assert list(out["kernel_kinds"])[0] == "matmul"  # largest first
+    assert out["top_kernels"] == [
+        {"name": "sm90_xmma_gemm_bf16bf16_bf16f32", "kind": "matmul", "ms": 0.1, "calls": 2, "share": 0.5},
+        {"name": "pytorch_flash::flash_fwd_kernel<...>", "kind": "attention", "ms": 0.03, "calls": 1, "share": 0.15}]
+
+
 def test_trace_summary_without_gpu_events_says_so(tmp_path):
     path = tmp_path / "trace.json"
     path.write_text(json.dumps([{"ph": "X", "cat": "cpu_op", "name": "x", "ts": 0, "dur": 1}]))
@@ -78,6 +103,39 @@ def test_strategy_cell_command_carries_its_accumulation_and_strategy(tmp_path):
     assert "lit_llm.callbacks.Throughput" in (tmp_path / "cell" / "callbacks.yaml").read_text()
 
 
+def test_profile_window_records_the_chosen_optimizer_steps(tmp_path):
+    import pytorch_lightning as pl
+    from pytorch_lightning.demos.boring_classes import BoringModel
+
+    window = _throughput().ProfileWindow(str(tmp_path / "profile"), start_step=3, steps=2)
+    trainer = pl.Trainer(accelerator="cpu", devices=1, max_steps=8, logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, callbacks=[window],
+                         default_root_dir=tmp_path)
+    trainer.fit(BoringModel())
+    events = json.loads((tmp_path / "profile" / "trace.json").read_text())["traceEvents"]
+    steps = [e for e in events if e.get("ph") == "X" and str(e.get("name", "")).startswith("Optimizer.step#")]
+    assert len(steps) == 2  # optimizer steps 3 and 4 only
+    summary = json.loads((tmp_path / "profile" / "trace_summary.json").read_text())
+    assert summary == {"error": "no GPU events in the trace"}  # a CPU run: nothing ran on a GPU
+
+
+def test_profiled_strategy_cell_profiles_after_its_timed_windows(tmp_path):
+    bench = _bench("strategies")
+    cell = next(c for c in bench.diagnose_cells() if c.name == "DDP x4 profiled")
+    args = bench.argparse.Namespace(source="corpus.txt", tokenizer="gpt2_dir")
+    cmd = bench.command(cell, args, tmp_path / "cell")
+    timed = (1 + cell.windows) * cell.window
+    assert f"--trainer.max_steps={timed + 3}" in cmd
+    import yaml
+
+    callbacks = yaml.safe_load((tmp_path / "cell" / "callbacks.yaml").read_text())["trainer"]["callbacks"]
+    profile = next(c for c in callbacks if c["class_path"] == "bench.throughput.ProfileWindow")
+    assert profile["init_args"] == {"folder": str(tmp_path / "cell" / "profile"), "start_step": timed, "steps": 2}
+    plain = next(c for c in bench.diagnose_cells() if c.name == "DDP x4")
+    assert f"--trainer.max_steps={timed}" in bench.command(plain, args, tmp_path / "plain")
+    assert "ProfileWindow" not in (tmp_path / "plain" / "callbacks.yaml").read_text()
+
+
 def test_trainer_config_copy_sets_the_throughput_window(tmp_path):
     bench = _throughput()
     out = bench.config_with_window(ROOT / "configs/pretrain/gpt2-124m.yaml", 7, tmp_path / "run" / "config.yaml")
@@ -94,3 +152,31 @@ def test_trainer_config_copy_sets_the_throughput_window(tmp_path):
     bare.write_text("trainer:\n  max_steps: 3\n")
     added = yaml.safe_load(bench.config_with_window(bare, 4, tmp_path / "bare_out.yaml").read_text())
     assert added["trainer"]["callbacks"] == [{"class_path": "lit_llm.callbacks.Throughput", "init_args": {"window": 4}}]
+
+
+def test_gpu_pool_serves_cells_in_submission_order():
+    """A cell waits for every cell submitted before it, so a reference run held alone is not joined by later cells,
+    and a 4-GPU cell is not overtaken by the 1-GPU cells queued behind it."""
+    import threading
+    import time
+
+    bench = _bench("strategies")
+    pool = bench.GPUPool(4)
+    started: list[tuple[str, list[int]]] = []
+    lock = threading.Lock()
+
+    def cell(name: str, k: int, ticket: int) -> None:
+        gpus = pool.take(k, ticket)
+        with lock:
+            started.append((name, gpus))
+        time.sleep(0.05)
+        pool.give(gpus)
+
+    jobs = [("reference, alone", 4), ("a", 1), ("b", 1), ("c", 1), ("d", 1), ("ddp", 4), ("e", 1)]
+    threads = [threading.Thread(target=cell, args=(name, k, pool.ticket())) for name, k in jobs]
+    for t in reversed(threads):  # started in reverse: the tickets, not the threads' order, decide
+        t.start()
+    for t in threads:
+        t.join()
+    assert [name for name, _ in started] == [name for name, _ in jobs]
+    assert started[0][1] == [0, 1, 2, 3] and sorted(g for _, gs in started[1:5] for g in gs) == [0, 1, 2, 3]

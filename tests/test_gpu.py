@@ -114,8 +114,10 @@ def test_fast_path_learns_like_the_reference_path(tmp_path, in_repo_root):
         runs = {}
         bf16_true = ["--trainer.precision=bf16-true", "--model.init_args.compile=true"]
         residual = [*fast, "--model.init_args.low_precision_residual=true"]
+        shipped = [*residual, "--model.init_args.fused_loss=true"]  # as configs/pretrain/gpt2-124m.yaml
         for name, args, seed in [("ref", reference, 123), ("ref_other_seed", reference, 7), ("fast", fast, 123),
-                                 ("fast_bf16_residual", residual, 123), ("bf16_true", bf16_true, 123)]:
+                                 ("fast_bf16_residual", residual, 123), ("fast_fused_loss", shipped, 123),
+                                 ("bf16_true", bf16_true, 123)]:
             root = tmp_path / name
             _fit(root, *common, *args, f"--seed_everything={seed}")
             runs[name] = torch.tensor(_train_losses(root))
@@ -129,12 +131,47 @@ def test_fast_path_learns_like_the_reference_path(tmp_path, in_repo_root):
     report = {name: round(r[-50:].mean().item(), 4) for name, r in runs.items()}
     print(f"mean train loss over steps 151-200: {report}; seed noise {noise:.4f}, fast gap {gap('fast', 'ref'):.4f}, "
           f"bf16 residual gap {gap('fast_bf16_residual', 'ref'):.4f}, "
+          f"+ fused loss gap {gap('fast_fused_loss', 'ref'):.4f}, "
           f"bf16-true gap {gap('bf16_true', 'ref'):.4f}; per-step max |fast - ref| "
           f"{(runs['fast'] - runs['ref']).abs().max().item():.4f}")
     assert all(len(r) == 200 for r in runs.values())
     assert runs["ref"][-50:].mean() < runs["ref"][:10].mean() - 1.0  # it learned
     assert gap("fast", "ref") <= max(2 * noise, 0.02)
     assert gap("fast_bf16_residual", "ref") <= max(2 * noise, 0.02)
+    assert gap("fast_fused_loss", "ref") <= max(2 * noise, 0.02)
+
+
+@pytest.mark.parametrize("autocast", [False, True])
+def test_fused_loss_matches_the_plain_head_on_gpu(autocast):
+    """The Triton kernel at GPT-2's width and padded vocabulary, 8 x 1024 tokens, against the plain head's loss and
+    gradients (float32: to round-off; bf16 autocast: as close as two bf16 computations of the same thing)."""
+    import torch.nn.functional as F
+
+    from lit_llm.fused_loss import fused_head_loss
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    hidden = torch.randn(8, 1024, 768, device="cuda", generator=g, requires_grad=True)
+    weight = (torch.randn(50304, 768, device="cuda", generator=g) * 0.02).requires_grad_()
+    targets = torch.randint(0, 50257, (8, 1024), device="cuda", generator=g)
+    targets[:, :100] = -100
+
+    def run(fn):
+        hidden.grad = weight.grad = None
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
+            loss = fn()
+        (loss * 0.125).backward()
+        return loss.detach(), hidden.grad.clone(), weight.grad.clone()
+
+    got = run(lambda: fused_head_loss(hidden, weight, targets))
+    want = run(lambda: F.cross_entropy(F.linear(hidden, weight).float().flatten(0, 1), targets.flatten()))
+    tol = dict(rtol=1e-3, atol=1e-5) if autocast else dict(rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(got[0], want[0], **tol)
+    for a, b in zip(got[1:], want[1:]):
+        assert F.cosine_similarity(a.flatten(), b.flatten(), dim=0) > (0.999 if autocast else 0.99999)
+        assert (a - b).norm() <= (2e-2 if autocast else 1e-4) * b.norm()
+    print(f"fused loss on GPU (autocast={autocast}): loss {got[0].item():.6f} vs {want[0].item():.6f}, "
+          f"relative gradient errors {((got[1] - want[1]).norm() / want[1].norm()).item():.2e} (hidden), "
+          f"{((got[2] - want[2]).norm() / want[2].norm()).item():.2e} (weight)")
 
 
 def test_float8_learns_like_bf16(tmp_path, in_repo_root):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import importlib.util
 from typing import Any, Literal
 
 import pytorch_lightning as pl
@@ -15,6 +16,7 @@ from lit_llm.config import GPTConfig
 from lit_llm.errors import ConfigError
 from lit_llm.float8 import Float8Recipe, check_float8_device, convert_to_float8, recipe_problem
 from lit_llm.lora import LoRAConfig, apply_lora, count_trainable, is_lora_key
+from lit_llm.losses import triton_interpreting
 from lit_llm.model import GPTModel
 from lit_llm.optim import Schedule, build_adamw, lr_multiplier, parameter_groups
 from lit_llm.strategies import check_ddp_options, is_deepspeed, is_fsdp2, params_are_sharded, shard_with_fsdp2
@@ -52,6 +54,7 @@ class GPTTask(pl.LightningModule):
         activation_checkpointing: bool = False,
         low_precision_residual: bool = False,
         chunked_loss: int | None = None,
+        fused_loss: bool = False,
         float8: Float8Recipe | None = None,
         float8_head: bool = False,
     ) -> None:
@@ -106,6 +109,12 @@ class GPTTask(pl.LightningModule):
                 log-probabilities (13 GB at GPT-2's vocabulary and 64 x 1024 tokens); with ``compile`` on it measured
                 slower and larger than the plain head (docs/benchmarks.md). ``null``: the plain head. Not with a LoRA
                 adapter on the head; under DeepSpeed ZeRO-3 the plain head is used.
+            fused_loss: Compute the output head's cross-entropy with lit_llm's Triton kernel
+                (``lit_llm.fused_loss``): each row's softmax, loss and gradient in one pass over the logits, the
+                gradient written over them in place, so the separate (tokens x vocabulary) gradient buffer and two
+                passes over the logits disappear. Same loss and gradients as the plain head; CUDA GPUs only (Triton
+                comes with PyTorch's CUDA builds). Not with ``chunked_loss``, ``float8_head`` or a LoRA adapter on
+                the head; under DeepSpeed ZeRO-3 the plain head is used. See docs/benchmarks.md for what it buys.
             float8: Run the transformer blocks' Linear layers as FP8 matmuls (torchao's ``Float8Linear``, installed
                 with ``pip install 'lit_llm[float8]'``) with this scaling recipe: ``tensorwise`` (fastest)
                 or ``rowwise``. Weights, gradients, optimizer state and checkpoints keep
@@ -137,6 +146,15 @@ class GPTTask(pl.LightningModule):
         elif chunked_loss is not None and lora_config is not None and "head" in lora_config.layer_names():
             problems.append("model.chunked_loss cannot be combined with a LoRA adapter on the head "
                             "(model.lora.targets includes head): drop one of the two")
+        if fused_loss and chunked_loss is not None:
+            problems.append("model.fused_loss cannot be combined with model.chunked_loss (two ways of computing the "
+                            "head's loss): drop one of the two")
+        elif fused_loss and lora_config is not None and "head" in lora_config.layer_names():
+            problems.append("model.fused_loss cannot be combined with a LoRA adapter on the head "
+                            "(model.lora.targets includes head): drop one of the two")
+        elif fused_loss and float8_head:
+            problems.append("model.fused_loss cannot be combined with model.float8_head (the fused loss runs the "
+                            "head's matmul itself, in bf16): drop one of the two")
         if float8 is not None and recipe_problem(float8):
             problems.append(recipe_problem(float8))
         elif float8 is not None and lora_config is not None:
@@ -218,6 +236,7 @@ class GPTTask(pl.LightningModule):
             rank_zero_info("model.chunked_loss is off under DeepSpeed ZeRO stage 3 (the plain head is used)")
             chunk = None
         self.model.loss_chunk = chunk
+        self.model.fused_loss = self._use_fused_loss(strategy, zero3)
         model = self.model
 
         def model_loss(input_ids: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -236,6 +255,23 @@ class GPTTask(pl.LightningModule):
             how = {"options": dict(self.hparams.compile_options)}
         object.__setattr__(self, "_forward", torch.compile(model, **how) if compile_ else model)
         object.__setattr__(self, "_model_loss", torch.compile(model_loss, **how) if compile_ else model_loss)
+
+    def _use_fused_loss(self, strategy: Any, zero3: bool) -> bool:
+        if not self.hparams.get("fused_loss"):
+            return False
+        if zero3:
+            rank_zero_info("model.fused_loss is off under DeepSpeed ZeRO stage 3 (the plain head is used)")
+            return False
+        device = strategy.root_device if strategy is not None else self.device
+        if device.type != "cuda" and not triton_interpreting():
+            raise ConfigError(
+                f"model.fused_loss runs a Triton kernel on CUDA GPUs, but this run is on {device.type.upper()}: remove "
+                "model.fused_loss (or set it to false) for this device"
+            )
+        if importlib.util.find_spec("triton") is None:
+            raise ConfigError("model.fused_loss needs Triton, which PyTorch's CUDA builds install; this environment "
+                              "has none: pip install triton, or set model.fused_loss to false")
+        return True
 
     def _convert_to_float8(self, strategy: Any) -> None:
         recipe = self.hparams.float8
