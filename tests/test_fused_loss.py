@@ -17,7 +17,18 @@ pytest.importorskip("triton")
 pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
                                 reason="CPU tensors through Triton's interpreter; on a GPU see tests/test_gpu.py")
 
-from test_losses import C, N, V, _assert_close, _inputs, _loss_and_grads, _reference  # noqa: E402
+from test_losses import (  # noqa: E402
+    C,
+    N,
+    V,
+    _assert_close,
+    _inputs,
+    _loss_and_grads,
+    _reference,
+    assert_trains_like_the_plain_head,
+    bf16_autocast,
+    tied_weight_run,
+)
 
 from lit_llm.fused_loss import _loss_and_gradient_in_place, fused_head_loss  # noqa: E402
 
@@ -57,19 +68,7 @@ def test_launch_settings_do_not_change_the_result(launch):
 
 
 def test_tied_weight_gradients_add_up():
-    g = torch.Generator().manual_seed(3)
-    emb = torch.nn.Parameter(torch.randn(V, C, generator=g) * 0.5)
-    idx = torch.randint(0, V, (N,), generator=g)
-    targets = torch.randint(0, V, (N,), generator=g)
-    proj = torch.randn(C, C, generator=g) * 0.3
-
-    def run(head):
-        emb.grad = None
-        hidden = torch.tanh(F.embedding(idx, emb) @ proj)  # the same weight as embedding and as head
-        loss = head(hidden, emb, targets)
-        loss.backward()
-        return loss.detach(), emb.grad.clone()
-
+    run = tied_weight_run(seed=3)
     _assert_close(run(fused_head_loss), run(_reference))
 
 
@@ -101,15 +100,8 @@ def test_custom_ignore_index():
 def test_bf16_autocast_matches_reference_under_the_same_autocast():
     hidden, weight, targets = _inputs(seed=4)
 
-    def autocast(fn):
-        def wrapped(h, w, t):
-            with torch.autocast("cpu", dtype=torch.bfloat16):
-                return fn(h, w, t)
-
-        return wrapped
-
-    got = _loss_and_grads(autocast(fused_head_loss), hidden, weight, targets)
-    want = _loss_and_grads(autocast(_reference), hidden, weight, targets)
+    got = _loss_and_grads(bf16_autocast(fused_head_loss), hidden, weight, targets)
+    want = _loss_and_grads(bf16_autocast(_reference), hidden, weight, targets)
     assert got[1].dtype == hidden.dtype and got[2].dtype == weight.dtype  # gradients in the inputs' dtypes
     torch.testing.assert_close(got[0], want[0], rtol=1e-3, atol=0)
     for g, w in zip(got[1:], want[1:]):
@@ -155,23 +147,8 @@ def _task(**kwargs):
 
 @pytest.mark.parametrize("tied", [True, False])
 def test_the_task_option_trains_like_the_plain_head(tied):
-    plain, fused = _task(tie_weights=tied), _task(tie_weights=tied, fused_loss=True)
-    fused.model.load_state_dict(plain.model.state_dict())
-    assert fused.model.fused_loss and not plain.model.fused_loss
-    g = torch.Generator().manual_seed(1)
-    ids = torch.randint(0, 97, (3, 16), generator=g)
-    targets = torch.randint(0, 97, (3, 16), generator=g)
-    targets[0, :5] = -100
-    losses = []
-    for task in (plain, fused):
-        loss = task.loss(ids, targets)
-        loss.backward()
-        losses.append(loss.detach())
-    torch.testing.assert_close(losses[1], losses[0], atol=1e-6, rtol=1e-6)
-    grads = [{n: p.grad for n, p in t.model.named_parameters()} for t in (plain, fused)]
-    assert grads[0].keys() == grads[1].keys()
-    for name in grads[0]:
-        torch.testing.assert_close(grads[1][name], grads[0][name], atol=1e-6, rtol=1e-5, msg=name)
+    fused = assert_trains_like_the_plain_head(tied, fused_loss=True)
+    assert fused.model.fused_loss is True
 
 
 def test_the_task_option_refuses_what_it_cannot_combine_with():

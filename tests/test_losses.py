@@ -64,8 +64,10 @@ def test_chunk_size_does_not_change_the_result(chunk_size):
     _assert_close(got, want)
 
 
-def test_tied_weight_gradients_add_up():
-    g = torch.Generator().manual_seed(2)
+def tied_weight_run(seed: int):
+    """``run(head)``: a model whose one weight is both the embedding and ``head``'s weight; returns the loss and that
+    weight's gradient, the sum of both uses."""
+    g = torch.Generator().manual_seed(seed)
     emb = torch.nn.Parameter(torch.randn(V, C, generator=g) * 0.5)
     idx = torch.randint(0, V, (N,), generator=g)
     targets = torch.randint(0, V, (N,), generator=g)
@@ -79,6 +81,11 @@ def test_tied_weight_gradients_add_up():
         loss.backward()
         return loss.detach(), emb.grad.clone()
 
+    return run
+
+
+def test_tied_weight_gradients_add_up():
+    run = tied_weight_run(seed=2)
     got = run(lambda h, w, t: chunked_head_loss(h, w, t, chunk_size=8))
     want = run(_reference)
     _assert_close(got, want)
@@ -107,18 +114,22 @@ def test_custom_ignore_index():
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 
 
+def bf16_autocast(fn):
+    """``fn(h, w, t)`` run under CPU bf16 autocast."""
+
+    def wrapped(h, w, t):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return fn(h, w, t)
+
+    return wrapped
+
+
 def test_bf16_autocast_matches_reference_under_the_same_autocast():
     hidden, weight, targets = _inputs(seed=3)
 
-    def autocast(fn):
-        def wrapped(h, w, t):
-            with torch.autocast("cpu", dtype=torch.bfloat16):
-                return fn(h, w, t)
-
-        return wrapped
-
-    got = _loss_and_grads(autocast(lambda h, w, t: chunked_head_loss(h, w, t, chunk_size=8)), hidden, weight, targets)
-    want = _loss_and_grads(autocast(_reference), hidden, weight, targets)
+    chunked = bf16_autocast(lambda h, w, t: chunked_head_loss(h, w, t, chunk_size=8))
+    got = _loss_and_grads(chunked, hidden, weight, targets)
+    want = _loss_and_grads(bf16_autocast(_reference), hidden, weight, targets)
     assert got[0].dtype == torch.float32
     assert got[1].dtype == hidden.dtype and got[2].dtype == weight.dtype  # gradients in the inputs' dtypes
     torch.testing.assert_close(got[0], want[0], rtol=1e-2, atol=0)
@@ -209,28 +220,34 @@ def _task(**kwargs):
     return task
 
 
-@pytest.mark.parametrize("tied", [True, False])
-def test_the_task_option_trains_like_the_plain_head(tied):
-    """Same loss and the same gradient on every parameter (float32), tied or untied head, with ignored targets."""
-    plain, chunked = _task(tie_weights=tied), _task(tie_weights=tied, chunked_loss=7)
-    chunked.model.load_state_dict(plain.model.state_dict())
-    assert chunked.model.loss_chunk == 7 and plain.model.loss_chunk is None
+def assert_trains_like_the_plain_head(tied: bool, **option):
+    """A task with ``option`` (a way of computing the head's loss) gives the plain head's loss and the same gradient
+    on every parameter (float32), tied or untied head, with ignored targets; returns that task."""
+    plain, other = _task(tie_weights=tied), _task(tie_weights=tied, **option)
+    other.model.load_state_dict(plain.model.state_dict())
     g = torch.Generator().manual_seed(1)
     ids = torch.randint(0, 97, (3, 16), generator=g)
     targets = torch.randint(0, 97, (3, 16), generator=g)
     targets[0, :5] = -100
     losses = []
-    for task in (plain, chunked):
+    for task in (plain, other):
         loss = task.loss(ids, targets)
         loss.backward()
         losses.append(loss.detach())
     torch.testing.assert_close(losses[1], losses[0], atol=1e-6, rtol=1e-6)
-    grads = [{n: p.grad for n, p in t.model.named_parameters()} for t in (plain, chunked)]
+    grads = [{n: p.grad for n, p in t.model.named_parameters()} for t in (plain, other)]
     assert grads[0].keys() == grads[1].keys()
     for name in grads[0]:
         torch.testing.assert_close(grads[1][name], grads[0][name], atol=1e-6, rtol=1e-5, msg=name)
     with torch.no_grad():  # validation: the loss alone
-        torch.testing.assert_close(chunked.loss(ids, targets), plain.loss(ids, targets), atol=1e-6, rtol=1e-6)
+        torch.testing.assert_close(other.loss(ids, targets), plain.loss(ids, targets), atol=1e-6, rtol=1e-6)
+    return other
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_the_task_option_trains_like_the_plain_head(tied):
+    chunked = assert_trains_like_the_plain_head(tied, chunked_loss=7)
+    assert chunked.model.loss_chunk == 7
 
 
 def test_the_task_option_rejects_bad_values_and_a_lora_head():
