@@ -72,12 +72,18 @@ def params_are_sharded(strategy: Any) -> bool:
     if any("FSDP" in n or n == "ModelParallelStrategy" for n in names):
         return True
     if any("DeepSpeed" in n for n in names):
-        return bool(getattr(strategy, "zero_stage_3", False))
+        return is_zero3(strategy)
     return False
 
 
 def is_deepspeed(strategy: Any) -> bool:
     return isinstance(strategy, DeepSpeedStrategy)
+
+
+def is_zero3(strategy: Any) -> bool:
+    """Whether the strategy is DeepSpeed ZeRO stage 3 (parameters partitioned as they are built, gathered in module
+    hooks): Lightning's ``DeepSpeedStrategy.zero_stage_3``, False for any other strategy or none."""
+    return bool(getattr(strategy, "zero_stage_3", False))
 
 
 def check_ddp_options(strategy: Any, accumulate_grad_batches: int) -> None:

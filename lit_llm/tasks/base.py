@@ -19,7 +19,14 @@ from lit_llm.lora import LoRAConfig, apply_lora, count_trainable, is_lora_key
 from lit_llm.losses import triton_interpreting
 from lit_llm.model import GPTModel
 from lit_llm.optim import Schedule, build_adamw, lr_multiplier, parameter_groups
-from lit_llm.strategies import check_ddp_options, is_deepspeed, is_fsdp2, params_are_sharded, shard_with_fsdp2
+from lit_llm.strategies import (
+    check_ddp_options,
+    is_deepspeed,
+    is_fsdp2,
+    is_zero3,
+    params_are_sharded,
+    shard_with_fsdp2,
+)
 
 CompileMode = Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"]
 SdpaBackend = Literal["auto", "flash", "cudnn", "efficient", "math"]
@@ -229,7 +236,7 @@ class GPTTask(pl.LightningModule):
         if strategy is not None and is_fsdp2(strategy):
             precision = getattr(self._trainer.precision_plugin, "precision", "32-true")
             shard_with_fsdp2(self.model, strategy, str(precision))
-        zero3 = strategy is not None and getattr(strategy, "zero_stage_3", False)
+        zero3 = is_zero3(strategy)
         chunk = self.hparams.get("chunked_loss")
         if chunk and zero3:
             # ZeRO-3 gathers the head's weight only inside the head module's own forward, which this path skips.
@@ -314,7 +321,7 @@ class GPTTask(pl.LightningModule):
         from lit_llm.weights import load_into, load_weights
 
         strategy = self._trainer.strategy if self._trainer is not None else None
-        if strategy is not None and getattr(strategy, "zero_stage_3", False):
+        if is_zero3(strategy):
             # ZeRO-3 has partitioned the parameters as they were built; filling them in from a file is not supported.
             raise ConfigError(
                 f"model.init_weights={source} cannot be loaded under DeepSpeed ZeRO stage 3 (trainer.strategy), "

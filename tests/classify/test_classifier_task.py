@@ -67,6 +67,14 @@ def test_lora_policy_needs_lora_and_lora_needs_the_policy() -> None:
         ClassifierModule(model=tiny_config(), lora={"rank": 2, "alpha": 4})
 
 
+@pytest.mark.parametrize("option", [{"fused_loss": True}, {"chunked_loss": 64}])
+def test_next_token_loss_options_are_refused(option) -> None:
+    """They only change how the language-model head's loss is computed, which classification does not use."""
+    (key,) = option
+    with pytest.raises(ConfigError, match=f"model.{key} computes the next-token loss.*remove model.{key}"):
+        ClassifierModule(model=tiny_config(), **option)
+
+
 def test_config_errors_collected_in_one_message() -> None:
     with pytest.raises(ConfigError) as err:
         ClassifierModule(model=tiny_config(), learning_rate=-1, pooling="first", trainable="last_n_blocks:0",
