@@ -6,12 +6,12 @@ matmuls, but the work on the (tokens x vocabulary) logits is one kernel instead 
 
 - The plain head, compiled, writes the logits, reads them for the log-softmax's max and sum, and in the backward
   reads them again and writes their gradient into a second (tokens x vocabulary) buffer. At 128 x 1024 tokens and a
-  50,304-token vocabulary each of those buffers is 13 GB in bf16: the passes over them are about a fifth of a
-  GPT-2 124M training step's GPU time on an H100.
+  50,304-token vocabulary each of those buffers is 13 GB in bf16; the loss's two kernels over them took 8 % of a
+  GPT-2 124M training step's GPU time on an H100 (docs/benchmarks.md).
 - Here one kernel, in the forward, computes each row's log-sum-exp and loss and writes the row's gradient,
-  ``(softmax - one_hot) / n_valid``, over the logits in place (the row's second read mostly hits the L2 cache). The
-  backward is two matmuls on that buffer; the incoming gradient (a scalar) scales their much smaller outputs. The
-  separate gradient buffer never exists, which also saves its memory.
+  ``(softmax - one_hot) / n_valid``, over the logits in place. The backward is two matmuls on that buffer; the
+  incoming gradient (a scalar) scales their much smaller outputs. The separate gradient buffer never exists (the
+  training step's peak memory is set elsewhere, so the peak did not fall).
 
 The kernel runs on CUDA GPUs. ``TRITON_INTERPRET=1`` runs it on the CPU with Triton's interpreter (slowly; for
 tests). The caller (``GPTModel``) keeps it out of ``torch.compile``'s graph, so the compiled part of the model ends at
