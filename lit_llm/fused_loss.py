@@ -28,7 +28,7 @@ import torch
 import triton
 import triton.language as tl
 
-from lit_llm.losses import _compute_dtype, triton_interpreting
+from lit_llm.losses import _compute_dtype, check_head_loss_shapes, triton_interpreting
 
 __all__ = ["fused_head_loss"]
 
@@ -78,21 +78,20 @@ def _cross_entropy_rows(logits_ptr, row_stride, targets_ptr, loss_ptr, inv_count
 
 
 def _loss_and_gradient_in_place(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int,
-                                write_grad: bool = True, block: int | None = None, num_warps: int | None = None,
-                                programs: int | None = -1) -> torch.Tensor:
+                                write_grad: bool = True, block: int = BLOCK, num_warps: int = NUM_WARPS,
+                                programs: int | None = PROGRAMS) -> torch.Tensor:
     """Mean cross-entropy of ``logits`` (N, V) against ``targets`` (N,); with ``write_grad``, ``logits`` is overwritten
-    by the loss's gradient with respect to them. ``block``, ``num_warps`` and ``programs`` override the module's
-    launch settings (``programs=-1``: the module's)."""
+    by the loss's gradient with respect to them. ``block``, ``num_warps`` and ``programs`` are the launch settings
+    (``bench/loss_kernel.py`` tries others)."""
     n, v = logits.shape
     valid = targets != ignore_index
     inv_count = 1.0 / valid.sum().clamp(min=1).to(torch.float32)  # a tensor: no host synchronisation
     losses = torch.empty(n, dtype=torch.float32, device=logits.device)
-    programs = PROGRAMS if programs == -1 else programs
     if n:
         grid = (n if programs is None else max(1, min(n, programs)),)
         _cross_entropy_rows[grid](logits, logits.stride(0), targets, losses, inv_count.reshape(1), n, v, ignore_index,
-                                  BLOCK=min(block or BLOCK, triton.next_power_of_2(v)), WRITE_GRAD=write_grad,
-                                  num_warps=num_warps or NUM_WARPS)
+                                  BLOCK=min(block, triton.next_power_of_2(v)), WRITE_GRAD=write_grad,
+                                  num_warps=num_warps)
     return losses.sum() * inv_count
 
 
@@ -148,11 +147,6 @@ def fused_head_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.T
             f"fused_head_loss runs a Triton kernel on CUDA GPUs; these tensors are on {hidden.device.type} "
             "(set TRITON_INTERPRET=1 to run it with Triton's CPU interpreter)"
         )
-    if hidden.dim() < 1 or weight.dim() != 2 or weight.shape[1] != hidden.shape[-1]:
-        raise ValueError(f"weight must be (V, C) with C = hidden's last dim; got weight {tuple(weight.shape)} and "
-                         f"hidden {tuple(hidden.shape)}")
-    if tuple(hidden.shape[:-1]) != tuple(targets.shape):
-        raise ValueError(f"targets' shape {tuple(targets.shape)} must equal hidden's leading dims "
-                         f"{tuple(hidden.shape[:-1])}")
+    check_head_loss_shapes(hidden, weight, targets)
     return _FusedHeadLoss.apply(hidden.reshape(-1, hidden.shape[-1]), weight, targets.reshape(-1).contiguous(),
                                 int(ignore_index), _compute_dtype(hidden))

@@ -45,6 +45,20 @@ def _compute_dtype(hidden: torch.Tensor) -> torch.dtype:
     return hidden.dtype
 
 
+def check_head_loss_shapes(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> None:
+    """A ``ValueError`` naming the mismatch when ``hidden`` (..., C), ``weight`` (V, C) and ``targets`` (...) do not fit
+    together as a head loss's arguments."""
+    if hidden.dim() < 1 or weight.dim() != 2 or weight.shape[1] != hidden.shape[-1]:
+        raise ValueError(
+            f"weight must be (V, C) with C = hidden's last dim; got weight {tuple(weight.shape)} and hidden "
+            f"{tuple(hidden.shape)}"
+        )
+    if tuple(hidden.shape[:-1]) != tuple(targets.shape):
+        raise ValueError(
+            f"targets' shape {tuple(targets.shape)} must equal hidden's leading dims {tuple(hidden.shape[:-1])}"
+        )
+
+
 class _ChunkedHeadLoss(torch.autograd.Function):
     """Forward computes the loss and both gradients chunk by chunk; backward only scales the saved gradients."""
 
@@ -146,15 +160,7 @@ def chunked_head_loss(
     """
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be at least 1, got {chunk_size}")
-    if hidden.dim() < 1 or weight.dim() != 2 or weight.shape[1] != hidden.shape[-1]:
-        raise ValueError(
-            f"weight must be (V, C) with C = hidden's last dim; got weight {tuple(weight.shape)} and hidden "
-            f"{tuple(hidden.shape)}"
-        )
-    if tuple(hidden.shape[:-1]) != tuple(targets.shape):
-        raise ValueError(
-            f"targets' shape {tuple(targets.shape)} must equal hidden's leading dims {tuple(hidden.shape[:-1])}"
-        )
+    check_head_loss_shapes(hidden, weight, targets)
     grad_on = torch.is_grad_enabled()
     return _ChunkedHeadLoss.apply(
         hidden.reshape(-1, hidden.shape[-1]),

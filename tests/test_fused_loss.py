@@ -207,3 +207,12 @@ def test_a_cli_run_trains_with_it(tmp_path, in_repo_root):
     assert c.model.model.fused_loss is True
     assert c.trainer.global_step == 2
     assert torch.isfinite(c.trainer.callback_metrics["val/loss"])
+
+
+@pytest.mark.parametrize(("kwargs", "message"), [({"targets": torch.zeros(N + 1, dtype=torch.long)}, "targets' shape"),
+                                                 ({"weight": torch.zeros(V, C + 1)}, "weight must be")])
+def test_bad_arguments_raise_a_clear_value_error(kwargs, message):
+    hidden, weight, targets = _inputs()
+    args = {"hidden": hidden, "weight": weight, "targets": targets, **kwargs}
+    with pytest.raises(ValueError, match=message):
+        fused_head_loss(**args)
