@@ -9,6 +9,7 @@ than the machine has run side by side on disjoint GPUs, so one invocation measur
     python bench/strategies.py memory  --source corpus.txt --tokenizer gpt2_dir/ --json memory.json
     python bench/strategies.py largest --source corpus.txt --tokenizer gpt2_dir/ --json largest.json
     python bench/strategies.py diagnose --source corpus.txt --tokenizer gpt2_dir/ --json diagnose.json
+    python bench/strategies.py sharded --source corpus.txt --tokenizer gpt2_dir/ --json sharded.json
     python bench/strategies.py allreduce --json allreduce.json
 
 - ``speed``: gpt2-124m, seq 1024, batch 32 per GPU, bf16-mixed, compiled (not under ZeRO-3): one GPU, DDP on 2 and 4,
@@ -19,6 +20,8 @@ than the machine has run side by side on disjoint GPUs, so one invocation measur
   reference; then one GPU, DDP, ZeRO-2 and FSDP on 4 at the shipped config's micro-batch 64 x 8 accumulated
   (14 cells of about a minute each: split them over invocations with ``--only``).
 - ``diagnose``: where DDP's and ZeRO-2's time goes at batch 32 (``diagnose_cells``), with profiles of every rank.
+- ``sharded``: FSDP and ZeRO-2 presets against their former settings and DDP at batch 32 on the machine's 2 to 4
+  GPUs (``sharded_cells``): what the host-side costs of each strategy take.
 - ``allreduce``: NCCL all-reduce of gpt2-124m's gradients on 2 and on all GPUs, float32 and bf16, one tensor and
   25 MB buckets: the communication that DDP adds to a step when nothing of it overlaps the backward.
 - ``memory``: gpt2-1558m, seq 1024, batch 8 per GPU, eager: peak memory per GPU under each strategy on 2 GPUs.
@@ -63,6 +66,7 @@ class Cell:
     accumulate: int = 1
     extra: list[str] = field(default_factory=list)
     profile: bool = False  # after the timed windows, record two steps with torch.profiler (every rank)
+    profile_stack: bool = True  # record Python stacks too (names the host code in idle gaps; slows the host)
     alone: bool = False  # hold every GPU of the machine while it runs, so nothing runs beside it
 
 
@@ -134,6 +138,40 @@ def diagnose_cells() -> list[Cell]:
     ]
 
 
+def sharded_cells(gpus: int = 4) -> list[Cell]:
+    """FSDP and ZeRO-2 against DDP at batch 32 without accumulation on ``gpus`` GPUs (the machine's, 2 to 4), after a
+    one-GPU reference alone: the presets, FSDP with its all-gathers rate-limited (PyTorch's default, which makes the
+    host wait for the GPU every two units), ZeRO-2 with DeepSpeed's own defaults (its bf16 overflow check and
+    ``overlap_comm`` on) and with its gradients not gathered into contiguous buffers, ZeRO-2 with the guard's
+    per-step check, and ZeRO-2 and FSDP profiled on every rank (without Python stacks, which would slow the host
+    they measure)."""
+    fsdp2 = "lit_llm.strategies.GPTFSDP2Strategy"
+    ddp = "lit_llm.strategies.GPTDDPStrategy"
+    ds = "lit_llm.strategies.GPTDeepSpeedStrategy"
+    n = max(2, min(gpus, 4))
+
+    def c(name: str, strategy: str | None, *extra: str, profile: bool = False, devices: int = n) -> Cell:
+        return Cell(name.format(n=n), "gpt2-124m", devices, strategy, batch=32, window=20, windows=3, compile=True,
+                    extra=list(extra), profile=profile, profile_stack=False)
+
+    fsdp = "lit_llm.strategies.GPTFSDPStrategy"
+    return [
+        replace(c("1 GPU", None, devices=1), alone=True),
+        c("FSDP x{n}", "lit_fsdp"),
+        c("FSDP x{n} all-gathers rate-limited", fsdp, "--trainer.strategy.limit_all_gathers=true"),
+        c("ZeRO-2 x{n}", "lit_deepspeed_zero2"),
+        c("ZeRO-2 x{n} DeepSpeed's defaults", ds, "--trainer.strategy.stage=2",
+          "--trainer.strategy.check_grad_overflow=true", "--trainer.strategy.overlap_comm=true"),
+        c("ZeRO-2 x{n} gradients not contiguous", ds, "--trainer.strategy.stage=2",
+          "--trainer.strategy.overlap_comm=false", "--trainer.strategy.contiguous_gradients=false"),
+        c("DDP x{n}", "lit_ddp"),
+        c("ZeRO-2 x{n} with NonFiniteGuard", "lit_deepspeed_zero2",
+          "--trainer.callbacks+=lit_llm.callbacks.NonFiniteGuard"),
+        c("ZeRO-2 x{n} profiled", "lit_deepspeed_zero2", profile=True),
+        c("FSDP x{n} profiled", "lit_fsdp", profile=True),
+    ]
+
+
 def memory_cells() -> list[Cell]:
     def c(name: str, devices: int, strategy: str | None) -> Cell:
         return Cell(name, "gpt2-1558m", devices, strategy, batch=8, window=3, windows=1)
@@ -165,7 +203,7 @@ def command(cell: Cell, args: argparse.Namespace, root: Path) -> list[str]:
     if cell.profile:  # after the last timed window, so the profiler's overhead is not in the measured tokens/s
         text += ("    - class_path: bench.throughput.ProfileWindow\n"
                  f"      init_args:\n        folder: {root / 'profile'}\n        start_step: {timed_steps}\n"
-                 "        steps: 2\n")
+                 f"        steps: 2\n        with_stack: {str(cell.profile_stack).lower()}\n")
     callbacks.write_text(text, encoding="utf-8")
     cmd = [sys.executable, "-m", "lit_llm.train", "fit", "--config", str(ROOT / "configs/pretrain/gpt2-124m.yaml"),
            "--config", str(callbacks),
@@ -339,7 +377,7 @@ def allreduce_bench(model: str, devices: int, bucket_mb: int = 25, iters: int = 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("mode", choices=["speed", "tune", "diagnose", "memory", "largest", "allreduce"])
+    parser.add_argument("mode", choices=["speed", "tune", "diagnose", "sharded", "memory", "largest", "allreduce"])
     parser.add_argument("--source", help="corpus file (plain text); every mode but allreduce needs it")
     parser.add_argument("--tokenizer", default="gpt2", help="tokenizer directory or Hub name")
     parser.add_argument("--root", default="/tmp/lit_llm_bench_strategies")
@@ -363,8 +401,8 @@ def main(argv: list[str] | None = None) -> None:
         return
     if not args.source:
         parser.error(f"{args.mode} needs --source (a corpus file)")
-    cells = {"speed": speed_cells, "tune": tune_cells, "diagnose": diagnose_cells, "memory": memory_cells,
-             "largest": largest_cells}[args.mode]()
+    cells = {"speed": speed_cells, "tune": tune_cells, "diagnose": diagnose_cells,
+             "sharded": lambda: sharded_cells(n), "memory": memory_cells, "largest": largest_cells}[args.mode]()
     if args.only:
         cells = [c for c in cells if c.name in args.only]
     cells = [c for c in cells if c.devices <= n]

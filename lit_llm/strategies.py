@@ -20,13 +20,16 @@ Why lit_llm's own classes rather than Lightning's ``fsdp`` / ``deepspeed_stage_N
   the head (tied to the embedding when ``tie_weights``) stay together in the root unit. The model is built on the
   meta device and materialised shard by shard (``reset_parameters`` re-runs lit_llm's initialisation), so a model
   larger than one GPU's memory never exists whole. Checkpoints are sharded directories (every rank writes its part;
-  ``python -m lit_llm.convert consolidate`` makes one file of them).
+  ``python -m lit_llm.convert consolidate`` makes one file of them). All-gathers are rate-limited only for models
+  that take a large share of the GPU (``needs_all_gather_limit``): the limit makes the host wait for the GPU.
 - **DDP** reduces gradients in place in its communication buckets (no copy), and keeps a compiled model in one graph
   (``split_compiled_graph``): PyTorch would otherwise cut the compiled graph at every gradient bucket to overlap
   each all-reduce with the rest of the backward, which measured slower than reducing all buckets after it.
 - **DeepSpeed** is imported only when used, and a missing install is one error naming the extra to install.
   DeepSpeed's op builder cannot parse an architecture suffix in ``TORCH_CUDA_ARCH_LIST`` (``9.0a``); it is removed
   for the run, with a log line. ``model.gradient_clip`` is passed to DeepSpeed, which clips inside its engine.
+  DeepSpeed's bf16 overflow check (a wait for the GPU at every step) is off; ``NonFiniteGuard`` stops a run whose
+  engine applied a non-finite step before anything from it is saved. ZeRO-2 runs without ``overlap_comm``.
 - **Both** write directory checkpoints atomically: into ``<name>.tmp`` first, renamed once every rank has finished, so
   a run killed during a save leaves the previous checkpoint whole. Both refuse to run on the CPU with one error.
 
@@ -191,15 +194,32 @@ class GPTDDPStrategy(DDPStrategy):
             self._optimize_ddp_before = None
 
 
+#: Under ``lit_fsdp``, all-gathers are rate-limited only when the whole model in the compute dtype takes more than this
+#: share of one GPU's memory (``GPTFSDPStrategy(limit_all_gathers=None)``).
+ALL_GATHER_LIMIT_SHARE = 0.05
+
+
+def needs_all_gather_limit(model_bytes: int, device_bytes: int) -> bool:
+    """Whether FSDP should rate-limit its all-gathers for a model of ``model_bytes`` (its parameters in the dtype they
+    are gathered in) on a GPU of ``device_bytes``.
+
+    Without the limit, the host may issue the all-gathers of every unit ahead of the GPU, so at worst the whole model
+    is gathered at once: harmless when that is a few percent of the GPU, a risk of running out of memory when it is
+    a large share. The limit makes the host wait for the GPU every two units, which is what it costs: for GPT-2 124M
+    on 2 H200s, 62.9 % of one GPU's tokens/s per GPU with it against 71.3 % without (docs/benchmarks.md).
+    """
+    return model_bytes > ALL_GATHER_LIMIT_SHARE * device_bytes
+
+
 class GPTFSDPStrategy(_AtomicDirectorySave, FSDPStrategy):
     """Lightning's ``FSDPStrategy`` with lit_llm's defaults: a unit per ``TransformerBlock``, sharded checkpoints
     saved atomically, ``use_orig_params`` (required by ``torch.compile`` and by per-parameter weight decay), and
-    all-gathers rate-limited so that prefetching cannot run the GPU out of memory."""
+    all-gathers rate-limited only for models large enough for prefetching to run the GPU out of memory."""
 
     strategy_name = "lit_fsdp"
 
     def __init__(self, auto_wrap_policy: Any = None, state_dict_type: Literal["full", "sharded"] = "sharded",
-                 use_orig_params: bool = True, forward_prefetch: bool = False, limit_all_gathers: bool = True,
+                 use_orig_params: bool = True, forward_prefetch: bool = False, limit_all_gathers: bool | None = None,
                  **kwargs: Any) -> None:
         """
         Args:
@@ -210,19 +230,35 @@ class GPTFSDPStrategy(_AtomicDirectorySave, FSDPStrategy):
                 decay need it).
             forward_prefetch: Start the next unit's all-gather before the current unit's forward compute (PyTorch
                 FSDP's option), to overlap communication in the forward pass too.
-            limit_all_gathers: Rate-limit all-gathers so that prefetching cannot run the GPU out of memory.
+            limit_all_gathers: Rate-limit all-gathers (the host waits for the GPU every two units) so that the host
+                running ahead cannot run the GPU out of memory with gathered weights. ``null`` (default): only when
+                the whole model in the compute dtype takes more than 5 % of the GPU's memory
+                (``needs_all_gather_limit``); below that the limit only costs speed.
             **kwargs: Lightning's ``FSDPStrategy`` arguments (``sharding_strategy``, ``cpu_offload``, ...).
 
         Written out here so that a config naming the class (``class_path: lit_llm.strategies.GPTFSDPStrategy``) gets
         these defaults too, not Lightning's.
         """
+        if limit_all_gathers is not None:
+            kwargs["limit_all_gathers"] = limit_all_gathers
         super().__init__(auto_wrap_policy=auto_wrap_policy or {TransformerBlock}, state_dict_type=state_dict_type,
-                         use_orig_params=use_orig_params, forward_prefetch=forward_prefetch,
-                         limit_all_gathers=limit_all_gathers, **kwargs)
+                         use_orig_params=use_orig_params, forward_prefetch=forward_prefetch, **kwargs)
 
     def setup_environment(self) -> None:
         _refuse_cpu(self, "FSDP")
         super().setup_environment()
+
+    def _setup_model(self, model: torch.nn.Module) -> torch.nn.Module:
+        if "limit_all_gathers" not in self.kwargs:
+            dtype = getattr(self.mixed_precision_config, "param_dtype", None) or torch.float32
+            model_bytes = sum(p.numel() for p in model.parameters()) * dtype.itemsize
+            device_bytes = torch.cuda.get_device_properties(self.root_device).total_memory
+            limit = needs_all_gather_limit(model_bytes, device_bytes)
+            self.kwargs["limit_all_gathers"] = limit
+            rank_zero_info(f"FSDP: all-gathers {'rate-limited' if limit else 'not rate-limited'} (the model's "
+                           f"{model_bytes / 2**30:.2f} GiB in {str(dtype).removeprefix('torch.')} against "
+                           f"{ALL_GATHER_LIMIT_SHARE:.0%} of the GPU's {device_bytes / 2**30:.0f} GiB)")
+        return super()._setup_model(model)
 
     def save_checkpoint(self, checkpoint: dict, filepath: Any, storage_options: Any | None = None) -> None:
         self._atomic_directory_save(super().save_checkpoint, checkpoint, filepath, storage_options)
@@ -284,7 +320,16 @@ class GPTDeepSpeedStrategy(_AtomicDirectorySave, DeepSpeedStrategy):
 
     strategy_name = "lit_deepspeed"
 
-    def __init__(self, **kwargs: Any) -> None:
+    def __init__(self, check_grad_overflow: bool = False, **kwargs: Any) -> None:
+        """
+        Args:
+            check_grad_overflow: Under bf16, DeepSpeed's check of every gradient for inf/NaN before each optimizer step
+                (a step with one is skipped): one small kernel per gradient tensor, an all-reduce and a wait for the
+                GPU at every step. ``false`` leaves non-finite values to lit_llm's ``NonFiniteGuard``, which sees
+                them in the loss. Ignored when the DeepSpeed config sets ``bf16.check_grad_overflow`` itself.
+            **kwargs: Lightning's ``DeepSpeedStrategy`` arguments (``stage``, ``offload_optimizer``, ``config``, ...).
+        """
+        self.check_grad_overflow = check_grad_overflow
         if importlib.util.find_spec("deepspeed") is None:
             raise ConfigError(
                 f"DeepSpeed (trainer.strategy) is not installed: {DEEPSPEED_INSTALL} (on a machine with CUDA), or use "
@@ -311,6 +356,10 @@ class GPTDeepSpeedStrategy(_AtomicDirectorySave, DeepSpeedStrategy):
             warnings.filterwarnings("ignore", message=r".*configure_gradient_clipping.*")
             super().setup(trainer)
 
+    def _format_config(self) -> None:
+        super()._format_config()  # Lightning adds the precision section ({"bf16": {"enabled": true}}) here
+        set_bf16_overflow_check(self.config, self.check_grad_overflow)
+
     def save_checkpoint(self, checkpoint: dict, filepath: Any, storage_options: Any | None = None) -> None:
         self._atomic_directory_save(super().save_checkpoint, checkpoint, filepath, storage_options)
 
@@ -318,6 +367,14 @@ class GPTDeepSpeedStrategy(_AtomicDirectorySave, DeepSpeedStrategy):
     def offloads_optimizer(self) -> bool:
         zero = self.config.get("zero_optimization", {}) if isinstance(self.config, dict) else {}
         return bool(zero.get("offload_optimizer"))
+
+
+def set_bf16_overflow_check(config: dict[str, Any], check: bool) -> None:
+    """Set DeepSpeed's ``bf16.check_grad_overflow`` to ``check`` in ``config`` when bf16 is enabled there and the
+    config does not choose it already."""
+    bf16 = config.get("bf16")
+    if isinstance(bf16, dict) and bf16.get("enabled"):
+        bf16.setdefault("check_grad_overflow", check)
 
 
 def sanitize_cuda_arch_list() -> None:
@@ -346,7 +403,7 @@ _ENTRIES: list[tuple[str, type, str, dict[str, Any]]] = [
     ("lit_fsdp_offload", GPTFSDPStrategy, _FSDP + " with parameters and optimizer state in CPU memory",
      {"sharding_strategy": "FULL_SHARD", "cpu_offload": True}),
     ("lit_deepspeed_zero1", GPTDeepSpeedStrategy, _ZERO.format(1), {"stage": 1}),
-    ("lit_deepspeed_zero2", GPTDeepSpeedStrategy, _ZERO.format(2), {"stage": 2}),
+    ("lit_deepspeed_zero2", GPTDeepSpeedStrategy, _ZERO.format(2), {"stage": 2, "overlap_comm": False}),
     ("lit_deepspeed_zero3", GPTDeepSpeedStrategy, _ZERO.format(3), {"stage": 3}),
     ("lit_deepspeed_zero3_offload", GPTDeepSpeedStrategy, _ZERO.format(3) + ", parameters and optimizer on the CPU",
      {"stage": 3, "offload_optimizer": True, "offload_parameters": True}),

@@ -317,3 +317,49 @@ def test_lit_ddp_keeps_a_compiled_model_in_one_graph(corpus, tmp_path, monkeypat
     assert one_graph == alone >= 1
     assert split > one_graph
     assert dynamo_config.optimize_ddp == before
+
+
+def test_fsdp_rate_limits_all_gathers_only_for_models_large_for_the_gpu(monkeypatch):
+    from types import SimpleNamespace
+
+    from pytorch_lightning.strategies import FSDPStrategy
+    from torch.distributed.fsdp import MixedPrecision
+
+    gib = 2**30
+    assert not strategies.needs_all_gather_limit(124_000_000 * 2, 80 * gib)  # GPT-2 124M in bf16: 0.3 % of 80 GB
+    assert not strategies.needs_all_gather_limit(1_558_000_000 * 2, 80 * gib)  # GPT-2 XL: 3.6 %
+    assert strategies.needs_all_gather_limit(6_700_000_000 * 2, 80 * gib)  # 6.7B: 16 %
+    assert "limit_all_gathers" not in GPTFSDPStrategy().kwargs  # decided when the model is wrapped
+    assert GPTFSDPStrategy(limit_all_gathers=True).kwargs["limit_all_gathers"] is True
+
+    monkeypatch.setattr(FSDPStrategy, "_setup_model", lambda self, model: model)  # no process group on the CPU
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: SimpleNamespace(total_memory=80 * gib))
+
+    def decided(config: GPTConfig, **kwargs) -> bool:
+        strategy = GPTFSDPStrategy(parallel_devices=[torch.device("cuda", 0)],
+                                   mixed_precision=MixedPrecision(param_dtype=torch.bfloat16), **kwargs)
+        with torch.device("meta"):
+            strategy._setup_model(GPTModel(config))
+        return strategy.kwargs["limit_all_gathers"]
+
+    small = GPTConfig(vocab_size=50257, context_length=1024, emb_dim=768, n_heads=12, n_layers=12)
+    large = small.replace(emb_dim=4096, n_heads=32, n_layers=32)  # 6.6B parameters, 13 GB in bf16
+    assert decided(small) is False and decided(large) is True
+    assert decided(small, limit_all_gathers=True) is True  # a choice in the config is kept
+
+
+def test_deepspeed_presets_skip_deepspeeds_bf16_overflow_check_unless_the_config_asks():
+    import inspect
+
+    assert inspect.signature(strategies.GPTDeepSpeedStrategy.__init__).parameters["check_grad_overflow"].default \
+        is False
+    assert StrategyRegistry["lit_deepspeed_zero2"]["init_params"]["overlap_comm"] is False
+    config = {"bf16": {"enabled": True}}
+    strategies.set_bf16_overflow_check(config, False)
+    assert config == {"bf16": {"enabled": True, "check_grad_overflow": False}}
+    asked = {"bf16": {"enabled": True, "check_grad_overflow": True}}  # a DeepSpeed config that chooses
+    strategies.set_bf16_overflow_check(asked, False)
+    assert asked["bf16"]["check_grad_overflow"] is True
+    fp32 = {"zero_optimization": {"stage": 2}}
+    strategies.set_bf16_overflow_check(fp32, False)
+    assert fp32 == {"zero_optimization": {"stage": 2}}

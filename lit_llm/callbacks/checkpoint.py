@@ -313,6 +313,15 @@ class Checkpoint(ModelCheckpoint):
         else:
             super().on_exception(trainer, pl_module, exception)
 
+    def _save_checkpoint(self, trainer: pl.Trainer, filepath: str) -> None:
+        # Every save (periodic, last, on SIGTERM, on an exception) comes through here on every rank: a guard that
+        # knows of a non-finite step already applied (DeepSpeed) stops the run before its weights are written.
+        for callback in trainer.callbacks:
+            check = getattr(callback, "check_before_save", None)
+            if callable(check):
+                check(trainer)
+        super()._save_checkpoint(trainer, filepath)
+
     def _save_for_requeue(self, trainer: pl.Trainer) -> None:
         self._saved_for_requeue = True
         if self._last_global_step_saved == trainer.global_step and self._last_checkpoint_saved:

@@ -35,8 +35,15 @@ class NonFiniteGuard(pl.Callback):
     waits for the others. With a ``16-mixed`` gradient scaler an infinite gradient is the scaler's business (it
     skips the step and lowers the scale), so only the loss is checked then.
 
-    Cost per optimizer step: one norm over the gradients (the same work as clipping), one all-reduce of a 2-element
-    tensor under DDP, and one device-to-host copy of 4 numbers: a single GPU synchronisation.
+    Under DeepSpeed the engine holds the gradients, so only the loss is checked before the step; the step's gradient
+    norm is the engine's, known once it has applied the step. lit_llm turns DeepSpeed's own bf16 overflow check off
+    (``GPTDeepSpeedStrategy.check_grad_overflow``: it waits for the GPU at every step), so a non-finite gradient
+    with a finite loss would reach the weights. The guard keeps that norm's verdict on the GPU and raises
+    :class:`~lit_llm.errors.NonFiniteLossError` at the next step's check, or before ``Checkpoint`` saves anything,
+    whichever comes first, whatever the policy: nothing computed from that step is saved.
+
+    Cost per optimizer step: one norm over the gradients (the same work as clipping), one all-reduce of a 3-element
+    tensor under DDP, and one device-to-host copy of 6 numbers: a single GPU synchronisation.
     """
 
     def __init__(self, policy: Literal["stop", "skip"] = "stop", max_consecutive_skips: int = 10) -> None:
@@ -55,6 +62,11 @@ class NonFiniteGuard(pl.Callback):
         self.skipped_steps = 0
         self.consecutive_skips = 0
         self._losses: list[torch.Tensor] = []
+        self._stepping = False
+        #: Under DeepSpeed: whether a step the engine already applied had a non-finite gradient norm (a GPU tensor,
+        #: not yet read), and the last such step.
+        self._applied_bad: torch.Tensor | None = None
+        self._applied_step = 0
 
     # ---- collecting the loss -----------------------------------------------------------------------------------
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -77,12 +89,19 @@ class NonFiniteGuard(pl.Callback):
         else:
             grad_norm = torch.tensor(0.0, device=device)
             grad_bad = torch.tensor(False, device=device)
-        local = torch.stack([loss_bad, grad_bad]).to(device=device, dtype=torch.float32)
+        applied = self._applied_bad if self._applied_bad is not None else torch.tensor(False, device=device)
+        self._applied_bad = None
+        local = torch.stack([loss_bad, grad_bad, applied.to(device)]).to(device=device, dtype=torch.float32)
         total = trainer.strategy.reduce(local.clone(), reduce_op="sum")
-        loss_bad_here, grad_bad_here, loss_bad_any, grad_bad_any = torch.cat([local, total]).tolist()  # one sync
+        (loss_bad_here, grad_bad_here, _, loss_bad_any, grad_bad_any,
+         applied_bad_any) = torch.cat([local, total]).tolist()  # one sync
+        if applied_bad_any:
+            raise self._applied_fault(trainer)
+        self._stepping = True
         if not (loss_bad_any or grad_bad_any):
             self.consecutive_skips = 0
             return
+        self._stepping = False
         step, rank = trainer.global_step, trainer.global_rank
         scale = getattr(trainer, "accumulate_grad_batches", 1)  # on_before_backward sees the loss / accumulation
         if loss_bad_here:
@@ -116,6 +135,37 @@ class NonFiniteGuard(pl.Callback):
             "policy: skip to drop such steps."
         )
 
+    # ---- DeepSpeed: the gradient norm of the step its engine applied ---------------------------------------------
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        stepped, self._stepping = self._stepping, False
+        if not stepped:
+            return
+        norm = _engine_grad_norm(trainer.strategy)
+        if norm is None:
+            return
+        bad = ~torch.isfinite(torch.as_tensor(norm, dtype=torch.float32, device=pl_module.device))
+        self._applied_bad = bad if self._applied_bad is None else self._applied_bad | bad
+        self._applied_step = trainer.global_step - 1  # global_step has already counted the step
+
+    def check_before_save(self, trainer: pl.Trainer) -> None:
+        """Raise :class:`~lit_llm.errors.NonFiniteLossError` if a step DeepSpeed's engine applied since the last check
+        had a non-finite gradient norm on any rank (``Checkpoint`` calls this, on every rank, before it saves)."""
+        if self._applied_bad is None:
+            return
+        bad, self._applied_bad = self._applied_bad, None
+        if trainer.strategy.reduce(bad.float().reshape(1), reduce_op="sum").item():
+            raise self._applied_fault(trainer)
+
+    def _applied_fault(self, trainer: pl.Trainer) -> NonFiniteLossError:
+        return NonFiniteLossError(
+            f"non-finite gradient norm at optimizer step {self._applied_step} (rank {trainer.global_rank} of "
+            f"{trainer.world_size} or another), which DeepSpeed's engine applied: the weights are not finite from "
+            f"that step on, and nothing was saved after it. Last good checkpoint: {last_good_checkpoint(trainer)}. "
+            "Resume from it with a lower learning rate or more warmup, or set trainer.strategy.check_grad_overflow="
+            "true (with class_path: lit_llm.strategies.GPTDeepSpeedStrategy) so that DeepSpeed skips such steps."
+        )
+
     # ---- checkpointed state ------------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
         return {"skipped_steps": self.skipped_steps, "consecutive_skips": self.consecutive_skips}
@@ -137,6 +187,13 @@ def last_good_checkpoint(trainer: pl.Trainer) -> str:
     if not found:
         return "none saved yet"
     return max(found, key=os.path.getmtime)
+
+
+def _engine_grad_norm(strategy: Any) -> Any:
+    """The global gradient norm DeepSpeed's engine computed for its last step (a tensor or a number), or ``None``
+    for other strategies and when the engine computed none (no clipping)."""
+    get = getattr(getattr(strategy, "deepspeed_engine", None), "get_global_grad_norm", None)
+    return get() if callable(get) else None
 
 
 def _local(grad: torch.Tensor) -> torch.Tensor:

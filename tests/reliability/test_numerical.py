@@ -282,3 +282,44 @@ def test_ddp_fault_on_one_rank(policy, corpus, tmp_path):
         done = dict(re.findall(r"RANK(\d) DONE (step=6 sched=5 sum=[-\d.e]+)", out))
         assert sorted(done) == ["0", "1"], out
         assert done["0"] == done["1"]  # both finished 6 steps, 5 scheduler steps, and agree on the weights
+
+
+class FakeEngine:
+    """Stands in for DeepSpeed's engine on a CPU run: its ``get_global_grad_norm`` (the norm of the step it has just
+    applied) is infinite for the given optimizer steps."""
+
+    def __init__(self, trainer: pl.Trainer, bad_steps: set[int]) -> None:
+        self.trainer, self.bad_steps, self.calls = trainer, bad_steps, 0
+
+    def get_global_grad_norm(self) -> torch.Tensor:
+        self.calls += 1
+        applied = self.trainer.global_step - 1
+        return torch.tensor(float("inf") if applied in self.bad_steps else 1.0)
+
+
+@pytest.mark.parametrize("bad_step, newest", [(3, 2), (4, 4)])
+def test_a_non_finite_step_deepspeed_applied_stops_before_anything_is_saved(corpus, tmp_path, in_repo_root, bad_step,
+                                                                             newest):
+    """Under DeepSpeed the engine applies the step before its gradient norm is known (lit_llm turns its bf16 overflow
+    check off). A non-finite norm then stops the run at the next save (step 3: the save after it, at step 4) or the
+    next step's check (step 4), and no checkpoint holds weights from that step on."""
+    c = build(corpus, tmp_path, "--trainer.max_steps=10", f"--trainer.callbacks+={GUARD}")
+    engine = FakeEngine(c.trainer, {bad_step})
+    c.trainer.strategy.deepspeed_engine = engine
+    with pytest.raises(NonFiniteLossError) as info:
+        fit(c)
+    message = str(info.value)
+    assert f"non-finite gradient norm at optimizer step {bad_step}" in message and "DeepSpeed" in message
+    assert str(tmp_path / "last.ckpt") in message and "check_grad_overflow=true" in message
+    saved = sorted(p.name for p in tmp_path.glob("step=*.ckpt"))
+    assert saved == [f"step={s:06d}.ckpt" for s in range(2, newest + 1, 2)]
+    assert torch.load(tmp_path / "last.ckpt", weights_only=True)["global_step"] == newest
+    assert engine.calls == bad_step + 1  # read once per applied step, without waiting for the GPU there
+
+
+def test_finite_steps_deepspeed_applied_train_on(corpus, tmp_path, in_repo_root):
+    c = build(corpus, tmp_path, "--trainer.max_steps=5", f"--trainer.callbacks+={GUARD}")
+    engine = FakeEngine(c.trainer, set())
+    c.trainer.strategy.deepspeed_engine = engine
+    fit(c)
+    assert c.trainer.global_step == 5 and engine.calls == 5
