@@ -145,8 +145,7 @@ def sharded_cells(gpus: int = 4) -> list[Cell]:
     ``overlap_comm`` on) and with its gradients not gathered into contiguous buffers, ZeRO-2 with the guard's
     per-step check, and ZeRO-2 and FSDP profiled on every rank (without Python stacks, which would slow the host
     they measure)."""
-    fsdp2 = "lit_llm.strategies.GPTFSDP2Strategy"
-    ddp = "lit_llm.strategies.GPTDDPStrategy"
+    fsdp = "lit_llm.strategies.GPTFSDPStrategy"
     ds = "lit_llm.strategies.GPTDeepSpeedStrategy"
     n = max(2, min(gpus, 4))
 
@@ -154,7 +153,6 @@ def sharded_cells(gpus: int = 4) -> list[Cell]:
         return Cell(name.format(n=n), "gpt2-124m", devices, strategy, batch=32, window=20, windows=3, compile=True,
                     extra=list(extra), profile=profile, profile_stack=False)
 
-    fsdp = "lit_llm.strategies.GPTFSDPStrategy"
     return [
         replace(c("1 GPU", None, devices=1), alone=True),
         c("FSDP x{n}", "lit_fsdp"),

@@ -325,8 +325,9 @@ class GPTDeepSpeedStrategy(_AtomicDirectorySave, DeepSpeedStrategy):
         Args:
             check_grad_overflow: Under bf16, DeepSpeed's check of every gradient for inf/NaN before each optimizer step
                 (a step with one is skipped): one small kernel per gradient tensor, an all-reduce and a wait for the
-                GPU at every step. ``false`` leaves non-finite values to lit_llm's ``NonFiniteGuard``, which sees
-                them in the loss. Ignored when the DeepSpeed config sets ``bf16.check_grad_overflow`` itself.
+                GPU at every step. ``false`` leaves non-finite values to lit_llm's ``NonFiniteGuard``, which checks
+                the loss before the step and the engine's gradient norm after it, and stops the run before anything
+                from such a step is saved. Ignored when the DeepSpeed config sets ``bf16.check_grad_overflow``.
             **kwargs: Lightning's ``DeepSpeedStrategy`` arguments (``stage``, ``offload_optimizer``, ``config``, ...).
         """
         self.check_grad_overflow = check_grad_overflow

@@ -91,17 +91,16 @@ class NonFiniteGuard(pl.Callback):
             grad_bad = torch.tensor(False, device=device)
         applied = self._applied_bad if self._applied_bad is not None else torch.tensor(False, device=device)
         self._applied_bad = None
-        local = torch.stack([loss_bad, grad_bad, applied.to(device)]).to(device=device, dtype=torch.float32)
+        local = torch.stack([loss_bad, grad_bad, applied]).to(device=device, dtype=torch.float32)
         total = trainer.strategy.reduce(local.clone(), reduce_op="sum")
         (loss_bad_here, grad_bad_here, _, loss_bad_any, grad_bad_any,
          applied_bad_any) = torch.cat([local, total]).tolist()  # one sync
         if applied_bad_any:
             raise self._applied_fault(trainer)
-        self._stepping = True
-        if not (loss_bad_any or grad_bad_any):
+        self._stepping = not (loss_bad_any or grad_bad_any)  # the optimizer applies this step
+        if self._stepping:
             self.consecutive_skips = 0
             return
-        self._stepping = False
         step, rank = trainer.global_step, trainer.global_rank
         scale = getattr(trainer, "accumulate_grad_batches", 1)  # on_before_backward sees the loss / accumulation
         if loss_bad_here:
