@@ -252,9 +252,11 @@ def test_init_weights_under_zero3_is_one_clear_error(tmp_path):
 def test_a_config_naming_the_fsdp_class_gets_lit_llms_defaults_and_takes_fsdp_options(tmp_path, in_repo_root):
     c = cli(["--config", str(QUICK), *TINY, f"--trainer.default_root_dir={tmp_path}",
              "--trainer.strategy=lit_llm.strategies.GPTFSDPStrategy", "--trainer.strategy.forward_prefetch=true",
-             "--trainer.strategy.sharding_strategy=SHARD_GRAD_OP"], run=False)
+             "--trainer.strategy.sharding_strategy=SHARD_GRAD_OP", "--trainer.strategy.limit_all_gathers=false"],
+            run=False)
     strategy = c.trainer.strategy
     assert isinstance(strategy, GPTFSDPStrategy)
+    assert strategy.kwargs["limit_all_gathers"] is False
     assert strategy.sharding_strategy.name == "SHARD_GRAD_OP" and strategy._state_dict_type == "sharded"
     assert strategy.kwargs["forward_prefetch"] is True and strategy.kwargs["use_orig_params"] is True
     assert strategy.kwargs["auto_wrap_policy"]._module_classes == {TransformerBlock}
