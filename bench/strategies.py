@@ -20,8 +20,10 @@ than the machine has run side by side on disjoint GPUs, so one invocation measur
   reference; then one GPU, DDP, ZeRO-2 and FSDP on 4 at the shipped config's micro-batch 64 x 8 accumulated
   (14 cells of about a minute each: split them over invocations with ``--only``).
 - ``diagnose``: where DDP's and ZeRO-2's time goes at batch 32 (``diagnose_cells``), with profiles of every rank.
-- ``sharded``: FSDP and ZeRO-2 presets against their former settings and DDP at batch 32 on the machine's 2 to 4
-  GPUs (``sharded_cells``): what the host-side costs of each strategy take.
+- ``sharded``: FSDP and ZeRO-2 presets against their former settings (FSDP's units per block or one for the whole
+  model), and DDP against Lightning's per-batch SIGTERM broadcast, a bf16 all-reduce and the compiled graph split at
+  the buckets, at batch 32 on the machine's 2 to 4 GPUs (``sharded_cells``): what the host-side costs of each
+  strategy take.
 - ``allreduce``: NCCL all-reduce of gpt2-124m's gradients on 2 and on all GPUs, float32 and bf16, one tensor and
   25 MB buckets: the communication that DDP adds to a step when nothing of it overlaps the backward.
 - ``memory``: gpt2-1558m, seq 1024, batch 8 per GPU, eager: peak memory per GPU under each strategy on 2 GPUs.
@@ -147,6 +149,7 @@ def sharded_cells(gpus: int = 4) -> list[Cell]:
     they measure)."""
     fsdp = "lit_llm.strategies.GPTFSDPStrategy"
     ds = "lit_llm.strategies.GPTDeepSpeedStrategy"
+    ddp = "lit_llm.strategies.GPTDDPStrategy"
     n = max(2, min(gpus, 4))
 
     def c(name: str, strategy: str | None, *extra: str, profile: bool = False, devices: int = n) -> Cell:
@@ -156,13 +159,21 @@ def sharded_cells(gpus: int = 4) -> list[Cell]:
     return [
         replace(c("1 GPU", None, devices=1), alone=True),
         c("FSDP x{n}", "lit_fsdp"),
-        c("FSDP x{n} all-gathers rate-limited", fsdp, "--trainer.strategy.limit_all_gathers=true"),
+        c("FSDP x{n} one unit per block", fsdp, "--trainer.strategy.units=block"),
+        c("FSDP x{n} the whole model one unit", fsdp, "--trainer.strategy.units=model"),
+        c("FSDP x{n} one unit per block, all-gathers rate-limited", fsdp, "--trainer.strategy.units=block",
+          "--trainer.strategy.limit_all_gathers=true"),
         c("ZeRO-2 x{n}", "lit_deepspeed_zero2"),
         c("ZeRO-2 x{n} DeepSpeed's defaults", ds, "--trainer.strategy.stage=2",
           "--trainer.strategy.check_grad_overflow=true", "--trainer.strategy.overlap_comm=true"),
         c("ZeRO-2 x{n} gradients not contiguous", ds, "--trainer.strategy.stage=2",
           "--trainer.strategy.overlap_comm=false", "--trainer.strategy.contiguous_gradients=false"),
         c("DDP x{n}", "lit_ddp"),
+        c("DDP x{n} with Lightning's per-batch SIGTERM check", "lit_ddp",
+          "--trainer.callbacks+=bench.throughput.LightningStopCheck"),
+        c("DDP x{n} bf16 gradient all-reduce", ddp,
+          "--trainer.strategy.ddp_comm_hook=torch.distributed.algorithms.ddp_comm_hooks.default_hooks.bf16_compress_hook"),
+        c("DDP x{n} compiled graph split at buckets", ddp, "--trainer.strategy.split_compiled_graph=true"),
         c("ZeRO-2 x{n} with NonFiniteGuard", "lit_deepspeed_zero2",
           "--trainer.callbacks+=lit_llm.callbacks.NonFiniteGuard"),
         c("ZeRO-2 x{n} profiled", "lit_deepspeed_zero2", profile=True),
@@ -409,7 +420,12 @@ def main(argv: list[str] | None = None) -> None:
         futures = []
         for cell in cells:  # submitted in order; a cell starts as soon as its GPUs are free
             futures.append(ex.submit(run_cell, cell, args, pool, pool.ticket()))
-        results = [f.result() for f in futures]
+        results = []
+        for future in futures:  # the JSON so far after each cell, so that a run cut short keeps what it measured
+            results.append(future.result())
+            if args.json:
+                partial = {"mode": args.mode, **meta, "results": results, "partial": True}
+                Path(args.json).write_text(json.dumps(partial, indent=2) + "\n", encoding="utf-8")
     add_scaling(results)
     out = {"mode": args.mode, **meta, "results": results}
     if args.json:

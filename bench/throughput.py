@@ -313,6 +313,67 @@ class ProfileWindow(pl.Callback):
             self.prof, self.stop_at = None, float("inf")
 
 
+class HostSyncs(pl.Callback):
+    """A Lightning callback (``--trainer.callbacks+=bench.throughput.HostSyncs``) that lists every place where the
+    host waits for the GPU during ``steps`` training batches from batch ``start``: PyTorch's CUDA sync debug mode
+    warns at each such operation (``.item()``, a copy to or from pageable memory, ...), and this records the Python
+    stack of each warning. Writes ``folder/host_syncs.rank<N>.json`` (count, message and stack of each place, most
+    frequent first). A GPU training loop that lets the host run ahead has none."""
+
+    def __init__(self, folder: str, start: int = 16, steps: int = 2) -> None:
+        self.folder, self.start, self.steps = Path(folder), start, steps
+        self.counts: dict[tuple[str, tuple[str, ...]], int] = {}
+        self._show: Any = None
+
+    def _record(self, message: Any, category: Any, filename: str, lineno: int, file: Any = None,
+                line: Any = None) -> None:
+        text = str(message)
+        if "synchronizing" not in text:
+            return self._show(message, category, filename, lineno, file, line)
+        import traceback
+
+        stack = tuple(f"{f.filename}:{f.lineno} {f.name}: {f.line}" for f in traceback.extract_stack()[-18:-2])
+        key = (text.split("\n")[0][:120], stack)
+        self.counts[key] = self.counts.get(key, 0) + 1
+        return None
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
+                             batch_idx: int) -> None:
+        import warnings
+
+        if batch_idx == self.start and pl_module.device.type == "cuda":
+            torch.cuda.synchronize(pl_module.device)
+            self._show = warnings.showwarning
+            warnings.simplefilter("always")
+            warnings.showwarning = self._record
+            torch.cuda.set_sync_debug_mode("warn")
+        elif batch_idx == self.start + self.steps and self._show is not None:
+            torch.cuda.set_sync_debug_mode(0)
+            warnings.showwarning, self._show = self._show, None
+            self.write(trainer.global_rank)
+
+    def write(self, rank: int) -> Path:
+        rows = [{"count": n, "message": m, "stack": list(s)}
+                for (m, s), n in sorted(self.counts.items(), key=lambda kv: -kv[1])]
+        self.folder.mkdir(parents=True, exist_ok=True)
+        path = self.folder / f"host_syncs.rank{rank}.json"
+        path.write_text(json.dumps({"batches": self.steps, "waits": sum(r["count"] for r in rows), "places": rows},
+                                   indent=1), encoding="utf-8")
+        print(f"HOST SYNCS rank {rank}: {sum(r['count'] for r in rows)} waits over {self.steps} batches -> {path}",
+              flush=True)
+        return path
+
+
+class LightningStopCheck(pl.Callback):
+    """A Lightning callback (``--trainer.callbacks+=bench.throughput.LightningStopCheck``) that puts back Lightning's
+    own per-batch SIGTERM broadcast, which reads its result at once (a wait for the GPU at every batch), in place of
+    lit_llm's :class:`~lit_llm.callbacks.signals.StopAgreement`: to measure what that wait costs."""
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        loop = trainer.fit_loop.epoch_loop
+        loop._broadcast_sigterm_tensor = type(loop)._broadcast_sigterm_tensor.__get__(loop)
+
+
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)

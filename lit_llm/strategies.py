@@ -4,7 +4,7 @@ Importing this module (``lit_llm.train`` does) registers, in Lightning's ``Strat
 
 ================================  =====================================================================================
 ``lit_ddp``                       DDP, gradients reduced in place in the buckets; a compiled model kept in one graph
-``lit_fsdp``                      FSDP full shard, one unit per ``TransformerBlock``, sharded checkpoints
+``lit_fsdp``                      FSDP full shard, a unit per ``TransformerBlock`` (one for a small model)
 ``lit_fsdp2``                     FSDP2 (PyTorch's ``fully_shard``): each ``TransformerBlock``, then the GPT; DTensors
 ``lit_fsdp_hybrid``               FSDP sharded within a node, replicated across nodes (multi-node)
 ``lit_fsdp_offload``              ``lit_fsdp`` with parameters, gradients and optimizer state kept in CPU memory
@@ -17,7 +17,8 @@ Importing this module (``lit_llm.train`` does) registers, in Lightning's ``Strat
 Why lit_llm's own classes rather than Lightning's ``fsdp`` / ``deepspeed_stage_N`` names:
 
 - **FSDP** wraps each ``TransformerBlock`` as a unit and nothing else, so the token embedding, the final norm and
-  the head (tied to the embedding when ``tie_weights``) stay together in the root unit. The model is built on the
+  the head (tied to the embedding when ``tie_weights``) stay together in the root unit; a model that takes at most
+  2 % of the GPU is one unit instead (``fits_one_unit``), gathered once per step. The model is built on the
   meta device and materialised shard by shard (``reset_parameters`` re-runs lit_llm's initialisation), so a model
   larger than one GPU's memory never exists whole. Checkpoints are sharded directories (every rank writes its part;
   ``python -m lit_llm.convert consolidate`` makes one file of them). All-gathers are rate-limited only for models
@@ -29,7 +30,9 @@ Why lit_llm's own classes rather than Lightning's ``fsdp`` / ``deepspeed_stage_N
   DeepSpeed's op builder cannot parse an architecture suffix in ``TORCH_CUDA_ARCH_LIST`` (``9.0a``); it is removed
   for the run, with a log line. ``model.gradient_clip`` is passed to DeepSpeed, which clips inside its engine.
   DeepSpeed's bf16 overflow check (a wait for the GPU at every step) is off; ``NonFiniteGuard`` stops a run whose
-  engine applied a non-finite step before anything from it is saved. ZeRO-2 runs without ``overlap_comm``.
+  engine applied a non-finite step before anything from it is saved. ZeRO-2 runs without ``overlap_comm``. The
+  ZeRO-1/2 step's remaining reads back to the host are replaced by the same arithmetic on the GPU
+  (``make_zero_step_sync_free``).
 - **Both** write directory checkpoints atomically: into ``<name>.tmp`` first, renamed once every rank has finished, so
   a run killed during a save leaves the previous checkpoint whole. Both refuse to run on the CPU with one error.
 
@@ -44,6 +47,7 @@ import importlib.util
 import os
 import re
 import shutil
+import types
 from datetime import timedelta
 from pathlib import Path
 from typing import Any, Literal
@@ -211,19 +215,39 @@ def needs_all_gather_limit(model_bytes: int, device_bytes: int) -> bool:
     return model_bytes > ALL_GATHER_LIMIT_SHARE * device_bytes
 
 
+#: Under ``lit_fsdp``, the whole model is one FSDP unit (``units: null``) while it takes at most this share of one GPU's
+#: memory in the compute dtype.
+ONE_UNIT_SHARE = 0.02
+
+
+def fits_one_unit(model_bytes: int, device_bytes: int) -> bool:
+    """Whether FSDP should wrap a model of ``model_bytes`` (its parameters in the dtype they are gathered in) as a
+    single unit on a GPU of ``device_bytes``.
+
+    One unit is gathered once per step and its gradients reduce-scattered once, with the compiled GPT in one graph,
+    where a unit per block costs host work for every block at every step (hooks, graph breaks between the compiled
+    blocks, a collective each): for GPT-2 124M on 2 H200s, 89.5 % of one GPU's tokens/s per GPU against 80.4 %
+    (docs/benchmarks.md). What it costs is memory: the whole model and its gradient unsharded at once, at most
+    ``2 * ONE_UNIT_SHARE`` of the GPU, where a unit per block holds about one block's worth.
+    """
+    return model_bytes <= ONE_UNIT_SHARE * device_bytes
+
+
 class GPTFSDPStrategy(_AtomicDirectorySave, FSDPStrategy):
-    """Lightning's ``FSDPStrategy`` with lit_llm's defaults: a unit per ``TransformerBlock``, sharded checkpoints
-    saved atomically, ``use_orig_params`` (required by ``torch.compile`` and by per-parameter weight decay), and
-    all-gathers rate-limited only for models large enough for prefetching to run the GPU out of memory."""
+    """Lightning's ``FSDPStrategy`` with lit_llm's defaults: a unit per ``TransformerBlock`` (the whole model one unit
+    when it is small next to the GPU), sharded checkpoints saved atomically, ``use_orig_params`` (required by
+    ``torch.compile`` and by per-parameter weight decay), and all-gathers rate-limited only for models large enough
+    for prefetching to run the GPU out of memory."""
 
     strategy_name = "lit_fsdp"
 
     def __init__(self, auto_wrap_policy: Any = None, state_dict_type: Literal["full", "sharded"] = "sharded",
                  use_orig_params: bool = True, forward_prefetch: bool = False, limit_all_gathers: bool | None = None,
-                 **kwargs: Any) -> None:
+                 units: Literal["block", "model"] | None = None, **kwargs: Any) -> None:
         """
         Args:
-            auto_wrap_policy: What becomes an FSDP unit; default (``None``): each ``TransformerBlock``.
+            auto_wrap_policy: What becomes an FSDP unit, as PyTorch's FSDP takes it (a set of module classes or a
+                policy); overrides ``units``. Default (``None``): as ``units`` says.
             state_dict_type: ``sharded`` (every rank writes its part; ``convert consolidate`` makes one file) or
                 ``full`` (rank 0 gathers the whole model and optimizer into one file at every save).
             use_orig_params: Keep the model's own parameters visible (``torch.compile`` and per-parameter weight
@@ -234,30 +258,61 @@ class GPTFSDPStrategy(_AtomicDirectorySave, FSDPStrategy):
                 running ahead cannot run the GPU out of memory with gathered weights. ``null`` (default): only when
                 the whole model in the compute dtype takes more than 5 % of the GPU's memory
                 (``needs_all_gather_limit``); below that the limit only costs speed.
+            units: ``block``: one FSDP unit per ``TransformerBlock`` (the root unit keeps the embeddings, the final
+                norm and the head), so at most a few blocks are gathered at a time. ``model``: the whole model is one
+                unit, gathered once per step and its gradients reduce-scattered once, with the compiled GPT in one
+                graph; the most memory (the whole model in the compute dtype, gathered) for the least work per step.
+                ``null`` (default): ``model`` when the whole model in the compute dtype takes at most 2 % of the GPU's
+                memory (``fits_one_unit``: GPT-2 124M to 774M on an H200), ``block`` above that and under hybrid
+                sharding (``lit_fsdp_hybrid``).
             **kwargs: Lightning's ``FSDPStrategy`` arguments (``sharding_strategy``, ``cpu_offload``, ...).
 
         Written out here so that a config naming the class (``class_path: lit_llm.strategies.GPTFSDPStrategy``) gets
         these defaults too, not Lightning's.
         """
+        if auto_wrap_policy is not None and units is not None:
+            raise ConfigError(f"trainer.strategy.units={units!r} and trainer.strategy.auto_wrap_policy both say what "
+                              "becomes an FSDP unit; set one of them")
         if limit_all_gathers is not None:
             kwargs["limit_all_gathers"] = limit_all_gathers
-        super().__init__(auto_wrap_policy=auto_wrap_policy or {TransformerBlock}, state_dict_type=state_dict_type,
+        #: What the run wraps as units, once decided: ``block``, ``model`` or ``policy`` (``auto_wrap_policy`` given).
+        self.units_chosen: str | None = "policy" if auto_wrap_policy is not None else None
+        if "HYBRID" in str(kwargs.get("sharding_strategy", "")).upper() and auto_wrap_policy is None:
+            # Lightning's hybrid sharding wants its wrap policy up front; multi-node runs are for large models.
+            if units == "model":
+                raise ConfigError("trainer.strategy.units='model' cannot be combined with hybrid sharding (Lightning "
+                                  "needs a unit per block there): leave units unset or set it to 'block'")
+            auto_wrap_policy, self.units_chosen = {TransformerBlock}, "block"
+        super().__init__(auto_wrap_policy=auto_wrap_policy, state_dict_type=state_dict_type,
                          use_orig_params=use_orig_params, forward_prefetch=forward_prefetch, **kwargs)
+        self.units = units
 
     def setup_environment(self) -> None:
         _refuse_cpu(self, "FSDP")
         super().setup_environment()
 
     def _setup_model(self, model: torch.nn.Module) -> torch.nn.Module:
-        if "limit_all_gathers" not in self.kwargs:
+        decide_units = self.units_chosen is None
+        if "limit_all_gathers" not in self.kwargs or decide_units:
             dtype = getattr(self.mixed_precision_config, "param_dtype", None) or torch.float32
             model_bytes = sum(p.numel() for p in model.parameters()) * dtype.itemsize
             device_bytes = torch.cuda.get_device_properties(self.root_device).total_memory
-            limit = needs_all_gather_limit(model_bytes, device_bytes)
-            self.kwargs["limit_all_gathers"] = limit
-            rank_zero_info(f"FSDP: all-gathers {'rate-limited' if limit else 'not rate-limited'} (the model's "
-                           f"{model_bytes / 2**30:.2f} GiB in {str(dtype).removeprefix('torch.')} against "
-                           f"{ALL_GATHER_LIMIT_SHARE:.0%} of the GPU's {device_bytes / 2**30:.0f} GiB)")
+            large = needs_all_gather_limit(model_bytes, device_bytes)
+            size = (f"the model's {model_bytes / 2**30:.2f} GiB in {str(dtype).removeprefix('torch.')}, "
+                    f"{model_bytes / device_bytes:.1%} of the GPU's {device_bytes / 2**30:.0f} GiB")
+            if decide_units:
+                self.units_chosen = self.units or ("model" if fits_one_unit(model_bytes, device_bytes) else "block")
+                if self.units_chosen == "block":
+                    from torch.distributed.fsdp.wrap import ModuleWrapPolicy
+
+                    self.kwargs["auto_wrap_policy"] = ModuleWrapPolicy({TransformerBlock})
+                how = "one unit per TransformerBlock" if self.units_chosen == "block" else "the whole model as one unit"
+                why = "trainer.strategy.units" if self.units else f"{size}; one unit up to {ONE_UNIT_SHARE:.0%}"
+                rank_zero_info(f"FSDP: {how} ({why})")
+            if "limit_all_gathers" not in self.kwargs:
+                self.kwargs["limit_all_gathers"] = large
+                rank_zero_info(f"FSDP: all-gathers {'rate-limited' if large else 'not rate-limited'} ({size}; "
+                               f"rate-limited above {ALL_GATHER_LIMIT_SHARE:.0%})")
         return super()._setup_model(model)
 
     def save_checkpoint(self, checkpoint: dict, filepath: Any, storage_options: Any | None = None) -> None:
@@ -356,6 +411,8 @@ class GPTDeepSpeedStrategy(_AtomicDirectorySave, DeepSpeedStrategy):
             # lit_llm's configure_gradient_clipping only serves the other strategies; the warning would mislead here.
             warnings.filterwarnings("ignore", message=r".*configure_gradient_clipping.*")
             super().setup(trainer)
+        if make_zero_step_sync_free(getattr(self.deepspeed_engine, "optimizer", None)):
+            rank_zero_info("DeepSpeed ZeRO: gradient norm and clipping run without waiting for the GPU")
 
     def _format_config(self) -> None:
         super()._format_config()  # Lightning adds the precision section ({"bf16": {"enabled": true}}) here
@@ -368,6 +425,51 @@ class GPTDeepSpeedStrategy(_AtomicDirectorySave, DeepSpeedStrategy):
     def offloads_optimizer(self) -> bool:
         zero = self.config.get("zero_optimization", {}) if isinstance(self.config, dict) else {}
         return bool(zero.get("offload_optimizer"))
+
+
+def _mask_non_finite_(tensor: torch.Tensor, device: Any = None, val: float = -1.0) -> None:
+    """DeepSpeed's ``mask_nan_or_inf_with_val_inplace`` (inf/NaN become ``val``) with ``val`` as a number: the original
+    copies it to the GPU from pageable memory and fills with a GPU scalar, two waits for the GPU per call."""
+    tensor.masked_fill_(~torch.isfinite(tensor), val)
+
+
+def _unscale_and_clip_grads(self: Any, grad_groups_flat: list, total_norm: Any) -> None:
+    """``DeepSpeedZeroOptimizer.unscale_and_clip_grads`` (DeepSpeed 0.19) kept on the GPU: the same scale,
+    ``1 / (loss_scale * max(1, (norm / loss_scale + 1e-6) / clip))``, with a non-finite or negative (DeepSpeed's
+    marker for non-finite) norm taken as infinite, without the original's ``bool`` of that test, a wait for the GPU."""
+    if not torch.is_tensor(total_norm):
+        return type(self).unscale_and_clip_grads(self, grad_groups_flat, total_norm)
+    if self.clip_grad == 0.0 and self.loss_scale == 1.0:
+        return None
+    scale: Any = self.loss_scale
+    if self.clip_grad > 0.0:
+        norm = total_norm.float()
+        norm = torch.where(torch.isfinite(norm) & (norm >= 0), norm, torch.full_like(norm, float("inf")))
+        scale = torch.clamp((norm / self.loss_scale + 1e-6) / self.clip_grad, min=1.0) * self.loss_scale
+    for grad in grad_groups_flat:
+        for part in grad if isinstance(grad, list) else [grad]:
+            part.data.mul_(1.0 / scale)
+    return None
+
+
+def make_zero_step_sync_free(optimizer: Any) -> bool:
+    """Take the host's waits for the GPU out of the optimizer step of DeepSpeed's ZeRO stage 1/2 optimizer (with
+    ``check_grad_overflow`` off, the remaining ones: two per parameter group in its gradient-norm masking, one in its
+    clipping). The arithmetic is DeepSpeed 0.19's; only where a number is read back to the host changes. Returns
+    whether ``optimizer`` is one (nothing is changed otherwise, e.g. for ZeRO stage 3 or another DeepSpeed layout)."""
+    try:
+        from deepspeed.runtime.zero import stage_1_and_2
+    except ImportError:
+        return False
+    zero_optimizer = getattr(stage_1_and_2, "DeepSpeedZeroOptimizer", None)
+    if zero_optimizer is None or not isinstance(optimizer, zero_optimizer):
+        return False
+    if not callable(getattr(zero_optimizer, "unscale_and_clip_grads", None)):
+        return False
+    if callable(getattr(stage_1_and_2, "mask_nan_or_inf_with_val_inplace", None)):
+        stage_1_and_2.mask_nan_or_inf_with_val_inplace = _mask_non_finite_
+    optimizer.unscale_and_clip_grads = types.MethodType(_unscale_and_clip_grads, optimizer)
+    return True
 
 
 def set_bf16_overflow_check(config: dict[str, Any], check: bool) -> None:
@@ -391,7 +493,7 @@ def sanitize_cuda_arch_list() -> None:
                        "parse architecture suffixes")
 
 
-_FSDP = "FSDP, one unit per TransformerBlock, sharded checkpoints"
+_FSDP = "FSDP, a unit per TransformerBlock (one for a model under 2 % of the GPU), sharded checkpoints"
 _ZERO = "DeepSpeed ZeRO stage {}, lazily imported"
 #: (name, class, description, init arguments) of each strategy this module registers, in the order of the table above.
 _ENTRIES: list[tuple[str, type, str, dict[str, Any]]] = [

@@ -186,3 +186,41 @@ def test_gpu_pool_serves_cells_in_submission_order():
         t.join()
     assert [name for name, _ in started] == [name for name, _ in jobs]
     assert started[0][1] == [0, 1, 2, 3] and sorted(g for _, gs in started[1:5] for g in gs) == [0, 1, 2, 3]
+
+
+def test_host_syncs_groups_the_waits_by_place_and_passes_other_warnings_on(tmp_path, capsys):
+    import warnings
+
+    syncs = _throughput().HostSyncs(str(tmp_path / "syncs"), start=0, steps=2)
+    shown = []
+    syncs._show = lambda *args: shown.append(str(args[0]))
+
+    def wait_here():
+        syncs._record(UserWarning("called a synchronizing CUDA operation"), UserWarning, "x.py", 1)
+
+    for _ in range(3):
+        wait_here()
+    syncs._record(UserWarning("called a synchronizing CUDA operation"), UserWarning, "x.py", 1)  # another place
+    syncs._record(UserWarning("Synchronization debug mode is a prototype feature"), UserWarning, "x.py", 1)
+    assert shown == ["Synchronization debug mode is a prototype feature"]  # not a wait: shown as usual
+    report = json.loads(syncs.write(rank=0).read_text())
+    assert report["waits"] == 4 and [p["count"] for p in report["places"]] == [3, 1]
+    assert any("wait_here" in frame for frame in report["places"][0]["stack"])
+    assert "HOST SYNCS rank 0: 4 waits over 2 batches" in capsys.readouterr().out
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # on the CPU the callback stays out of the way
+        syncs.on_train_batch_start(None, type("M", (), {"device": __import__("torch").device("cpu")})(), None, 0)
+    assert syncs._show is not None and syncs._show.__name__ == "<lambda>"
+
+
+def test_lightning_stop_check_puts_lightnings_own_broadcast_back(tmp_path):
+    import pytorch_lightning as pl
+
+    from lit_llm.callbacks.signals import StopAgreement
+
+    trainer = pl.Trainer(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False)
+    agreement = StopAgreement.install(trainer)
+    loop = trainer.fit_loop.epoch_loop
+    assert loop._broadcast_sigterm_tensor == agreement.check_at_batch_start
+    _throughput().LightningStopCheck().on_fit_start(trainer, None)
+    assert loop._broadcast_sigterm_tensor.__func__ is type(loop)._broadcast_sigterm_tensor

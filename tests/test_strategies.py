@@ -31,8 +31,8 @@ def test_every_name_is_registered_with_its_settings():
     fsdp = StrategyRegistry["lit_fsdp"]
     assert fsdp["strategy"] is GPTFSDPStrategy
     strategy = GPTFSDPStrategy(**fsdp["init_params"])
-    # One unit per block and nothing else, so the embedding, final norm and (tied) head share the root unit.
-    assert strategy.kwargs["auto_wrap_policy"]._module_classes == {TransformerBlock}
+    # What becomes a unit is decided when the model is wrapped (test_fsdp_units_and_all_gather_limit_follow_...).
+    assert strategy.units is None and "auto_wrap_policy" not in strategy.kwargs
     assert strategy.kwargs["use_orig_params"] is True and strategy._state_dict_type == "sharded"
     assert StrategyRegistry["lit_fsdp_hybrid"]["init_params"]["sharding_strategy"] == "HYBRID_SHARD"
     assert StrategyRegistry["lit_fsdp_offload"]["init_params"]["cpu_offload"] is True
@@ -252,14 +252,15 @@ def test_init_weights_under_zero3_is_one_clear_error(tmp_path):
 def test_a_config_naming_the_fsdp_class_gets_lit_llms_defaults_and_takes_fsdp_options(tmp_path, in_repo_root):
     c = cli(["--config", str(QUICK), *TINY, f"--trainer.default_root_dir={tmp_path}",
              "--trainer.strategy=lit_llm.strategies.GPTFSDPStrategy", "--trainer.strategy.forward_prefetch=true",
-             "--trainer.strategy.sharding_strategy=SHARD_GRAD_OP", "--trainer.strategy.limit_all_gathers=false"],
+             "--trainer.strategy.sharding_strategy=SHARD_GRAD_OP", "--trainer.strategy.limit_all_gathers=false",
+             "--trainer.strategy.units=block"],
             run=False)
     strategy = c.trainer.strategy
     assert isinstance(strategy, GPTFSDPStrategy)
-    assert strategy.kwargs["limit_all_gathers"] is False
+    assert strategy.kwargs["limit_all_gathers"] is False and strategy.units == "block"
     assert strategy.sharding_strategy.name == "SHARD_GRAD_OP" and strategy._state_dict_type == "sharded"
     assert strategy.kwargs["forward_prefetch"] is True and strategy.kwargs["use_orig_params"] is True
-    assert strategy.kwargs["auto_wrap_policy"]._module_classes == {TransformerBlock}
+    assert "auto_wrap_policy" not in strategy.kwargs  # units=block sets it when the model is wrapped
 
 
 def test_ddp_static_graph_with_accumulation_is_one_clear_error(corpus, tmp_path, in_repo_root):
@@ -321,7 +322,7 @@ def test_lit_ddp_keeps_a_compiled_model_in_one_graph(corpus, tmp_path, monkeypat
     assert dynamo_config.optimize_ddp == before
 
 
-def test_fsdp_rate_limits_all_gathers_only_for_models_large_for_the_gpu(monkeypatch):
+def test_fsdp_units_and_all_gather_limit_follow_the_models_share_of_the_gpu(monkeypatch):
     from types import SimpleNamespace
 
     from pytorch_lightning.strategies import FSDPStrategy
@@ -331,23 +332,41 @@ def test_fsdp_rate_limits_all_gathers_only_for_models_large_for_the_gpu(monkeypa
     assert not strategies.needs_all_gather_limit(124_000_000 * 2, 80 * gib)  # GPT-2 124M in bf16: 0.3 % of 80 GB
     assert not strategies.needs_all_gather_limit(1_558_000_000 * 2, 80 * gib)  # GPT-2 XL: 3.6 %
     assert strategies.needs_all_gather_limit(6_700_000_000 * 2, 80 * gib)  # 6.7B: 16 %
+    assert strategies.fits_one_unit(124_000_000 * 2, 80 * gib)  # 0.3 %: one unit
+    assert strategies.fits_one_unit(774_000_000 * 2, 141 * gib)  # GPT-2 large on an H200: 1.0 %
+    assert not strategies.fits_one_unit(1_558_000_000 * 2, 141 * gib)  # GPT-2 XL on an H200: 2.1 %, a unit per block
     assert "limit_all_gathers" not in GPTFSDPStrategy().kwargs  # decided when the model is wrapped
     assert GPTFSDPStrategy(limit_all_gathers=True).kwargs["limit_all_gathers"] is True
 
     monkeypatch.setattr(FSDPStrategy, "_setup_model", lambda self, model: model)  # no process group on the CPU
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: SimpleNamespace(total_memory=80 * gib))
 
-    def decided(config: GPTConfig, **kwargs) -> bool:
+    def decided(config: GPTConfig, **kwargs) -> tuple[bool, str, object]:
         strategy = GPTFSDPStrategy(parallel_devices=[torch.device("cuda", 0)],
                                    mixed_precision=MixedPrecision(param_dtype=torch.bfloat16), **kwargs)
         with torch.device("meta"):
             strategy._setup_model(GPTModel(config))
-        return strategy.kwargs["limit_all_gathers"]
+        policy = strategy.kwargs.get("auto_wrap_policy")
+        return strategy.kwargs["limit_all_gathers"], strategy.units_chosen, getattr(policy, "_module_classes", policy)
 
     small = GPTConfig(vocab_size=50257, context_length=1024, emb_dim=768, n_heads=12, n_layers=12)
     large = small.replace(emb_dim=4096, n_heads=32, n_layers=32)  # 6.6B parameters, 13 GB in bf16
-    assert decided(small) is False and decided(large) is True
-    assert decided(small, limit_all_gathers=True) is True  # a choice in the config is kept
+    # Small: the whole model one unit (no policy: FSDP wraps only the root), all-gathers not rate-limited.
+    assert decided(small) == (False, "model", None)
+    # Large: one unit per block (the embeddings, final norm and tied head share the root unit), rate-limited.
+    assert decided(large) == (True, "block", {TransformerBlock})
+    assert decided(small, limit_all_gathers=True)[0] is True  # a choice in the config is kept
+    assert decided(small, units="block") == (False, "block", {TransformerBlock})
+    assert decided(large, units="model") == (True, "model", None)
+    policy = {torch.nn.Linear}
+    assert decided(small, auto_wrap_policy=policy)[1:] == ("policy", policy)
+    with pytest.raises(ConfigError, match=r"units='block' and trainer.strategy.auto_wrap_policy both say"):
+        GPTFSDPStrategy(units="block", auto_wrap_policy={TransformerBlock})
+    # Hybrid sharding (several nodes): a unit per block whatever the size, as Lightning needs the policy up front.
+    hybrid = GPTFSDPStrategy(**StrategyRegistry["lit_fsdp_hybrid"]["init_params"])
+    assert hybrid.units_chosen == "block" and hybrid.kwargs["auto_wrap_policy"]._module_classes == {TransformerBlock}
+    with pytest.raises(ConfigError, match=r"units='model' cannot be combined with hybrid sharding"):
+        GPTFSDPStrategy(sharding_strategy="HYBRID_SHARD", units="model")
 
 
 def test_deepspeed_presets_skip_deepspeeds_bf16_overflow_check_unless_the_config_asks():
@@ -365,3 +384,50 @@ def test_deepspeed_presets_skip_deepspeeds_bf16_overflow_check_unless_the_config
     fp32 = {"zero_optimization": {"stage": 2}}
     strategies.set_bf16_overflow_check(fp32, False)
     assert fp32 == {"zero_optimization": {"stage": 2}}
+
+
+def _clip_case(norm: float, clip: float = 1.0, loss_scale: float = 1.0):
+    from types import SimpleNamespace
+
+    fake = SimpleNamespace(clip_grad=clip, loss_scale=loss_scale, device=torch.device("cpu"))
+    grads = [torch.full((4,), 2.0), [torch.full((3,), -1.0), torch.full((2,), 0.5)]]
+    return fake, grads, torch.tensor(norm)
+
+
+@pytest.mark.parametrize("norm", [0.5, 1.0, 8.0, float("inf"), float("nan"), -1.0])
+def test_zero_clipping_kept_on_the_gpu_scales_gradients_as_deepspeed_does(norm):
+    """The sync-free clipping: 1 / max(1, (norm + 1e-6) / clip); a non-finite or negative norm zeroes the step."""
+    fake, grads, total = _clip_case(norm)
+    strategies._unscale_and_clip_grads(fake, grads, total)
+    factor = 0.0 if not (norm == norm and 0 <= norm < float("inf")) else 1.0 / max(1.0, (norm + 1e-6) / 1.0)
+    assert torch.allclose(grads[0], torch.full((4,), 2.0 * factor))
+    assert torch.allclose(grads[1][0], torch.full((3,), -1.0 * factor))
+    assert torch.allclose(grads[1][1], torch.full((2,), 0.5 * factor))
+
+    no_clip = _clip_case(norm, clip=0.0)
+    strategies._unscale_and_clip_grads(*no_clip)
+    assert torch.equal(no_clip[1][0], torch.full((4,), 2.0))  # no clipping, no loss scale: untouched
+
+
+def test_zero_step_without_host_waits_matches_deepspeeds_own():
+    """Against DeepSpeed's own clipping and norm masking (where DeepSpeed is installed): the same numbers."""
+    stage_1_and_2 = pytest.importorskip("deepspeed.runtime.zero.stage_1_and_2")
+    from deepspeed.runtime.utils import mask_nan_or_inf_with_val_inplace
+
+    for norm in (0.5, 8.0, float("inf"), float("nan"), -1.0):
+        for loss_scale in (1.0, 4.0):
+            ours, theirs = _clip_case(norm, loss_scale=loss_scale), _clip_case(norm, loss_scale=loss_scale)
+            strategies._unscale_and_clip_grads(*ours)
+            stage_1_and_2.DeepSpeedZeroOptimizer.unscale_and_clip_grads(*theirs)
+            for a, b in zip((ours[1][0], *ours[1][1]), (theirs[1][0], *theirs[1][1])):
+                torch.testing.assert_close(a, b, equal_nan=True)
+        mine, original = torch.tensor([norm, 2.0]), torch.tensor([norm, 2.0])
+        strategies._mask_non_finite_(mine)
+        mask_nan_or_inf_with_val_inplace(original, device="cpu")
+        assert torch.equal(mine, original)
+
+    optimizer = object.__new__(stage_1_and_2.DeepSpeedZeroOptimizer)  # not set up: only its methods are swapped
+    assert strategies.make_zero_step_sync_free(optimizer)
+    assert optimizer.unscale_and_clip_grads.__func__ is strategies._unscale_and_clip_grads
+    assert stage_1_and_2.mask_nan_or_inf_with_val_inplace is strategies._mask_non_finite_
+    assert not strategies.make_zero_step_sync_free(object())

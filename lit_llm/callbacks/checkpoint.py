@@ -235,6 +235,7 @@ class Checkpoint(ModelCheckpoint):
             quiet = False
         self._resuming_last = False
         self._in_batch = self._mid_step = self._validation_save_pending = self._saved_for_requeue = False
+        self._sigterm.setup(trainer)
         strategy = trainer.strategy
         if type(strategy.checkpoint_io) is TorchCheckpointIO:
             strategy.checkpoint_io = AtomicCheckpointIO()

@@ -12,6 +12,7 @@ import torch
 from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
 
+from lit_llm.callbacks.signals import StopAgreement
 from lit_llm.config import GPTConfig
 from lit_llm.errors import ConfigError
 from lit_llm.float8 import Float8Recipe, check_float8_device, convert_to_float8, recipe_problem
@@ -464,6 +465,12 @@ class GPTTask(pl.LightningModule):
         """
         self.log(name, torch.tensor(float(value), dtype=torch.float32), on_step=True, on_epoch=False,
                  prog_bar=prog_bar)
+
+    def setup(self, stage: str) -> None:
+        # Under several processes, Lightning's per-batch SIGTERM check makes the CPU wait for the GPU at every step;
+        # StopAgreement makes the same agreement without that wait (lit_llm/callbacks/signals.py).
+        if self._trainer is not None:
+            StopAgreement.install(self._trainer)
 
     def on_fit_start(self) -> None:
         # A trainer.validate() or test() before fit() leaves the metrics' states as inference tensors (they were reset

@@ -106,6 +106,7 @@ class InstructModule(GPTTask):
     # ---- setup -------------------------------------------------------------------------------------------------
     def setup(self, stage: str) -> None:
         """Take the prompt template from the data module, so the checkpoint records what the model was taught."""
+        super().setup(stage)
         datamodule = self._datamodule()
         data_template = getattr(datamodule, "prompt_template", None)
         own = self.hparams.get("prompt_template")

@@ -78,10 +78,11 @@ class SaveLog(pl.Callback):
 # ---- faults -------------------------------------------------------------------------------------------------------
 class SigtermAt(pl.Callback):
     """Send SIGTERM to this process at the end of a training batch after optimizer step ``step``; with ``mid_step``,
-    at the first batch after it that is accumulated without a step (between the micro-batches of step ``step + 1``)."""
+    at the first batch after it that is accumulated without a step (between the micro-batches of step ``step + 1``).
+    With ``rank``, only that rank sends it (to itself)."""
 
-    def __init__(self, step: int, mid_step: bool = False) -> None:
-        self.step, self.mid_step, self.sent = step, mid_step, False
+    def __init__(self, step: int, mid_step: bool = False, rank: int | None = None) -> None:
+        self.step, self.mid_step, self.rank, self.sent = step, mid_step, rank, False
         self._step_at_start = -1
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
@@ -89,6 +90,8 @@ class SigtermAt(pl.Callback):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         stepped = trainer.global_step != self._step_at_start
+        if self.rank is not None and trainer.global_rank != self.rank:
+            return
         if not self.sent and trainer.global_step == self.step and stepped != self.mid_step:
             self.sent = True
             print(f"SIGTERM sent at step {trainer.global_step} batch {batch_idx}", flush=True)

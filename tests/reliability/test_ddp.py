@@ -1,5 +1,6 @@
 """Two training processes (DDP over gloo on the CPU), started by ``python -m lit_llm.train`` with ``devices: 2``:
-exact stop/resume on both ranks, a rank that dies or hangs ends the whole job, too little data for the ranks."""
+exact stop/resume on both ranks, SIGTERM on one rank stops both at the same step, a rank that dies or hangs ends the
+whole job, too little data for the ranks."""
 
 from __future__ import annotations
 
@@ -10,6 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 from faults import fit_args, losses_by_batch, read_losses, same_tree, train, training_state
+
+from lit_llm.callbacks.signals import REQUEUE_EXIT_CODE
 
 pytestmark = [pytest.mark.slow, pytest.mark.distributed]  # each launch starts two processes (~15-30 s)
 
@@ -43,6 +46,38 @@ def test_ddp_resume_is_exact_on_both_ranks(corpus, tmp_path):
     # The ranks saw different data (sharded), so the equalities above are two separate checks.
     assert losses_by_batch(read_losses(ref / "log", 0)) != losses_by_batch(read_losses(ref / "log", 1))
     assert same_tree(training_state(run / "last.ckpt"), training_state(ref / "last.ckpt"))
+
+
+@pytest.mark.parametrize("signalled", [0, 1])
+def test_sigterm_on_one_rank_stops_both_at_the_same_step(signalled, corpus, tmp_path):
+    """SIGTERM reaches one rank only, between the two micro-batches of step 6 (rank 0 passes it on to the rank it
+    launched; rank 1 tells no one). The next batch start's exchange carries it to both ranks, which finish the optimizer
+    step, save last.ckpt once and exit with the requeue code; resumed, the run ends as the uninterrupted one.
+    """
+    sigterm = {"class_path": "faults.SigtermAt", "init_args": {"step": 5, "mid_step": True, "rank": signalled}}
+    accumulate = "--trainer.accumulate_grad_batches=2"
+    proc = train(fit_args(tmp_path, corpus, 12, [log(tmp_path / "first"), sigterm], *DDP, accumulate), timeout=400)
+    out = proc.stdout + proc.stderr
+    assert "SIGTERM sent at step 5 batch" in out
+    assert proc.returncode == REQUEUE_EXIT_CODE, out
+    ends = [read_losses(tmp_path / "first", rank)[-1] for rank in (0, 1)]
+    stopped = ends[0]["step"]
+    assert ends[1]["step"] == stopped and ends[0]["batch_idx"] == ends[1]["batch_idx"]
+    # The batch start after the signal carries it; the ranks read it at the end of that optimizer step, step 6.
+    assert stopped == 6
+    assert f"SIGTERM: stopping after optimizer step {stopped}; saved {tmp_path / 'last.ckpt'}" in out
+    assert torch.load(tmp_path / "last.ckpt", weights_only=True)["global_step"] == stopped
+
+    ref = tmp_path / "reference"
+    for root, extra in ((ref, []), (tmp_path, ["--ckpt_path=auto"])):
+        proc = train(fit_args(root, corpus, 12, [log(root / "log")], *DDP, accumulate, *extra), timeout=400)
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+    for rank in (0, 1):
+        expected = losses_by_batch(read_losses(ref / "log", rank))
+        resumed = losses_by_batch(read_losses(tmp_path / "log", rank))
+        assert sorted(resumed) == sorted(set(expected) - set(losses_by_batch(read_losses(tmp_path / "first", rank))))
+        assert all(resumed[key] == expected[key] for key in resumed)
+    assert same_tree(training_state(tmp_path / "last.ckpt"), training_state(ref / "last.ckpt"))
 
 
 def _gone(pid: int) -> bool:
