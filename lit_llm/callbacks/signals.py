@@ -103,7 +103,7 @@ class StopAgreement:
 
     @property
     def received(self) -> bool:
-        """Whether this rank has received SIGTERM (Lightning's flag, or held back by :class:`SigtermStop`)."""
+        """Whether this rank has received SIGTERM (Lightning's flag, or :attr:`held`)."""
         return self.held or bool(getattr(self.trainer._signal_connector, "received_sigterm", False))
 
     def resolve(self) -> bool:
@@ -123,11 +123,11 @@ class StopAgreement:
         if self._flag is None:
             self._flag = torch.zeros(1, device=device)  # a fill on the GPU: no host-to-device copy
             self._host = torch.zeros(1, pin_memory=device.type == "cuda")
+            self._event = torch.cuda.Event() if device.type == "cuda" else None
         self._flag.fill_(float(self.received))
         dist.all_reduce(self._flag, op=dist.ReduceOp.MAX)
-        self._host.copy_(self._flag, non_blocking=True)
-        if device.type == "cuda":
-            self._event = torch.cuda.Event()
+        self._host.copy_(self._flag, non_blocking=True)  # the last copy was read (resolve) before this one
+        if self._event is not None:
             self._event.record()
         self._pending = True
         return self.agreed
