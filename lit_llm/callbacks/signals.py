@@ -104,7 +104,8 @@ class StopAgreement:
     @property
     def received(self) -> bool:
         """Whether this rank has received SIGTERM (Lightning's flag, or :attr:`held`)."""
-        return self.held or bool(getattr(self.trainer._signal_connector, "received_sigterm", False))
+        connector = getattr(self.trainer, "_signal_connector", None)
+        return self.held or bool(getattr(connector, "received_sigterm", False))
 
     def resolve(self) -> bool:
         """Read the result of the last exchange launched (if not read yet) into :attr:`agreed`, and return it. Waits
@@ -166,12 +167,21 @@ class SigtermStop:
     """
 
     def __init__(self) -> None:
-        self._held = False  # a SIGTERM held back until the optimizer step completes (when no agreement is installed)
+        self._fallback: StopAgreement | None = None  # holds the flag where no agreement could be installed
 
     @staticmethod
     def _connector(trainer: pl.Trainer) -> object | None:
         connector = getattr(trainer, "_signal_connector", None)
         return connector if hasattr(connector, "received_sigterm") else None
+
+    def _agreement(self, trainer: pl.Trainer) -> tuple[StopAgreement, bool]:
+        """The trainer's installed agreement (and ``True``), or one that only holds this rank's flag (and ``False``)."""
+        installed = StopAgreement.of(trainer)
+        if installed is not None:
+            return installed, True
+        if self._fallback is None or self._fallback.trainer is not trainer:
+            self._fallback = StopAgreement(trainer)
+        return self._fallback, False
 
     def setup(self, trainer: pl.Trainer) -> None:
         """Install the trainer's :class:`StopAgreement` and let it leave the stop to this (after the save)."""
@@ -184,39 +194,29 @@ class SigtermStop:
         several processes, before every rank agrees)."""
         connector = self._connector(trainer)
         if connector is not None and connector.received_sigterm:
-            agreement = StopAgreement.of(trainer)
-            if agreement is not None:
-                agreement.held = True
-            else:
-                self._held = True
+            self._agreement(trainer)[0].held = True
             connector.received_sigterm = False
 
     def requested(self, trainer: pl.Trainer) -> bool:
         """At a step boundary: whether the run should save and stop now."""
-        connector = self._connector(trainer)
-        agreement = StopAgreement.of(trainer)
+        agreement, installed = self._agreement(trainer)
         distributed = trainer.world_size > 1 and dist.is_available() and dist.is_initialized()
-        if distributed and agreement is not None:
+        if distributed and installed:
             # The exchange launched at this batch's start: its wait is for the GPU work of the batches before.
             if agreement.resolve():
                 return True
             self.hold(trainer)  # this rank's SIGTERM, if any, goes out with the next batch start's exchange
             return False
-        local = self._held or bool(agreement is not None and agreement.held) or bool(
-            connector is not None and connector.received_sigterm)
         if distributed:
             # No agreement installed (a Lightning release without the pieces it replaces): a blocking all-reduce.
-            flag = torch.tensor([float(local)], device=trainer.strategy.root_device)
+            flag = torch.tensor([float(agreement.received)], device=trainer.strategy.root_device)
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)
             return bool(flag.item())
-        return local
+        return agreement.received
 
     def stop(self, trainer: pl.Trainer) -> None:
         """Let Lightning stop at the end of this batch (it raises ``SIGTERMException`` on every rank)."""
-        self._held = False
-        agreement = StopAgreement.of(trainer)
-        if agreement is not None:
-            agreement.held = False
+        self._agreement(trainer)[0].held = False
         connector = self._connector(trainer)
         if connector is not None:
             connector.received_sigterm = True

@@ -82,3 +82,17 @@ def test_sigterm_stop_holds_a_local_signal_until_the_ranks_agree(group):
     assert stop.requested(trainer) is True
     stop.stop(trainer)
     assert trainer._signal_connector.received_sigterm and not agreement.held
+
+
+def test_sigterm_stop_holds_the_flag_itself_where_no_agreement_is_installed():
+    trainer = fake_trainer(world_size=1)  # no _lit_llm_stop_agreement: a Lightning release without the pieces
+    stop = SigtermStop()
+    assert stop.requested(trainer) is False
+    trainer._signal_connector.received_sigterm = True  # SIGTERM between two micro-batches
+    stop.hold(trainer)
+    assert not trainer._signal_connector.received_sigterm  # Lightning goes on to the end of the step
+    assert stop.requested(trainer) is True
+    stop.stop(trainer)
+    assert trainer._signal_connector.received_sigterm and stop.requested(trainer) is True
+    stop.hold(trainer)  # the stop's flag, held back once more, is still a request
+    assert stop.requested(trainer) is True
