@@ -324,6 +324,7 @@ class HostSyncs(pl.Callback):
         self.folder, self.start, self.steps = Path(folder), start, steps
         self.counts: dict[tuple[str, tuple[str, ...]], int] = {}
         self._show: Any = None
+        self._filters: Any = None
 
     def _record(self, message: Any, category: Any, filename: str, lineno: int, file: Any = None,
                 line: Any = None) -> None:
@@ -343,13 +344,14 @@ class HostSyncs(pl.Callback):
 
         if batch_idx == self.start and pl_module.device.type == "cuda":
             torch.cuda.synchronize(pl_module.device)
-            self._show = warnings.showwarning
+            self._show, self._filters = warnings.showwarning, list(warnings.filters)
             warnings.simplefilter("always")
             warnings.showwarning = self._record
             torch.cuda.set_sync_debug_mode("warn")
         elif batch_idx == self.start + self.steps and self._show is not None:
             torch.cuda.set_sync_debug_mode(0)
             warnings.showwarning, self._show = self._show, None
+            warnings.filters[:] = self._filters  # the run's own warning filters again
             self.write(trainer.global_rank)
 
     def write(self, rank: int) -> Path:
