@@ -10,6 +10,7 @@ than the machine has run side by side on disjoint GPUs, so one invocation measur
     python bench/strategies.py largest --source corpus.txt --tokenizer gpt2_dir/ --json largest.json
     python bench/strategies.py diagnose --source corpus.txt --tokenizer gpt2_dir/ --json diagnose.json
     python bench/strategies.py sharded --source corpus.txt --tokenizer gpt2_dir/ --json sharded.json
+    python bench/strategies.py overlap --source corpus.txt --tokenizer gpt2_dir/ --json overlap.json
     python bench/strategies.py allreduce --json allreduce.json
 
 - ``speed``: gpt2-124m, seq 1024, batch 32 per GPU, bf16-mixed, compiled (not under ZeRO-3): one GPU, DDP on 2 and 4,
@@ -24,6 +25,11 @@ than the machine has run side by side on disjoint GPUs, so one invocation measur
   model), and DDP against Lightning's per-batch SIGTERM broadcast, a bf16 all-reduce and the compiled graph split at
   the buckets, at batch 32 on the machine's 2 to 4 GPUs (``sharded_cells``): what the host-side costs of each
   strategy take.
+- ``overlap``: DDP's all-reduce overlapping the backward (the compiled graph split at buckets of 100 and 200 MB, a
+  static graph, a bf16 all-reduce), ZeRO-2 with ``overlap_comm``, and ``NonFiniteGuard`` reading its verdict a step
+  later against before the step, on one GPU, DDP and ZeRO-2; then each GPU's own speed with all of them busy, DDP
+  profiled on every rank, and NCCL's tree algorithm and an 8-SM limit (``overlap_cells``; 24 cells of about a
+  minute: split them over invocations with ``--only``).
 - ``allreduce``: NCCL all-reduce of gpt2-124m's gradients on 2 and on all GPUs, float32 and bf16, one tensor and
   25 MB buckets: the communication that DDP adds to a step when nothing of it overlaps the backward.
 - ``memory``: gpt2-1558m, seq 1024, batch 8 per GPU, eager: peak memory per GPU under each strategy on 2 GPUs.
@@ -70,6 +76,7 @@ class Cell:
     profile: bool = False  # after the timed windows, record two steps with torch.profiler (every rank)
     profile_stack: bool = True  # record Python stacks too (names the host code in idle gaps; slows the host)
     alone: bool = False  # hold every GPU of the machine while it runs, so nothing runs beside it
+    env: dict[str, str] = field(default_factory=dict)  # set for the cell's processes (NCCL's tuning variables)
 
 
 def speed_cells() -> list[Cell]:
@@ -181,6 +188,56 @@ def sharded_cells(gpus: int = 4) -> list[Cell]:
     ]
 
 
+def overlap_cells(gpus: int = 4) -> list[Cell]:
+    """DDP with its compiled graph split at the gradient buckets (each bucket's all-reduce overlapping the rest of the
+    backward) at several bucket sizes, with a static graph and with a bf16 all-reduce; ZeRO-2 with ``overlap_comm``;
+    ``NonFiniteGuard`` reading its verdict a step later (its default for ``policy: stop`` on a GPU) against before the
+    step; each GPU's own speed with the others busy, DDP profiled, and NCCL's tuning variables; at batch 32 on the
+    machine's 2 to 4 GPUs, after a one-GPU reference alone."""
+    ddp = "lit_llm.strategies.GPTDDPStrategy"
+    ds = "lit_llm.strategies.GPTDeepSpeedStrategy"
+    guard = "--trainer.callbacks+=lit_llm.callbacks.NonFiniteGuard"
+    guard_before = ("--trainer.callbacks+={'class_path': 'lit_llm.callbacks.NonFiniteGuard', "
+                    "'init_args': {'check_before_step': true}}")
+    split = "--trainer.strategy.split_compiled_graph=true"
+    n = max(2, min(gpus, 4))
+
+    def c(name: str, strategy: str | None, *extra: str, devices: int = n, **kw: Any) -> Cell:
+        return Cell(name.format(n=n), "gpt2-124m", devices, strategy, batch=32, window=20, windows=3, compile=True,
+                    extra=list(extra), **kw)
+
+    def buckets(mb: int) -> str:
+        return f"--trainer.strategy.bucket_cap_mb={mb}"
+
+    return [
+        replace(c("1 GPU", None, devices=1), alone=True),
+        c("DDP x{n}", "lit_ddp"),
+        c("DDP x{n} split, 100 MB buckets", ddp, split, buckets(100)),
+        c("DDP x{n} split, 100 MB buckets, static graph", ddp, split, buckets(100),
+          "--trainer.strategy.static_graph=true"),
+        c("DDP x{n} split, 200 MB buckets", ddp, split, buckets(200)),
+        c("DDP x{n} split, 100 MB buckets, bf16 all-reduce", ddp, split, buckets(100),
+          "--trainer.strategy.ddp_comm_hook=torch.distributed.algorithms.ddp_comm_hooks.default_hooks.bf16_compress_hook"),
+        c("ZeRO-2 x{n}", "lit_deepspeed_zero2"),
+        c("ZeRO-2 x{n} overlap_comm", ds, "--trainer.strategy.stage=2", "--trainer.strategy.overlap_comm=true"),
+        c("ZeRO-2 x{n} with NonFiniteGuard", "lit_deepspeed_zero2", guard),
+        c("ZeRO-2 x{n} with NonFiniteGuard read before the step", "lit_deepspeed_zero2", guard_before),
+        c("DDP x{n} with NonFiniteGuard", "lit_ddp", guard),
+        c("DDP x{n} with NonFiniteGuard read before the step", "lit_ddp", guard_before),
+        replace(c("1 GPU with NonFiniteGuard", None, guard, devices=1), alone=True),
+        replace(c("1 GPU with NonFiniteGuard read before the step", None, guard_before, devices=1), alone=True),
+        c("ZeRO-1 x{n}", "lit_deepspeed_zero1"),
+        # Where the rest of DDP's step goes: each GPU's own speed with all four busy (the slowest paces DDP), every
+        # rank's trace without Python stacks (time inside NCCL on the fast ranks is waiting for the slow one), and
+        # NCCL's algorithm and its share of the GPU's SMs.
+        *(c("1 GPU, four at once", None, devices=1) for _ in range(n)),
+        c("DDP x{n} profiled", "lit_ddp", profile=True, profile_stack=False),
+        c("DDP x{n} NCCL tree all-reduce", "lit_ddp", env={"NCCL_ALGO": "Tree"}),
+        c("DDP x{n} NCCL at most 8 SMs", "lit_ddp", env={"NCCL_MAX_CTAS": "8"}),
+        c("DDP x{n} split, 100 MB buckets, NCCL at most 8 SMs", ddp, split, buckets(100), env={"NCCL_MAX_CTAS": "8"}),
+    ]
+
+
 def memory_cells() -> list[Cell]:
     def c(name: str, devices: int, strategy: str | None) -> Cell:
         return Cell(name, "gpt2-1558m", devices, strategy, batch=8, window=3, windows=1)
@@ -274,7 +331,7 @@ def run_cell(cell: Cell, args: argparse.Namespace, pool: GPUPool, ticket: int) -
     gpus = held[: cell.devices]
     root = Path(args.root) / f"{args.mode}-{cell.name.replace(' ', '_')}-{int(time.time())}-{next(_RUN_IDS)}"
     cmd = command(cell, args, root)
-    env = {**__import__("os").environ, "CUDA_VISIBLE_DEVICES": ",".join(map(str, gpus))}
+    env = {**__import__("os").environ, **cell.env, "CUDA_VISIBLE_DEVICES": ",".join(map(str, gpus))}
     t0 = time.perf_counter()
     try:
         proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=args.cell_timeout)
@@ -386,7 +443,8 @@ def allreduce_bench(model: str, devices: int, bucket_mb: int = 25, iters: int = 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("mode", choices=["speed", "tune", "diagnose", "sharded", "memory", "largest", "allreduce"])
+    parser.add_argument("mode", choices=["speed", "tune", "diagnose", "sharded", "overlap", "memory", "largest",
+                                         "allreduce"])
     parser.add_argument("--source", help="corpus file (plain text); every mode but allreduce needs it")
     parser.add_argument("--tokenizer", default="gpt2", help="tokenizer directory or Hub name")
     parser.add_argument("--root", default="/tmp/lit_llm_bench_strategies")
@@ -411,7 +469,8 @@ def main(argv: list[str] | None = None) -> None:
     if not args.source:
         parser.error(f"{args.mode} needs --source (a corpus file)")
     cells = {"speed": speed_cells, "tune": tune_cells, "diagnose": diagnose_cells,
-             "sharded": lambda: sharded_cells(n), "memory": memory_cells, "largest": largest_cells}[args.mode]()
+             "sharded": lambda: sharded_cells(n), "overlap": lambda: overlap_cells(n), "memory": memory_cells,
+             "largest": largest_cells}[args.mode]()
     if args.only:
         cells = [c for c in cells if c.name in args.only]
     cells = [c for c in cells if c.devices <= n]

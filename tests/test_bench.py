@@ -224,3 +224,27 @@ def test_lightning_stop_check_puts_lightnings_own_broadcast_back(tmp_path):
     assert loop._broadcast_sigterm_tensor == agreement.check_at_batch_start
     _throughput().LightningStopCheck().on_fit_start(trainer, None)
     assert loop._broadcast_sigterm_tensor.__func__ is type(loop)._broadcast_sigterm_tensor
+
+
+def test_every_overlap_cell_parses_through_the_cli(tmp_path, capsys):
+    """Each distinct set of options of ``bench/strategies.py overlap`` is a config ``python -m lit_llm.train fit``
+    accepts (parsed and printed, not run), and the guard's options reach it."""
+    import pytest
+
+    from lit_llm.train import cli
+
+    bench = _bench("strategies")
+    args = bench.argparse.Namespace(source="corpus.txt", tokenizer="gpt2_dir")
+    cells = {tuple(c.extra): c for c in bench.overlap_cells(4)}  # one cell per distinct set of options
+    for i, cell in enumerate(cells.values()):
+        cmd = bench.command(cell, args, tmp_path / str(i))
+        with pytest.raises(SystemExit) as done:
+            cli(cmd[3:] + ["--print_config"])
+        assert done.value.code in (0, None), cell.name
+        printed = capsys.readouterr().out
+        if "read before the step" in cell.name:
+            assert "check_before_step: true" in printed, cell.name
+        elif "NonFiniteGuard" in cell.name:
+            assert "lit_llm.callbacks.NonFiniteGuard" in printed and "check_before_step: null" in printed
+    tree = next(c for c in bench.overlap_cells(4) if "tree" in c.name)
+    assert tree.env == {"NCCL_ALGO": "Tree"}

@@ -42,6 +42,8 @@ import torch
 import torch.distributed as dist
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 
+from lit_llm.deferred import DeferredRead
+
 log = logging.getLogger(__name__)
 
 #: Exit status of ``python -m lit_llm.train`` after a SIGTERM stop: ``EX_TEMPFAIL`` (75) of ``sysexits.h``,
@@ -73,9 +75,7 @@ class StopAgreement:
         self.held = False  # this rank's SIGTERM, kept from Lightning's loops until every rank agrees (or the step ends)
         self.deferred = False  # a Checkpoint stops the run at a step boundary once agreed, after saving
         self._flag: torch.Tensor | None = None
-        self._host: torch.Tensor | None = None
-        self._event: Any = None
-        self._pending = False
+        self._result = DeferredRead()
 
     @classmethod
     def of(cls, trainer: pl.Trainer) -> StopAgreement | None:
@@ -110,11 +110,9 @@ class StopAgreement:
     def resolve(self) -> bool:
         """Read the result of the last exchange launched (if not read yet) into :attr:`agreed`, and return it. Waits
         only for the GPU work queued before that launch; every rank must call it at the same batch."""
-        if self._pending:
-            if self._event is not None:
-                self._event.synchronize()
-            self.agreed = self.agreed or bool(self._host[0] > 0)
-            self._pending = False
+        result = self._result.read()
+        if result is not None:
+            self.agreed = self.agreed or bool(result[0] > 0)
         return self.agreed
 
     def exchange(self) -> bool:
@@ -123,14 +121,9 @@ class StopAgreement:
         device = self.trainer.strategy.root_device
         if self._flag is None:
             self._flag = torch.zeros(1, device=device)  # a fill on the GPU: no host-to-device copy
-            self._host = torch.zeros(1, pin_memory=device.type == "cuda")
-            self._event = torch.cuda.Event() if device.type == "cuda" else None
         self._flag.fill_(float(self.received))
         dist.all_reduce(self._flag, op=dist.ReduceOp.MAX)
-        self._host.copy_(self._flag, non_blocking=True)  # the last copy was read (resolve) before this one
-        if self._event is not None:
-            self._event.record()
-        self._pending = True
+        self._result.launch(self._flag)  # the last launch was read (resolve) above
         return self.agreed
 
     def check_at_batch_start(self) -> None:

@@ -98,6 +98,46 @@ class SigtermAt(pl.Callback):
             os.kill(os.getpid(), signal.SIGTERM)
 
 
+class NanLossAt(pl.Callback):
+    """Make the loss of the first micro-batch of optimizer step ``step`` NaN on rank ``rank`` (in place, before its
+    backward, so the gradients are NaN too)."""
+
+    def __init__(self, step: int, rank: int = 0) -> None:
+        self.step, self.rank, self.done = step, rank, False
+
+    def on_before_backward(self, trainer, pl_module, loss) -> None:
+        if not self.done and trainer.global_step == self.step and trainer.global_rank == self.rank:
+            self.done = True
+            print(f"NaN loss on rank {self.rank} at step {self.step}", flush=True)
+            with torch.no_grad():
+                loss.mul_(float("nan"))
+
+
+class InfGradAt(pl.Callback):
+    """Make one gradient entry of the first trainable parameter infinite during optimizer step ``step``'s backward, on
+    every rank, with a tensor hook (so it also reaches gradients that an engine such as DeepSpeed's holds); the loss
+    stays finite."""
+
+    def __init__(self, step: int) -> None:
+        self.step, self._handle = step, None
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if trainer.global_step == self.step and self._handle is None:
+            param = next(p for p in pl_module.parameters() if p.requires_grad)
+
+            def poison(grad: torch.Tensor) -> torch.Tensor:
+                grad = grad.clone()
+                grad.view(-1)[0] = float("inf")
+                return grad
+
+            self._handle = param.register_hook(poison)
+            print(f"inf gradient at step {self.step}", flush=True)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if self._handle is not None and trainer.global_step > self.step:
+            self._handle.remove()
+
+
 class DieAt(pl.Callback):
     """Rank ``rank`` fails at the end of optimizer step ``step``: dies with ``os._exit(1)`` (``how="exit"``) or
     SIGKILL (``"sigkill"``), without any cleanup, or hangs with SIGSTOP (``"hang"``), alive but unresponsive."""

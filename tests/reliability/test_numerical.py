@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import json
 import math
 import re
 from pathlib import Path
@@ -218,11 +219,75 @@ def test_huge_gradient_is_clipped_and_its_norm_logged(corpus, tmp_path, in_repo_
     assert seen["applied"] <= clip * (1 + 1e-4)  # ... and the optimizer saw the clipped gradients
 
 
+LATE_GUARD = '{"class_path": "' + GUARD + '", "init_args": {"check_before_step": false}}'
+
+
+@pytest.mark.parametrize("bad_step, newest", [(5, 4), (6, 6)])
+def test_a_verdict_read_a_step_later_stops_before_anything_after_the_fault_is_saved(corpus, tmp_path, in_repo_root,
+                                                                                    bad_step, newest):
+    """``check_before_step: false`` (the default for ``policy: stop`` on a GPU): the faulty step is applied, and the
+    run stops at the save right after it (step 5: the save at 6) or at the next step's check (step 6), naming the
+    faulty step; no checkpoint holds weights from that step on."""
+    c = build(corpus, tmp_path, "--trainer.max_steps=10", f"--trainer.callbacks+={LATE_GUARD}")
+    nan_loss_at(c, {bad_step})
+    snap = Snapshot(bad_step)
+    with pytest.raises(NonFiniteLossError) as info:
+        fit(c, snap)
+    message = str(info.value)
+    assert f"loss=nan at optimizer step {bad_step} on rank 0 of 1" in message
+    assert "check_before_step: false" in message and f"nothing was saved after step {bad_step - 1}" in message
+    assert str(tmp_path / "last.ckpt") in message
+    assert snap.after is not None  # the step was applied: it is read a step later
+    assert not all(math.isfinite(p.detach().sum().item()) for p in c.model.parameters())
+    saved = sorted(p.name for p in tmp_path.glob("step=*.ckpt"))
+    assert saved == [f"step={s:06d}.ckpt" for s in range(2, newest + 1, 2)]
+    assert torch.load(tmp_path / "last.ckpt", weights_only=True)["global_step"] == newest
+
+
+def test_a_verdict_read_a_step_later_names_a_non_finite_gradient(corpus, tmp_path, in_repo_root):
+    c = build(corpus, tmp_path, "--trainer.max_steps=10", f"--trainer.callbacks+={LATE_GUARD}")
+    with pytest.raises(NonFiniteLossError, match="gradient norm=inf with a finite loss at optimizer step 1 on rank 0"):
+        fit(c, InfGrad(1))
+    assert not list(tmp_path.glob("*.ckpt"))
+
+
+def test_a_fault_in_the_last_step_does_not_end_the_run_quietly(corpus, tmp_path, in_repo_root):
+    """No step and no save follow the last step: its verdict is read when training ends."""
+    c = build(corpus, tmp_path, "--trainer.max_steps=6", "--trainer.enable_checkpointing=false",
+              f"--trainer.callbacks=[{LATE_GUARD}]")
+    nan_loss_at(c, {5})
+    with pytest.raises(NonFiniteLossError, match="loss=nan at optimizer step 5"):
+        c.trainer.fit(c.model, datamodule=c.datamodule)
+    assert c.trainer.global_step == 6
+
+
+def test_finite_steps_with_the_verdict_read_a_step_later_train_as_with_it_read_before(corpus, tmp_path, in_repo_root):
+    weights = []
+    for name, guard in (("before", GUARD), ("late", LATE_GUARD)):
+        c = build(corpus, tmp_path / name, "--trainer.max_steps=4", "--seed_everything=7",
+                  f"--trainer.callbacks+={guard}")
+        fit(c)
+        assert c.trainer.global_step == 4
+        weights.append(c.model.state_dict())
+    assert same_state(*weights)
+
+
+def test_when_the_verdict_is_read():
+    gpu, cpu = (type("M", (), {"device": torch.device(kind)})() for kind in ("cuda", "cpu"))
+    assert NonFiniteGuard().reads_before_step(gpu) is False  # stop on a GPU: a step later, no wait
+    assert NonFiniteGuard().reads_before_step(cpu) is True  # nothing to wait for on the CPU
+    assert NonFiniteGuard(policy="skip").reads_before_step(gpu) is True  # a skip is decided before the step
+    assert NonFiniteGuard(check_before_step=True).reads_before_step(gpu) is True
+    assert NonFiniteGuard(check_before_step=False).reads_before_step(cpu) is False
+
+
 def test_bad_guard_settings_are_config_errors():
     with pytest.raises(ConfigError, match="policy"):
         NonFiniteGuard(policy="ignore")
     with pytest.raises(ConfigError, match="max_consecutive_skips"):
         NonFiniteGuard(max_consecutive_skips=0)
+    with pytest.raises(ConfigError, match="policy='skip' needs check_before_step=true"):
+        NonFiniteGuard(policy="skip", check_before_step=False)
 
 
 DDP_SCRIPT = '''
@@ -232,8 +297,8 @@ sys.path.insert(0, {here!r})
 from test_numerical import build
 from lit_llm.errors import NonFiniteLossError
 
-root, corpus, policy = sys.argv[1:4]
-guard = '{{"class_path": "lit_llm.callbacks.guard.NonFiniteGuard", "init_args": {{"policy": "' + policy + '"}}}}'
+root, corpus, init_args = sys.argv[1:4]
+guard = '{{"class_path": "lit_llm.callbacks.guard.NonFiniteGuard", "init_args": ' + init_args + '}}'
 c = build(corpus, root, "--trainer.max_steps=6", "--trainer.devices=2", "--trainer.strategy=ddp",
           "--trainer.callbacks+=" + guard)
 task = c.model
@@ -259,9 +324,11 @@ print(f"RANK{{c.trainer.global_rank}} DONE step={{c.trainer.global_step}} sched=
 
 @pytest.mark.slow  # ~30 s each: two processes start and import torch
 @pytest.mark.distributed
-@pytest.mark.parametrize("policy", ["stop", "skip"])
+@pytest.mark.parametrize("policy", ["stop", "skip", "stop late"])
 def test_ddp_fault_on_one_rank(policy, corpus, tmp_path):
-    """2 CPU processes (gloo), NaN loss on rank 1 only: both ranks stop (or skip) the same step; nothing hangs."""
+    """2 CPU processes (gloo), NaN loss on rank 1 only: both ranks stop (or skip) the same step; nothing hangs. With
+    ``stop late`` the verdict is read a step later (``check_before_step: false``): both ranks stop at the next
+    step's check, naming step 3."""
     import subprocess
     import sys
 
@@ -269,14 +336,17 @@ def test_ddp_fault_on_one_rank(policy, corpus, tmp_path):
     script.write_text(DDP_SCRIPT.format(here=str(Path(__file__).parent)))
     from faults import subprocess_env  # the repository importable (also without an installed package), no ranks
 
-    proc = subprocess.run([sys.executable, str(script), str(tmp_path / "run"), str(corpus), policy], cwd=ROOT,
+    init_args = {"policy": policy.split()[0], **({"check_before_step": False} if "late" in policy else {})}
+    proc = subprocess.run([sys.executable, str(script), str(tmp_path / "run"), str(corpus), json.dumps(init_args)],
+                          cwd=ROOT,
                           env=subprocess_env(), capture_output=True, text=True, timeout=180)
     out = proc.stdout + proc.stderr
-    if policy == "stop":
+    if policy.startswith("stop"):
         assert proc.returncode != 0, out
         for rank in (0, 1):
             assert f"RANK{rank} STOPPED" in out and "optimizer step 3" in out, out
         assert "loss=nan at optimizer step 3 on rank 1 of 2" in out
+        assert ("check_before_step: false" in out) == (policy == "stop late")
     else:
         assert proc.returncode == 0, out
         done = dict(re.findall(r"RANK(\d) DONE (step=6 sched=5 sum=[-\d.e]+)", out))
