@@ -79,25 +79,34 @@ class Cell:
     env: dict[str, str] = field(default_factory=dict)  # set for the cell's processes (NCCL's tuning variables)
 
 
-def speed_cells() -> list[Cell]:
-    def c(name: str, devices: int, strategy: str | None, compile_: bool = True) -> Cell:
-        return Cell(name, "gpt2-124m", devices, strategy, batch=32, window=20, windows=3, compile=compile_)
+#: lit_llm's strategy classes, named so that a cell can set their options (the presets' names cannot take any).
+DDP_CLASS = "lit_llm.strategies.GPTDDPStrategy"
+FSDP_CLASS = "lit_llm.strategies.GPTFSDPStrategy"
+DEEPSPEED_CLASS = "lit_llm.strategies.GPTDeepSpeedStrategy"
+SPLIT_GRAPH = "--trainer.strategy.split_compiled_graph=true"
+BF16_ALL_REDUCE = (
+    "--trainer.strategy.ddp_comm_hook=torch.distributed.algorithms.ddp_comm_hooks.default_hooks.bf16_compress_hook")
+WITH_GUARD = "--trainer.callbacks+=lit_llm.callbacks.NonFiniteGuard"
 
+
+def batch32(name: str, devices: int, strategy: str | None, *extra: str, **kw: Any) -> Cell:
+    """A speed cell: GPT-2 124M at batch 32 per GPU without accumulation, compiled, three timed windows of 20 steps."""
+    kw.setdefault("compile", True)
+    return Cell(name, "gpt2-124m", devices, strategy, batch=32, window=20, windows=3, extra=list(extra), **kw)
+
+
+def speed_cells() -> list[Cell]:
+    c = batch32
     return [c("1 GPU", 1, None), c("DDP x2", 2, "lit_ddp"), c("DDP x4", 4, "lit_ddp"),
             c("ZeRO-2 x4", 4, "lit_deepspeed_zero2"), c("FSDP x4", 4, "lit_fsdp"),
-            c("ZeRO-1 x4", 4, "lit_deepspeed_zero1"), c("ZeRO-3 x4", 4, "lit_deepspeed_zero3", compile_=False)]
+            c("ZeRO-1 x4", 4, "lit_deepspeed_zero1"), c("ZeRO-3 x4", 4, "lit_deepspeed_zero3", compile=False)]
 
 
 def tune_cells() -> list[Cell]:
     """The speed cell's settings under DDP's and FSDP's tuning options beside the presets, with a one-GPU reference,
     then the presets at the shipped config's accumulation. Each cell takes about a minute on an otherwise idle 4-GPU
     machine; to stay within a 10-minute window, run them in two invocations with ``--only``."""
-    ddp = "lit_llm.strategies.GPTDDPStrategy"  # lit_ddp's class, so that its options can be set
-    fsdp = "lit_llm.strategies.GPTFSDPStrategy"
-
-    def c(name: str, devices: int, strategy: str | None, *extra: str) -> Cell:
-        return Cell(name, "gpt2-124m", devices, strategy, batch=32, window=20, windows=3, compile=True,
-                    extra=list(extra))
+    c, ddp, fsdp = batch32, DDP_CLASS, FSDP_CLASS
 
     def shipped(name: str, devices: int, strategy: str | None) -> Cell:
         # configs/pretrain/gpt2-124m.yaml as shipped: micro-batch 64, 8 micro-batches per optimizer step, so DDP
@@ -109,11 +118,10 @@ def tune_cells() -> list[Cell]:
         c("DDP x4", 4, "lit_ddp"),
         c("ZeRO-2 x4", 4, "lit_deepspeed_zero2"),
         c("FSDP x4", 4, "lit_fsdp"),
-        c("DDP x4 compiled graph split at buckets", 4, ddp, "--trainer.strategy.split_compiled_graph=true"),
-        c("DDP x4 static graph, 100 MB buckets", 4, ddp, "--trainer.strategy.split_compiled_graph=true",
+        c("DDP x4 compiled graph split at buckets", 4, ddp, SPLIT_GRAPH),
+        c("DDP x4 static graph, 100 MB buckets", 4, ddp, SPLIT_GRAPH,
           "--trainer.strategy.static_graph=true", "--trainer.strategy.bucket_cap_mb=100"),
-        c("DDP x4 bf16 gradient all-reduce", 4, ddp,
-          "--trainer.strategy.ddp_comm_hook=torch.distributed.algorithms.ddp_comm_hooks.default_hooks.bf16_compress_hook"),
+        c("DDP x4 bf16 gradient all-reduce", 4, ddp, BF16_ALL_REDUCE),
         c("FSDP x4 forward prefetch", 4, fsdp, "--trainer.strategy.forward_prefetch=true"),
         c("FSDP x4 shard grads and optimizer only", 4, fsdp, "--trainer.strategy.sharding_strategy=SHARD_GRAD_OP"),
         c("FSDP2 x4", 4, "lit_fsdp2"),
@@ -129,12 +137,7 @@ def diagnose_cells() -> list[Cell]:
     side by side (no communication, but four GPUs and their host processes busy at once), DDP without its gradient
     all-reduce (a hook that skips it), DDP with all gradients in one bucket, and DDP and ZeRO-2 each with two steps
     profiled on every rank after the timed windows (GPU time by kind of kernel, idle gaps)."""
-    ddp = "lit_llm.strategies.GPTDDPStrategy"
-
-    def c(name: str, devices: int, strategy: str | None, *extra: str, profile: bool = False) -> Cell:
-        return Cell(name, "gpt2-124m", devices, strategy, batch=32, window=20, windows=3, compile=True,
-                    extra=list(extra), profile=profile)
-
+    c, ddp = batch32, DDP_CLASS
     return [
         replace(c("1 GPU", 1, None), alone=True),
         *(c("1 GPU, four at once", 1, None) for _ in range(4)),
@@ -154,14 +157,11 @@ def sharded_cells(gpus: int = 4) -> list[Cell]:
     ``overlap_comm`` on) and with its gradients not gathered into contiguous buffers, ZeRO-2 with the guard's
     per-step check, and ZeRO-2 and FSDP profiled on every rank (without Python stacks, which would slow the host
     they measure)."""
-    fsdp = "lit_llm.strategies.GPTFSDPStrategy"
-    ds = "lit_llm.strategies.GPTDeepSpeedStrategy"
-    ddp = "lit_llm.strategies.GPTDDPStrategy"
+    fsdp, ds, ddp = FSDP_CLASS, DEEPSPEED_CLASS, DDP_CLASS
     n = max(2, min(gpus, 4))
 
-    def c(name: str, strategy: str | None, *extra: str, profile: bool = False, devices: int = n) -> Cell:
-        return Cell(name.format(n=n), "gpt2-124m", devices, strategy, batch=32, window=20, windows=3, compile=True,
-                    extra=list(extra), profile=profile, profile_stack=False)
+    def c(name: str, strategy: str | None, *extra: str, devices: int = n, **kw: Any) -> Cell:
+        return batch32(name.format(n=n), devices, strategy, *extra, profile_stack=False, **kw)
 
     return [
         replace(c("1 GPU", None, devices=1), alone=True),
@@ -178,11 +178,9 @@ def sharded_cells(gpus: int = 4) -> list[Cell]:
         c("DDP x{n}", "lit_ddp"),
         c("DDP x{n} with Lightning's per-batch SIGTERM check", "lit_ddp",
           "--trainer.callbacks+=bench.throughput.LightningStopCheck"),
-        c("DDP x{n} bf16 gradient all-reduce", ddp,
-          "--trainer.strategy.ddp_comm_hook=torch.distributed.algorithms.ddp_comm_hooks.default_hooks.bf16_compress_hook"),
-        c("DDP x{n} compiled graph split at buckets", ddp, "--trainer.strategy.split_compiled_graph=true"),
-        c("ZeRO-2 x{n} with NonFiniteGuard", "lit_deepspeed_zero2",
-          "--trainer.callbacks+=lit_llm.callbacks.NonFiniteGuard"),
+        c("DDP x{n} bf16 gradient all-reduce", ddp, BF16_ALL_REDUCE),
+        c("DDP x{n} compiled graph split at buckets", ddp, SPLIT_GRAPH),
+        c("ZeRO-2 x{n} with NonFiniteGuard", "lit_deepspeed_zero2", WITH_GUARD),
         c("ZeRO-2 x{n} profiled", "lit_deepspeed_zero2", profile=True),
         c("FSDP x{n} profiled", "lit_fsdp", profile=True),
     ]
@@ -194,17 +192,13 @@ def overlap_cells(gpus: int = 4) -> list[Cell]:
     ``NonFiniteGuard`` reading its verdict a step later (its default for ``policy: stop`` on a GPU) against before the
     step; each GPU's own speed with the others busy, DDP profiled, and NCCL's tuning variables; at batch 32 on the
     machine's 2 to 4 GPUs, after a one-GPU reference alone."""
-    ddp = "lit_llm.strategies.GPTDDPStrategy"
-    ds = "lit_llm.strategies.GPTDeepSpeedStrategy"
-    guard = "--trainer.callbacks+=lit_llm.callbacks.NonFiniteGuard"
+    ddp, ds, guard, split = DDP_CLASS, DEEPSPEED_CLASS, WITH_GUARD, SPLIT_GRAPH
     guard_before = ("--trainer.callbacks+={'class_path': 'lit_llm.callbacks.NonFiniteGuard', "
                     "'init_args': {'check_before_step': true}}")
-    split = "--trainer.strategy.split_compiled_graph=true"
     n = max(2, min(gpus, 4))
 
     def c(name: str, strategy: str | None, *extra: str, devices: int = n, **kw: Any) -> Cell:
-        return Cell(name.format(n=n), "gpt2-124m", devices, strategy, batch=32, window=20, windows=3, compile=True,
-                    extra=list(extra), **kw)
+        return batch32(name.format(n=n), devices, strategy, *extra, **kw)
 
     def buckets(mb: int) -> str:
         return f"--trainer.strategy.bucket_cap_mb={mb}"
@@ -216,8 +210,7 @@ def overlap_cells(gpus: int = 4) -> list[Cell]:
         c("DDP x{n} split, 100 MB buckets, static graph", ddp, split, buckets(100),
           "--trainer.strategy.static_graph=true"),
         c("DDP x{n} split, 200 MB buckets", ddp, split, buckets(200)),
-        c("DDP x{n} split, 100 MB buckets, bf16 all-reduce", ddp, split, buckets(100),
-          "--trainer.strategy.ddp_comm_hook=torch.distributed.algorithms.ddp_comm_hooks.default_hooks.bf16_compress_hook"),
+        c("DDP x{n} split, 100 MB buckets, bf16 all-reduce", ddp, split, buckets(100), BF16_ALL_REDUCE),
         c("ZeRO-2 x{n}", "lit_deepspeed_zero2"),
         c("ZeRO-2 x{n} overlap_comm", ds, "--trainer.strategy.stage=2", "--trainer.strategy.overlap_comm=true"),
         c("ZeRO-2 x{n} with NonFiniteGuard", "lit_deepspeed_zero2", guard),

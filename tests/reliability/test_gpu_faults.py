@@ -24,6 +24,9 @@ pytestmark = [
 
 GPU = ["--trainer.accelerator=gpu", "--trainer.devices=2", "--trainer.deterministic=false"]
 DDP = [*GPU, "--trainer.strategy=lit_ddp"]
+EVERY_2_STEPS = {"filename": "step={step:06d}", "auto_insert_metric_name": False, "every_n_train_steps": 2,
+                 "save_top_k": -1}
+GUARD = {"class_path": "lit_llm.callbacks.NonFiniteGuard"}  # as shipped: policy stop, its verdict read a step later
 
 
 def log(folder) -> dict:
@@ -66,11 +69,8 @@ def test_sigterm_on_rank_1_stops_both_ranks_at_the_same_step_under_nccl(corpus, 
 def test_a_nan_loss_on_rank_1_stops_both_ranks_one_step_later_under_nccl(corpus, tmp_path):
     """``NonFiniteGuard`` as shipped (``policy: stop``, its verdict read a step later on a GPU): a NaN loss on rank 1 at
     step 3 stops both ranks, naming step 3; no checkpoint after step 2 is written (one every 2 steps)."""
-    checkpoint = {"filename": "step={step:06d}", "auto_insert_metric_name": False, "every_n_train_steps": 2,
-                  "save_top_k": -1}
-    guard = {"class_path": "lit_llm.callbacks.NonFiniteGuard"}
     nan = {"class_path": "faults.NanLossAt", "init_args": {"step": 3, "rank": 1}}
-    proc = train(fit_args(tmp_path, corpus, 10, [nan, guard], *DDP, checkpoint=checkpoint), timeout=400)
+    proc = train(fit_args(tmp_path, corpus, 10, [nan, GUARD], *DDP, checkpoint=EVERY_2_STEPS), timeout=400)
     out = proc.stdout + proc.stderr
     assert proc.returncode != 0, out[-4000:]
     assert "NaN loss on rank 1 at step 3" in out
@@ -84,12 +84,9 @@ def test_a_non_finite_gradient_deepspeed_applied_stops_the_run_before_it_is_save
     """ZeRO-2 (its bf16 overflow check off, as lit_deepspeed_zero2 ships): an infinite gradient with a finite loss at
     step 3 is applied by the engine; the guard reads the engine's gradient norm and stops the run at the save after it
     (step 4), so the newest checkpoint is step 2's."""
-    checkpoint = {"filename": "step={step:06d}", "auto_insert_metric_name": False, "every_n_train_steps": 2,
-                  "save_top_k": -1}
-    guard = {"class_path": "lit_llm.callbacks.NonFiniteGuard"}
     inf = {"class_path": "faults.InfGradAt", "init_args": {"step": 3}}
-    proc = train(fit_args(tmp_path, corpus, 10, [inf, guard], *GPU, "--trainer.strategy=lit_deepspeed_zero2",
-                          "--trainer.precision=bf16-mixed", checkpoint=checkpoint), timeout=400)
+    proc = train(fit_args(tmp_path, corpus, 10, [inf, GUARD], *GPU, "--trainer.strategy=lit_deepspeed_zero2",
+                          "--trainer.precision=bf16-mixed", checkpoint=EVERY_2_STEPS), timeout=400)
     out = proc.stdout + proc.stderr
     assert proc.returncode != 0, out[-4000:]
     assert "inf gradient at step 3" in out
