@@ -28,8 +28,9 @@ than the machine has run side by side on disjoint GPUs, so one invocation measur
 - ``overlap``: DDP's all-reduce overlapping the backward (the compiled graph split at buckets of 100 and 200 MB, a
   static graph, a bf16 all-reduce), ZeRO-2 with ``overlap_comm``, and ``NonFiniteGuard`` reading its verdict a step
   later against before the step, on one GPU, DDP and ZeRO-2; then each GPU's own speed with all of them busy, DDP
-  profiled on every rank, and NCCL's tree algorithm and an 8-SM limit (``overlap_cells``; 24 cells of about a
-  minute: split them over invocations with ``--only``).
+  profiled on every rank, and NCCL's tree algorithm, protocols and an 8-SM limit; how far each rank's host runs ahead
+  of its GPU (``HostLead``), with Lightning's launcher and with torchrun; every preset beside the others
+  (``overlap_cells``; 32 cells of about a minute: split them over invocations with ``--only``).
 - ``allreduce``: NCCL all-reduce of gpt2-124m's gradients on 2 and on all GPUs, float32 and bf16, one tensor and
   25 MB buckets: the communication that DDP adds to a step when nothing of it overlaps the backward.
 - ``memory``: gpt2-1558m, seq 1024, batch 8 per GPU, eager: peak memory per GPU under each strategy on 2 GPUs.
@@ -77,6 +78,8 @@ class Cell:
     profile_stack: bool = True  # record Python stacks too (names the host code in idle gaps; slows the host)
     alone: bool = False  # hold every GPU of the machine while it runs, so nothing runs beside it
     env: dict[str, str] = field(default_factory=dict)  # set for the cell's processes (NCCL's tuning variables)
+    host_lead: bool = False  # after the timed windows, measure how far each rank's host runs ahead of its GPU
+    launcher: str = "lightning"  # or "torchrun": every rank a child of torchrun instead of rank 0 starting the others
 
 
 #: lit_llm's strategy classes, named so that a cell can set their options (the presets' names cannot take any).
@@ -87,6 +90,12 @@ SPLIT_GRAPH = "--trainer.strategy.split_compiled_graph=true"
 BF16_ALL_REDUCE = (
     "--trainer.strategy.ddp_comm_hook=torch.distributed.algorithms.ddp_comm_hooks.default_hooks.bf16_compress_hook")
 WITH_GUARD = "--trainer.callbacks+=lit_llm.callbacks.NonFiniteGuard"
+
+
+#: Batches that ``HostLead`` measures in a ``host_lead`` cell.
+HOST_LEAD_STEPS = 20
+#: Optimizer steps that a ``profile`` cell records, after ``PROFILE_WARMUP`` with the profiler on but not recording.
+PROFILE_STEPS, PROFILE_WARMUP = 2, 2
 
 
 def batch32(name: str, devices: int, strategy: str | None, *extra: str, **kw: Any) -> Cell:
@@ -225,9 +234,23 @@ def overlap_cells(gpus: int = 4) -> list[Cell]:
         # NCCL's algorithm and its share of the GPU's SMs.
         *(c("1 GPU, four at once", None, devices=1) for _ in range(n)),
         c("DDP x{n} profiled", "lit_ddp", profile=True, profile_stack=False),
-        c("DDP x{n} NCCL tree all-reduce", "lit_ddp", env={"NCCL_ALGO": "Tree"}),
+        c("DDP x{n} NCCL tree all-reduce", "lit_ddp", env={"NCCL_ALGO": "allreduce:tree"}),
         c("DDP x{n} NCCL at most 8 SMs", "lit_ddp", env={"NCCL_MAX_CTAS": "8"}),
         c("DDP x{n} split, 100 MB buckets, NCCL at most 8 SMs", ddp, split, buckets(100), env={"NCCL_MAX_CTAS": "8"}),
+        # Which rank's host paces the step: each rank's lead over its GPU, with Lightning starting the ranks from
+        # rank 0 and with torchrun starting them all.
+        replace(c("1 GPU, host lead", None, devices=1, host_lead=True), alone=True),
+        c("DDP x{n}, host lead", "lit_ddp", host_lead=True),
+        c("DDP x{n} via torchrun, host lead", "lit_ddp", host_lead=True, launcher="torchrun"),
+        c("ZeRO-2 x{n}, host lead", "lit_deepspeed_zero2", host_lead=True),
+        # What DDP's step adds on the GPU once the host is a step ahead (the profiler warmed up first), and why a bf16
+        # all-reduce (half the bytes) does not show in tokens/s; FSDP so that every preset is in one invocation.
+        replace(c("1 GPU profiled", None, devices=1, profile=True, profile_stack=False), alone=True),
+        c("DDP x{n} bf16 all-reduce, profiled", ddp, BF16_ALL_REDUCE, profile=True, profile_stack=False),
+        c("FSDP x{n}", "lit_fsdp"),
+        # NCCL's protocols (the profiles show it choosing LL, its low-latency one, for DDP's 25 MB buckets).
+        c("DDP x{n} NCCL Simple protocol", "lit_ddp", env={"NCCL_PROTO": "Simple"}),
+        c("DDP x{n} NCCL LL128 protocol", "lit_ddp", env={"NCCL_PROTO": "LL128"}),
     ]
 
 
@@ -257,14 +280,25 @@ def command(cell: Cell, args: argparse.Namespace, root: Path) -> list[str]:
     callbacks = root / "callbacks.yaml"
     root.mkdir(parents=True, exist_ok=True)
     timed_steps = (1 + cell.windows) * cell.window
+    after = (PROFILE_WARMUP + PROFILE_STEPS + 1) * cell.profile + (HOST_LEAD_STEPS + 1) * cell.host_lead
     text = ("trainer:\n  callbacks:\n    - class_path: lit_llm.callbacks.Throughput\n"
             f"      init_args:\n        window: {cell.window}\n")
     if cell.profile:  # after the last timed window, so the profiler's overhead is not in the measured tokens/s
         text += ("    - class_path: bench.throughput.ProfileWindow\n"
                  f"      init_args:\n        folder: {root / 'profile'}\n        start_step: {timed_steps}\n"
-                 f"        steps: 2\n        with_stack: {str(cell.profile_stack).lower()}\n")
+                 f"        steps: {PROFILE_STEPS}\n        warmup: {PROFILE_WARMUP}\n"
+                 f"        with_stack: {str(cell.profile_stack).lower()}\n")
+    if cell.host_lead:  # after the last timed window too: its one synchronisation is not in the measured tokens/s
+        text += ("    - class_path: bench.throughput.HostLead\n"
+                 f"      init_args:\n        folder: {root / 'host_lead'}\n        start_step: {timed_steps}\n"
+                 f"        steps: {HOST_LEAD_STEPS}\n")
     callbacks.write_text(text, encoding="utf-8")
-    cmd = [sys.executable, "-m", "lit_llm.train", "fit", "--config", str(ROOT / "configs/pretrain/gpt2-124m.yaml"),
+    launch = [sys.executable]
+    if cell.launcher == "torchrun":
+        launch += ["-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={cell.devices}"]
+    elif cell.launcher != "lightning":
+        raise ValueError(f"cell {cell.name!r}: launcher must be 'lightning' or 'torchrun', not {cell.launcher!r}")
+    cmd = [*launch, "-m", "lit_llm.train", "fit", "--config", str(ROOT / "configs/pretrain/gpt2-124m.yaml"),
            "--config", str(callbacks),
            *(f"--model.init_args.model.{key}={shape[key]}" for key in ("emb_dim", "n_layers", "n_heads")),
            f"--model.init_args.model.context_length={shape['context_length']}",
@@ -276,7 +310,7 @@ def command(cell: Cell, args: argparse.Namespace, root: Path) -> list[str]:
            "--data.init_args.val_split=0.001", f"--data.init_args.batch_size={cell.batch}",
            "--trainer.accelerator=gpu", f"--trainer.devices={cell.devices}", "--trainer.precision=bf16-mixed",
            f"--trainer.accumulate_grad_batches={cell.accumulate}",
-           f"--trainer.max_steps={timed_steps + (3 if cell.profile else 0)}",
+           f"--trainer.max_steps={timed_steps + after}",
            "--trainer.limit_val_batches=0", "--trainer.num_sanity_val_steps=0", "--trainer.enable_checkpointing=false",
            "--trainer.enable_progress_bar=false", "--trainer.logger=false", f"--trainer.default_root_dir={root}"]
     if cell.model.startswith("gpt-"):
@@ -345,6 +379,9 @@ def run_cell(cell: Cell, args: argparse.Namespace, pool: GPUPool, ticket: int) -
     profiles = sorted((root / "profile").glob("**/trace_summary.json"))
     if profiles:
         record["profile"] = {p.parent.name: json.loads(p.read_text()) for p in profiles}
+    leads = sorted((root / "host_lead").glob("**/host_lead.json"))
+    if leads:
+        record["host_lead"] = {p.parent.name: json.loads(p.read_text()) for p in leads}
     print(f"{cell.name:24s} {_line(record)}", flush=True)
     return record
 

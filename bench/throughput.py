@@ -284,33 +284,47 @@ def kernel_breakdown(events: list[dict[str, Any]], top: int = 12) -> dict[str, A
 
 class ProfileWindow(pl.Callback):
     """A Lightning callback (``--trainer.callbacks+=bench.throughput.ProfileWindow``) that records ``steps`` optimizer
-    steps from ``start_step`` with ``torch.profiler`` and writes ``trace.json`` and ``trace_summary.json`` into
-    ``folder`` (into ``folder/rank<N>`` on each rank of a multi-process run)."""
+    steps with ``torch.profiler`` after ``warmup`` more from ``start_step``, and writes ``trace.json`` and
+    ``trace_summary.json`` into ``folder`` (into ``folder/rank<N>`` on each rank of a multi-process run).
 
-    def __init__(self, folder: str, start_step: int = 10, steps: int = 2, with_stack: bool = True) -> None:
-        self.folder, self.start, self.stop_at = Path(folder), start_step, start_step + steps
+    It starts the profiler without waiting for the GPU, and records nothing during the ``warmup`` steps: starting the
+    profiler costs the host time, and the host needs a step or two to run ahead of the GPU again, as it does in a run
+    without a profiler. Recording from the first step instead shows the GPU waiting for a host that has just caught
+    up, which the run being measured does not do (``HostLead`` measures how far ahead each rank's host is)."""
+
+    def __init__(self, folder: str, start_step: int = 10, steps: int = 2, with_stack: bool = True,
+                 warmup: int = 2) -> None:
+        self.folder, self.start, self.steps, self.warmup = Path(folder), start_step, steps, warmup
         self.with_stack = with_stack
         self.prof: Any = None
+        self.done = False
+        self._seen = -1
 
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
                              batch_idx: int) -> None:
-        if self.prof is None and trainer.global_step == self.start:
-            _sync(pl_module.device)
-            self.prof = torch.profiler.profile(with_stack=self.with_stack)
+        if self.prof is None and not self.done and trainer.global_step == self.start:
+            schedule = torch.profiler.schedule(wait=0, warmup=self.warmup, active=self.steps, repeat=1)
+            self.prof = torch.profiler.profile(with_stack=self.with_stack, schedule=schedule,
+                                               on_trace_ready=lambda prof: self._write(trainer, prof))
             self.prof.__enter__()
+            self._seen = trainer.global_step
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
-        if self.prof is not None and trainer.global_step >= self.stop_at:
-            _sync(pl_module.device)
-            self.prof.__exit__(None, None, None)
-            folder = self.folder / f"rank{trainer.global_rank}" if trainer.world_size > 1 else self.folder
-            folder.mkdir(parents=True, exist_ok=True)
-            self.prof.export_chrome_trace(str(folder / "trace.json"))
-            summary = trace_summary(folder / "trace.json")
-            (folder / "trace_summary.json").write_text(json.dumps(summary, indent=1))
-            print(f"PROFILE trainer rank {trainer.global_rank}", json.dumps(summary), flush=True)
-            self.prof, self.stop_at = None, float("inf")
+        if self.prof is not None and trainer.global_step > self._seen:  # an optimizer step ended with this batch
+            self._seen = trainer.global_step
+            self.prof.step()  # the schedule counts optimizer steps, not micro-batches
+            if trainer.global_step >= self.start + self.warmup + self.steps:
+                self.prof.__exit__(None, None, None)
+                self.prof, self.done = None, True
+
+    def _write(self, trainer: pl.Trainer, prof: Any) -> None:
+        folder = self.folder / f"rank{trainer.global_rank}" if trainer.world_size > 1 else self.folder
+        folder.mkdir(parents=True, exist_ok=True)
+        prof.export_chrome_trace(str(folder / "trace.json"))
+        summary = trace_summary(folder / "trace.json")
+        (folder / "trace_summary.json").write_text(json.dumps(summary, indent=1))
+        print(f"PROFILE trainer rank {trainer.global_rank}", json.dumps(summary), flush=True)
 
 
 class HostSyncs(pl.Callback):
@@ -364,6 +378,86 @@ class HostSyncs(pl.Callback):
         print(f"HOST SYNCS rank {rank}: {sum(r['count'] for r in rows)} waits over {self.steps} batches -> {path}",
               flush=True)
         return path
+
+
+class HostLead(pl.Callback):
+    """A Lightning callback (``--trainer.callbacks+=bench.throughput.HostLead``) that measures, without a profiler, how
+    far each rank's host runs ahead of its GPU during ``steps`` training batches from optimizer step ``start_step``.
+
+    At five points of every batch (its start, before and after the backward, before the optimizer step, its end) it
+    reads the host's clock and records a CUDA event. After one synchronisation at the start, the GPU reaches each event
+    ``lead`` ms after the host passed it: a lead near zero means the GPU waited for the host there (the host paces the
+    step), a lead of tens of ms means the host is a step ahead. It also gives the host's and the GPU's time between
+    consecutive points. Writes ``folder/rank<N>/host_lead.json`` (``folder`` alone on one device) and prints it."""
+
+    POINTS = ("batch_start", "before_backward", "after_backward", "before_optimizer_step", "batch_end")
+
+    def __init__(self, folder: str, start_step: int = 10, steps: int = 20, skip: int = 3) -> None:
+        self.folder, self.start, self.steps, self.skip = Path(folder), start_step, steps, skip
+        self.marks: list[tuple[int, str, float, Any]] = []
+        self.batches = -1  # batches marked so far, -1 before the window
+        self.h0, self.e0 = 0.0, None
+
+    def _mark(self, point: str) -> None:
+        if 0 <= self.batches < self.steps:
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            self.marks.append((self.batches, point, time.perf_counter(), event))
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
+                             batch_idx: int) -> None:
+        if self.batches == -1 and trainer.global_step >= self.start and pl_module.device.type == "cuda":
+            torch.cuda.synchronize(pl_module.device)
+            self.e0 = torch.cuda.Event(enable_timing=True)
+            self.e0.record()
+            self.h0, self.batches = time.perf_counter(), 0
+        self._mark("batch_start")
+
+    def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: torch.Tensor) -> None:
+        self._mark("before_backward")
+
+    def on_after_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._mark("after_backward")
+
+    def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any) -> None:
+        self._mark("before_optimizer_step")
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        if not 0 <= self.batches < self.steps:
+            return
+        self._mark("batch_end")
+        self.batches += 1
+        if self.batches == self.steps:
+            self._write(trainer, pl_module)
+
+    def summary(self) -> dict[str, Any]:
+        """Per point: the lead (mean, smallest, median, in ms) over the batches after the first ``skip`` (which start
+        from the synchronisation), and the host's and the GPU's mean ms since the point before it."""
+        torch.cuda.synchronize()
+        rows = [(b, point, 1e3 * (host - self.h0), self.e0.elapsed_time(event)) for b, point, host, event in self.marks]
+        out: dict[str, Any] = {"batches": self.steps - self.skip, "points": {}}
+        for i, point in enumerate(self.POINTS):
+            kept = [r for r in rows if r[1] == point and r[0] >= self.skip]
+            leads = sorted(gpu - host for _, _, host, gpu in kept)
+            before = {r[0]: r for r in rows if r[1] == self.POINTS[i - 1]} if i else {
+                r[0] + 1: r for r in rows if r[1] == self.POINTS[-1]}
+            pairs = [(before[r[0]], r) for r in kept if r[0] in before]
+            out["points"][point] = {
+                "lead_ms_mean": round(sum(leads) / len(leads), 3),
+                "lead_ms_min": round(leads[0], 3),
+                "lead_ms_median": round(leads[len(leads) // 2], 3),
+                "host_ms_since_previous": round(sum(r[2] - p[2] for p, r in pairs) / len(pairs), 3),
+                "gpu_ms_since_previous": round(sum(r[3] - p[3] for p, r in pairs) / len(pairs), 3),
+            }
+        return out
+
+    def _write(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        summary = self.summary()
+        folder = self.folder / f"rank{trainer.global_rank}" if trainer.world_size > 1 else self.folder
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "host_lead.json").write_text(json.dumps(summary, indent=1), encoding="utf-8")
+        print(f"HOST LEAD rank {trainer.global_rank}", json.dumps(summary), flush=True)
 
 
 class LightningStopCheck(pl.Callback):

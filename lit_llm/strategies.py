@@ -375,7 +375,7 @@ class GPTDeepSpeedStrategy(_AtomicDirectorySave, DeepSpeedStrategy):
 
     strategy_name = "lit_deepspeed"
 
-    def __init__(self, check_grad_overflow: bool = False, **kwargs: Any) -> None:
+    def __init__(self, check_grad_overflow: bool = False, synchronized_timer: bool = False, **kwargs: Any) -> None:
         """
         Args:
             check_grad_overflow: Under bf16, DeepSpeed's check of every gradient for inf/NaN before each optimizer step
@@ -383,9 +383,16 @@ class GPTDeepSpeedStrategy(_AtomicDirectorySave, DeepSpeedStrategy):
                 GPU at every step. ``false`` leaves non-finite values to lit_llm's ``NonFiniteGuard``, which checks
                 the loss before the step and the engine's gradient norm after it, and stops the run before anything
                 from such a step is saved. Ignored when the DeepSpeed config sets ``bf16.check_grad_overflow``.
+            synchronized_timer: DeepSpeed's throughput timer (``timers.throughput.synchronized``, on by default in
+                DeepSpeed) waits for the GPU when each forward starts and when each optimizer step ends, so that its
+                own samples/s log is exact: two waits for the GPU at every step, which leave the GPU idle while the
+                host prepares the next batch. ``false`` times on the host alone (its averages stay right once the
+                host runs a step ahead); lit_llm's ``Throughput`` callback measures speed without either. Ignored
+                when the DeepSpeed config sets ``timers.throughput.synchronized``.
             **kwargs: Lightning's ``DeepSpeedStrategy`` arguments (``stage``, ``offload_optimizer``, ``config``, ...).
         """
         self.check_grad_overflow = check_grad_overflow
+        self.synchronized_timer = synchronized_timer
         if importlib.util.find_spec("deepspeed") is None:
             raise ConfigError(
                 f"DeepSpeed (trainer.strategy) is not installed: {DEEPSPEED_INSTALL} (on a machine with CUDA), or use "
@@ -417,6 +424,7 @@ class GPTDeepSpeedStrategy(_AtomicDirectorySave, DeepSpeedStrategy):
     def _format_config(self) -> None:
         super()._format_config()  # Lightning adds the precision section ({"bf16": {"enabled": true}}) here
         set_bf16_overflow_check(self.config, self.check_grad_overflow)
+        set_timer_sync(self.config, self.synchronized_timer)
 
     def save_checkpoint(self, checkpoint: dict, filepath: Any, storage_options: Any | None = None) -> None:
         self._atomic_directory_save(super().save_checkpoint, checkpoint, filepath, storage_options)
@@ -478,6 +486,16 @@ def set_bf16_overflow_check(config: dict[str, Any], check: bool) -> None:
     bf16 = config.get("bf16")
     if isinstance(bf16, dict) and bf16.get("enabled"):
         bf16.setdefault("check_grad_overflow", check)
+
+
+def set_timer_sync(config: dict[str, Any], synchronized: bool) -> None:
+    """Set DeepSpeed's ``timers.throughput.synchronized`` to ``synchronized`` in ``config`` unless the config chooses
+    it already."""
+    timers = config.setdefault("timers", {})
+    if isinstance(timers, dict):
+        throughput = timers.setdefault("throughput", {})
+        if isinstance(throughput, dict):
+            throughput.setdefault("synchronized", synchronized)
 
 
 def sanitize_cuda_arch_list() -> None:

@@ -6,6 +6,7 @@ import importlib.util
 import json
 import sys
 
+import pytest
 from conftest import ROOT
 
 
@@ -103,18 +104,22 @@ def test_strategy_cell_command_carries_its_accumulation_and_strategy(tmp_path):
     assert "lit_llm.callbacks.Throughput" in (tmp_path / "cell" / "callbacks.yaml").read_text()
 
 
-def test_profile_window_records_the_chosen_optimizer_steps(tmp_path):
+@pytest.mark.parametrize("accumulate", [1, 3])
+def test_profile_window_records_the_chosen_optimizer_steps(tmp_path, accumulate):
     import pytorch_lightning as pl
     from pytorch_lightning.demos.boring_classes import BoringModel
 
-    window = _throughput().ProfileWindow(str(tmp_path / "profile"), start_step=3, steps=2)
-    trainer = pl.Trainer(accelerator="cpu", devices=1, max_steps=8, logger=False, enable_checkpointing=False,
+    window = _throughput().ProfileWindow(str(tmp_path / "profile"), start_step=3, steps=2, warmup=2)
+    trainer = pl.Trainer(accelerator="cpu", devices=1, max_steps=9, logger=False, enable_checkpointing=False,
                          enable_progress_bar=False, enable_model_summary=False, callbacks=[window],
-                         default_root_dir=tmp_path)
+                         default_root_dir=tmp_path, accumulate_grad_batches=accumulate)
     trainer.fit(BoringModel())
     events = json.loads((tmp_path / "profile" / "trace.json").read_text())["traceEvents"]
     steps = [e for e in events if e.get("ph") == "X" and str(e.get("name", "")).startswith("Optimizer.step#")]
-    assert len(steps) == 2  # optimizer steps 3 and 4 only
+    assert len(steps) == 2  # optimizer steps 5 and 6 only: 3 and 4 are the profiler's warm-up
+    forwards = [e for e in events if e.get("ph") == "X" and "boring_classes.py" in str(e.get("name", ""))
+                and str(e["name"]).endswith(": training_step")]  # BoringModel.training_step, from the Python stacks
+    assert len(forwards) == 2 * accumulate  # every micro-batch of those two steps, none of the warm-up's
     summary = json.loads((tmp_path / "profile" / "trace_summary.json").read_text())
     assert summary == {"error": "no GPU events in the trace"}  # a CPU run: nothing ran on a GPU
 
@@ -125,13 +130,13 @@ def test_profiled_strategy_cell_profiles_after_its_timed_windows(tmp_path):
     args = bench.argparse.Namespace(source="corpus.txt", tokenizer="gpt2_dir")
     cmd = bench.command(cell, args, tmp_path / "cell")
     timed = (1 + cell.windows) * cell.window
-    assert f"--trainer.max_steps={timed + 3}" in cmd
+    assert f"--trainer.max_steps={timed + 2 + 2 + 1}" in cmd  # 2 steps of the profiler's warm-up, 2 recorded
     import yaml
 
     callbacks = yaml.safe_load((tmp_path / "cell" / "callbacks.yaml").read_text())["trainer"]["callbacks"]
     profile = next(c for c in callbacks if c["class_path"] == "bench.throughput.ProfileWindow")
     assert profile["init_args"] == {"folder": str(tmp_path / "cell" / "profile"), "start_step": timed, "steps": 2,
-                                    "with_stack": True}
+                                    "warmup": 2, "with_stack": True}
     # The sharded mode's profiles leave Python stacks out: they slow the host, which is what those cells measure.
     quiet = next(c for c in bench.sharded_cells(2) if c.name == "ZeRO-2 x2 profiled")
     bench.command(quiet, args, tmp_path / "quiet")
@@ -235,16 +240,59 @@ def test_every_overlap_cell_parses_through_the_cli(tmp_path, capsys):
 
     bench = _bench("strategies")
     args = bench.argparse.Namespace(source="corpus.txt", tokenizer="gpt2_dir")
-    cells = {tuple(c.extra): c for c in bench.overlap_cells(4)}  # one cell per distinct set of options
+    # one cell per distinct set of options
+    cells = {(tuple(c.extra), c.strategy, c.host_lead, c.launcher): c for c in bench.overlap_cells(4)}
     for i, cell in enumerate(cells.values()):
         cmd = bench.command(cell, args, tmp_path / str(i))
         with pytest.raises(SystemExit) as done:
-            cli(cmd[3:] + ["--print_config"])
+            cli(cmd[cmd.index("fit"):] + ["--print_config"])
         assert done.value.code in (0, None), cell.name
         printed = capsys.readouterr().out
         if "read before the step" in cell.name:
             assert "check_before_step: true" in printed, cell.name
         elif "NonFiniteGuard" in cell.name:
             assert "lit_llm.callbacks.NonFiniteGuard" in printed and "check_before_step: null" in printed
+        assert ("bench.throughput.HostLead" in printed) == cell.host_lead, cell.name
+        if cell.launcher == "torchrun":  # torchrun starts the four ranks; Lightning finds them from its variables
+            assert cmd[1:6] == ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node=4", "-m"]
+        else:
+            assert cmd[1:3] == ["-m", "lit_llm.train"]
+    assert sum(c.launcher == "torchrun" for c in cells.values()) == 1
     tree = next(c for c in bench.overlap_cells(4) if "tree" in c.name)
-    assert tree.env == {"NCCL_ALGO": "Tree"}
+    assert tree.env == {"NCCL_ALGO": "allreduce:tree"}  # plain "Tree" leaves NCCL no algorithm for a broadcast
+
+
+def test_a_cell_with_an_unknown_launcher_is_refused(tmp_path):
+    import pytest
+
+    bench = _bench("strategies")
+    args = bench.argparse.Namespace(source="corpus.txt", tokenizer="gpt2_dir")
+    cell = bench.batch32("DDP x2", 2, "lit_ddp", launcher="mpirun")
+    with pytest.raises(ValueError, match="launcher must be 'lightning' or 'torchrun'"):
+        bench.command(cell, args, tmp_path)
+
+
+def test_host_lead_reports_how_far_the_host_runs_ahead_and_each_phases_time(monkeypatch):
+    """``HostLead.summary`` from recorded marks: the GPU reaches each point ``lead`` ms after the host passed it, and
+    the host's and the GPU's time since the point before (a batch's start counts from the previous batch's end)."""
+    import torch
+
+    class Event:  # a CUDA event that the GPU reached ``ms`` after the reference event
+        def __init__(self, ms: float) -> None:
+            self.ms = ms
+
+        def elapsed_time(self, other: Event) -> float:
+            return other.ms - self.ms
+
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *a: None)
+    lead = _throughput().HostLead("unused", start_step=0, steps=4, skip=1)
+    host_at = [0, 5, 10, 11, 12]  # ms into each 60 ms batch when the host passes each point
+    gpu_at = [0, 20, 58, 58, 60]  # the GPU, 40 ms behind at the batch's start
+    lead.h0, lead.e0 = 0.0, Event(0.0)
+    lead.marks = [(b, point, (60 * b + host_at[i]) / 1e3, Event(60 * b + 40 + gpu_at[i]))
+                  for b in range(4) for i, point in enumerate(lead.POINTS)]
+    points = lead.summary()["points"]
+    assert [points[p]["lead_ms_mean"] for p in lead.POINTS] == [40, 55, 88, 87, 88]
+    assert [points[p]["host_ms_since_previous"] for p in lead.POINTS] == [48, 5, 5, 1, 1]
+    assert [points[p]["gpu_ms_since_previous"] for p in lead.POINTS] == [0, 20, 38, 0, 2]
+    assert lead.summary()["batches"] == 3

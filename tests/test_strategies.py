@@ -386,6 +386,32 @@ def test_deepspeed_presets_skip_deepspeeds_bf16_overflow_check_unless_the_config
     assert fp32 == {"zero_optimization": {"stage": 2}}
 
 
+def test_deepspeed_presets_leave_out_deepspeeds_timer_waits_unless_the_config_asks():
+    """DeepSpeed's throughput timer waits for the GPU twice a step unless ``timers.throughput.synchronized`` is
+    false; the presets set it false, and a DeepSpeed config that chooses keeps its choice."""
+    import inspect
+
+    assert inspect.signature(strategies.GPTDeepSpeedStrategy.__init__).parameters["synchronized_timer"].default \
+        is False
+    config = {"zero_optimization": {"stage": 2}}
+    strategies.set_timer_sync(config, False)
+    assert config == {"zero_optimization": {"stage": 2}, "timers": {"throughput": {"synchronized": False}}}
+    asked = {"timers": {"throughput": {"enabled": True, "synchronized": True}}}
+    strategies.set_timer_sync(asked, False)
+    assert asked == {"timers": {"throughput": {"enabled": True, "synchronized": True}}}
+    other_timer = {"timers": {"throughput": {"enabled": False}}}
+    strategies.set_timer_sync(other_timer, False)
+    assert other_timer == {"timers": {"throughput": {"enabled": False, "synchronized": False}}}
+
+
+def test_deepspeed_reads_the_timer_setting_where_lit_llm_writes_it():
+    timers_config = pytest.importorskip("deepspeed.utils.config")
+    config: dict = {}
+    strategies.set_timer_sync(config, False)
+    assert timers_config.get_timers_config(config).synchronized is False
+    assert timers_config.get_timers_config({}).synchronized is True  # DeepSpeed's own default: the waits
+
+
 def _clip_case(norm: float, clip: float = 1.0, loss_scale: float = 1.0):
     from types import SimpleNamespace
 
