@@ -87,6 +87,13 @@ def is_deepspeed(strategy: Any) -> bool:
     return isinstance(strategy, DeepSpeedStrategy)
 
 
+def engine_grad_norm(strategy: Any) -> Any:
+    """The global gradient norm DeepSpeed's engine computed for its last step (a tensor or a number), or ``None``
+    for other strategies and when the engine computed none (no clipping)."""
+    get = getattr(getattr(strategy, "deepspeed_engine", None), "get_global_grad_norm", None)
+    return get() if callable(get) else None
+
+
 def is_zero3(strategy: Any) -> bool:
     """Whether the strategy is DeepSpeed ZeRO stage 3 (parameters partitioned as they are built, gathered in module
     hooks): Lightning's ``DeepSpeedStrategy.zero_stage_3``, False for any other strategy or none."""

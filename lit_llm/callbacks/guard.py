@@ -13,6 +13,7 @@ from pytorch_lightning.utilities import rank_zero_warn
 
 from lit_llm.deferred import DeferredRead
 from lit_llm.errors import ConfigError, NonFiniteLossError
+from lit_llm.strategies import engine_grad_norm
 
 #: Attribute set on the LightningModule for one optimizer step; ``GPTTask.lr_scheduler_step`` honours it.
 SKIP_SCHEDULER_ATTR = "_lit_llm_skip_scheduler_step"
@@ -175,7 +176,7 @@ class NonFiniteGuard(pl.Callback):
         stepped, self._stepping = self._stepping, False
         if not stepped:
             return
-        norm = _engine_grad_norm(trainer.strategy)
+        norm = engine_grad_norm(trainer.strategy)
         if norm is None:
             return
         if isinstance(norm, torch.Tensor):
@@ -266,13 +267,6 @@ def last_good_checkpoint(trainer: pl.Trainer) -> str:
     if not found:
         return "none saved yet"
     return max(found, key=os.path.getmtime)
-
-
-def _engine_grad_norm(strategy: Any) -> Any:
-    """The global gradient norm DeepSpeed's engine computed for its last step (a tensor or a number), or ``None``
-    for other strategies and when the engine computed none (no clipping)."""
-    get = getattr(getattr(strategy, "deepspeed_engine", None), "get_global_grad_norm", None)
-    return get() if callable(get) else None
 
 
 def _sum_over_ranks(flags: torch.Tensor, trainer: pl.Trainer) -> torch.Tensor:

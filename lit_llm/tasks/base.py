@@ -22,6 +22,7 @@ from lit_llm.model import GPTModel
 from lit_llm.optim import Schedule, build_adamw, lr_multiplier, parameter_groups
 from lit_llm.strategies import (
     check_ddp_options,
+    engine_grad_norm,
     is_deepspeed,
     is_fsdp2,
     is_zero3,
@@ -425,6 +426,15 @@ class GPTTask(pl.LightningModule):
         if self.__dict__.pop("_lit_llm_skip_scheduler_step", False):
             return
         super().lr_scheduler_step(scheduler, metric)
+
+    def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
+        super().optimizer_step(*args, **kwargs)
+        # DeepSpeed clips inside its engine (configure_gradient_clipping does not run), so its norm is logged here:
+        # the one the engine computed for this step, read without waiting for the GPU.
+        if self._trainer is not None and is_deepspeed(self.trainer.strategy):
+            norm = engine_grad_norm(self.trainer.strategy)
+            if norm is not None:
+                self.log("train/grad_norm", norm, on_step=True, on_epoch=False)
 
     def configure_gradient_clipping(
         self,

@@ -393,3 +393,34 @@ def test_finite_steps_deepspeed_applied_train_on(corpus, tmp_path, in_repo_root)
     c.trainer.strategy.deepspeed_engine = engine
     fit(c)
     assert c.trainer.global_step == 5 and engine.calls == 5
+
+
+@pytest.mark.parametrize("accumulate", [1, 2])
+def test_deepspeeds_gradient_norm_is_logged_once_per_optimizer_step(corpus, tmp_path, in_repo_root, monkeypatch,
+                                                                    accumulate):
+    """DeepSpeed clips inside its engine, so Lightning's clipping hook (where the other strategies log
+    ``train/grad_norm``) does not run: the task logs the norm the engine computed for each step instead."""
+    import lit_llm.tasks.base as base
+
+    c = build(corpus, tmp_path, "--trainer.max_steps=4", f"--trainer.accumulate_grad_batches={accumulate}")
+    monkeypatch.setattr(base, "is_deepspeed", lambda strategy: True)  # the task sees a DeepSpeed run
+
+    class Engine:
+        calls = 0
+
+        def get_global_grad_norm(self) -> torch.Tensor:
+            Engine.calls += 1
+            return torch.tensor(10.0 + Engine.calls)  # the norm of the step just applied (step 1: 11.0)
+
+    c.trainer.strategy.deepspeed_engine = Engine()
+    logged: list[tuple[int, float]] = []
+
+    class Record(pl.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            if "train/grad_norm" in trainer.callback_metrics:
+                logged.append((trainer.global_step, float(trainer.callback_metrics["train/grad_norm"])))
+
+    fit(c, Record())
+    assert Engine.calls == 4  # once per optimizer step, not per micro-batch
+    assert len(logged) == 4 * accumulate - (accumulate - 1)  # every batch end from the first step's on
+    assert sorted(set(logged)) == [(s, 10.0 + s) for s in range(1, 5)]  # each step's own norm, from its end on
