@@ -297,12 +297,11 @@ class ProfileWindow(pl.Callback):
         self.folder, self.start, self.steps, self.warmup = Path(folder), start_step, steps, warmup
         self.with_stack = with_stack
         self.prof: Any = None
-        self.done = False
-        self._seen = -1
+        self._seen = -1  # the last optimizer step counted while recording
 
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
                              batch_idx: int) -> None:
-        if self.prof is None and not self.done and trainer.global_step == self.start:
+        if self.prof is None and trainer.global_step == self.start:  # once: global_step only grows
             schedule = torch.profiler.schedule(wait=0, warmup=self.warmup, active=self.steps, repeat=1)
             self.prof = torch.profiler.profile(with_stack=self.with_stack, schedule=schedule,
                                                on_trace_ready=lambda prof: self._write(trainer, prof))
@@ -316,7 +315,7 @@ class ProfileWindow(pl.Callback):
             self.prof.step()  # the schedule counts optimizer steps, not micro-batches
             if trainer.global_step >= self.start + self.warmup + self.steps:
                 self.prof.__exit__(None, None, None)
-                self.prof, self.done = None, True
+                self.prof = None
 
     def _write(self, trainer: pl.Trainer, prof: Any) -> None:
         folder = self.folder / f"rank{trainer.global_rank}" if trainer.world_size > 1 else self.folder

@@ -136,8 +136,7 @@ class NonFiniteGuard(pl.Callback):
             self._verdict_of = (trainer.global_step, stacked, grad_norm)
             self._stepping = True  # the optimizer applies this step
             return
-        total = trainer.strategy.reduce(local.clone(), reduce_op="sum")
-        flags = torch.cat([local, total]).tolist()  # one sync
+        flags = torch.cat([local, _sum_over_ranks(local, trainer)]).tolist()  # one sync
         if flags[5]:
             raise self._applied_fault(trainer)
         self._stepping = not (flags[3] or flags[4])  # the optimizer applies this step
@@ -195,7 +194,7 @@ class NonFiniteGuard(pl.Callback):
         if self._applied_bad is None:
             return
         bad, self._applied_bad = self._applied_bad, None
-        if trainer.strategy.reduce(bad.float().reshape(1), reduce_op="sum").item():
+        if _sum_over_ranks(bad.float().reshape(1), trainer).item():
             raise self._applied_fault(trainer)
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
