@@ -199,8 +199,8 @@ def overlap_cells(gpus: int = 4) -> list[Cell]:
     """DDP with its compiled graph split at the gradient buckets (each bucket's all-reduce overlapping the rest of the
     backward) at several bucket sizes, with a static graph and with a bf16 all-reduce; ZeRO-2 with ``overlap_comm``;
     ``NonFiniteGuard`` reading its verdict a step later (its default for ``policy: stop`` on a GPU) against before the
-    step; each GPU's own speed with the others busy, DDP profiled, and NCCL's tuning variables; at batch 32 on the
-    machine's 2 to 4 GPUs, after a one-GPU reference alone."""
+    step; each GPU's own speed with the others busy, DDP profiled, NCCL's tuning variables, and DDP averaging each
+    bucket inside the all-reduce; at batch 32 on the machine's 2 to 4 GPUs, after a one-GPU reference alone."""
     ddp, ds, guard, split = DDP_CLASS, DEEPSPEED_CLASS, WITH_GUARD, SPLIT_GRAPH
     guard_before = ("--trainer.callbacks+={'class_path': 'lit_llm.callbacks.NonFiniteGuard', "
                     "'init_args': {'check_before_step': true}}")
@@ -251,6 +251,10 @@ def overlap_cells(gpus: int = 4) -> list[Cell]:
         # NCCL's protocols (the profiles show it choosing LL, its low-latency one, for DDP's 25 MB buckets).
         c("DDP x{n} NCCL Simple protocol", "lit_ddp", env={"NCCL_PROTO": "Simple"}),
         c("DDP x{n} NCCL LL128 protocol", "lit_ddp", env={"NCCL_PROTO": "LL128"}),
+        # Each bucket averaged by NCCL itself (ReduceOp.AVG) instead of DDP's division kernel before the sum.
+        c("DDP x{n} averaged in the all-reduce", ddp, "--trainer.strategy.average_in_collective=true"),
+        c("DDP x{n} averaged in the all-reduce, host lead", ddp, "--trainer.strategy.average_in_collective=true",
+          host_lead=True),
     ]
 
 

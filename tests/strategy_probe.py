@@ -1,7 +1,8 @@
 """A callback the multi-GPU tests add with ``--trainer.callbacks+=``: it records what the tests compare.
 
 Rank 0 writes ``probe.json`` into ``folder``: the global training loss of every optimizer step (the mean over ranks
-and over the step's accumulated micro-batches, each micro-batch's loss being the mean over its tokens), and the text
+and over the step's accumulated micro-batches, each micro-batch's loss being the mean over its tokens), the
+last ``train/grad_norm`` the task logged at each step (``None`` before any), and the text
 the live model writes greedily from a fixed prompt at the end of training (all ranks take part in the generation, as
 sharded weights are gathered collectively).
 """
@@ -27,6 +28,7 @@ class StrategyProbe(pl.Callback):
         self.prompt = prompt
         self.new_tokens = new_tokens
         self.losses: dict[int, float] = {}
+        self.grad_norms: dict[int, float | None] = {}
         self._pending: list[float] = []
         self._step: int | None = None
 
@@ -64,6 +66,10 @@ class StrategyProbe(pl.Callback):
         self._pending.append(float(trainer.strategy.reduce(loss.detach().float(), reduce_op="mean")))
         if trainer.global_step != self._step:  # the optimizer stepped after this micro-batch
             self.losses[trainer.global_step] = sum(self._pending)
+            # Logged on_step: the value seen here is the last one logged (this step's, when the task logs one for
+            # every step; a value repeated step after step would show one that stopped being logged).
+            norm = trainer.callback_metrics.get("train/grad_norm")
+            self.grad_norms[trainer.global_step] = None if norm is None else float(norm)
             self._pending, self._step = [], trainer.global_step
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -85,7 +91,8 @@ class StrategyProbe(pl.Callback):
         completion = _call_inside_root(trainer, pl_module, run) if params_are_sharded(trainer.strategy) else run()
         if trainer.is_global_zero:
             self.folder.mkdir(parents=True, exist_ok=True)
-            record = {"losses": self.losses, "generated": completion, "dtype": str(dtype).replace("torch.", ""),
+            record = {"losses": self.losses, "grad_norms": self.grad_norms, "generated": completion,
+                      "dtype": str(dtype).replace("torch.", ""),
                       "world_size": trainer.world_size, "strategy": type(trainer.strategy).__name__,
                       "start_sums": self.start_sums, "first_batch_sum": getattr(self, "first_batch_sum", None)}
             (self.folder / "probe.json").write_text(json.dumps(record), encoding="utf-8")

@@ -277,6 +277,21 @@ def test_the_single_file_checkpoint_generates_like_the_live_model(strategy, runs
     assert run["generated"] == run["full"]["generated"] and len(run["generated"]) > 0
 
 
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_the_logged_gradient_norm_is_the_global_one_at_every_step(strategy, runs):
+    """``train/grad_norm`` is logged for every optimizer step under every strategy (DeepSpeed's from its engine), and in
+    float32 it is the one-GPU run's norm: the norm of the whole averaged gradient, not of one rank's shard (which
+    would be about 1/sqrt(2) of it on 2 GPUs) nor of one rank's own gradient."""
+    norms = {int(k): v for k, v in _run(runs, strategy)["full"]["grad_norms"].items()}
+    assert sorted(norms) == list(range(1, STEPS + 1))
+    assert all(v is not None and 0 < v < float("inf") for v in norms.values()), norms
+    assert len(set(norms.values())) == STEPS, norms  # a norm no longer logged would repeat the last one
+    fp32 = {int(k): v for k, v in runs[f"{strategy}/fp32"]["grad_norms"].items()}
+    reference = {int(k): v for k, v in runs["one_gpu_fp32"]["grad_norms"].items()}
+    for step in (1, 2, 3):  # before the float32 runs' rounding differences have had steps to grow
+        assert abs(fp32[step] - reference[step]) <= 0.02 * reference[step], (step, fp32, reference)
+
+
 #: Presets checked only for training: each runs MORE_STEPS on 2 GPUs and must learn.
 MORE_PRESETS = ["lit_fsdp_hybrid", "lit_fsdp_offload", "lit_deepspeed_zero1", "lit_deepspeed_zero3_offload"]
 MORE_STEPS = 8

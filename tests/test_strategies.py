@@ -322,6 +322,61 @@ def test_lit_ddp_keeps_a_compiled_model_in_one_graph(corpus, tmp_path, monkeypat
     assert dynamo_config.optimize_ddp == before
 
 
+def _ddp_gradients(rank: int, port: int, hook: bool, out: str) -> None:
+    """One rank of a 2-process gloo job: a DDP model whose ranks see different inputs, one backward; rank 0 saves the
+    averaged gradients. ``hook``: the buckets are reduced by ``strategies.average_hook``."""
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    try:
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.GELU(), torch.nn.Linear(64, 3))
+        # buckets of 1 KB: the 4.4k parameters take several, so the hook's future is chained per bucket
+        ddp = DistributedDataParallel(model, bucket_cap_mb=0.001, gradient_as_bucket_view=True)
+        if hook:
+            ddp.register_comm_hook(None, strategies.average_hook)
+        torch.manual_seed(1 + rank)
+        ddp(torch.randn(8, 64)).square().mean().backward()
+        if rank == 0:
+            torch.save([p.grad.clone() for p in model.parameters()], out)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_average_hook_gives_ddps_average_and_is_accepted_by_ddp(tmp_path):
+    """``average_in_collective``'s hook passes DDP's check of a hook's signature (postponed annotations would fail it)
+    and averages the ranks' gradients as DDP's own reduction does (gloo here; NCCL on a GPU: test_gpu_strategies.py).
+    The two ranks' gradients differ, so a sum or one rank's own gradient would not match."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    grads = {}
+    for hook in (False, True):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        out = tmp_path / f"hook{hook}.pt"
+        mp.spawn(_ddp_gradients, args=(port, hook, str(out)), nprocs=2)
+        grads[hook] = torch.load(out)
+    torch.manual_seed(0)  # rank 0's gradient alone, to show that the ranks' gradients differed
+    model = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.GELU(), torch.nn.Linear(64, 3))
+    torch.manual_seed(1)
+    model(torch.randn(8, 64)).square().mean().backward()
+    for plain, hooked, own in zip(grads[False], grads[True], (p.grad for p in model.parameters()), strict=True):
+        torch.testing.assert_close(hooked, plain, rtol=1e-6, atol=1e-7)
+        assert not torch.allclose(plain, own)
+
+
+def test_average_in_collective_installs_the_hook_and_refuses_a_second_one():
+    assert strategies.GPTDDPStrategy(average_in_collective=True)._ddp_comm_hook is strategies.average_hook
+    assert strategies.GPTDDPStrategy()._ddp_comm_hook is None
+    with pytest.raises(ConfigError, match="average_in_collective.*ddp_comm_hook"):
+        strategies.GPTDDPStrategy(average_in_collective=True, ddp_comm_hook=strategies.average_hook)
+
+
 def test_fsdp_units_and_all_gather_limit_follow_the_models_share_of_the_gpu(monkeypatch):
     from types import SimpleNamespace
 
