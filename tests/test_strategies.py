@@ -330,19 +330,20 @@ def _ddp_gradients(rank: int, port: int, hook: bool, out: str) -> None:
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=2)
-    try:
-        torch.manual_seed(0)
-        model = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.GELU(), torch.nn.Linear(64, 3))
-        # buckets of 1 KB: the 4.4k parameters take several, so the hook's future is chained per bucket
-        ddp = DistributedDataParallel(model, bucket_cap_mb=0.001, gradient_as_bucket_view=True)
-        if hook:
-            ddp.register_comm_hook(None, strategies.average_hook)
-        torch.manual_seed(1 + rank)
-        ddp(torch.randn(8, 64)).square().mean().backward()
-        if rank == 0:
-            torch.save([p.grad.clone() for p in model.parameters()], out)
-    finally:
-        dist.destroy_process_group()
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.GELU(), torch.nn.Linear(64, 3))
+    # buckets of 1 KB: the 4.4k parameters take several, so the hook's future is chained per bucket
+    ddp = DistributedDataParallel(model, bucket_cap_mb=0.001, gradient_as_bucket_view=True)
+    if hook:
+        ddp.register_comm_hook(None, strategies.average_hook)
+    torch.manual_seed(1 + rank)
+    ddp(torch.randn(8, 64)).square().mean().backward()
+    if rank == 0:
+        torch.save([p.grad.clone() for p in model.parameters()], out)
+    dist.barrier()
+    # Out without tearing gloo down: its teardown at exit aborted ("terminate called without an active exception") or
+    # hung in about one start in five on the CPU, which would fail or stall a test that has already made its point.
+    os._exit(0)
 
 
 def test_average_hook_gives_ddps_average_and_is_accepted_by_ddp(tmp_path):
