@@ -243,6 +243,7 @@ def overlap_cells(gpus: int = 4) -> list[Cell]:
         c("DDP x{n}, host lead", "lit_ddp", host_lead=True),
         c("DDP x{n} via torchrun, host lead", "lit_ddp", host_lead=True, launcher="torchrun"),
         c("ZeRO-2 x{n}, host lead", "lit_deepspeed_zero2", host_lead=True),
+        c("ZeRO-1 x{n}, host lead", "lit_deepspeed_zero1", host_lead=True),
         # What DDP's step adds on the GPU once the host is a step ahead (the profiler warmed up first), and why a bf16
         # all-reduce (half the bytes) does not show in tokens/s; FSDP so that every preset is in one invocation.
         replace(c("1 GPU profiled", None, devices=1, profile=True, profile_stack=False), alone=True),
