@@ -163,7 +163,7 @@ class _AtomicDirectorySave:
         self.barrier("lit_llm.save.renamed")  # type: ignore[attr-defined]
 
 
-def average_hook(process_group, bucket):  # noqa: ANN001, ANN201 - DDP checks real annotations; see below
+def average_hook(process_group, bucket):  # unannotated on purpose: see below
     """A DDP communication hook: each gradient bucket is averaged over the ranks by the collective itself
     (``ReduceOp.AVG``), where DDP's built-in reduction first divides the bucket by the world size in a kernel of its
     own and then sums. Same result up to float rounding (NCCL scales by ``1 / world_size`` as it reduces), one kernel

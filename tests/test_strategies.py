@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import time
 from pathlib import Path
 
 import pytest
@@ -348,8 +349,9 @@ def _ddp_gradients(rank: int, port: int, hook: bool, out: str) -> None:
 
 def test_average_hook_gives_ddps_average_and_is_accepted_by_ddp(tmp_path):
     """``average_in_collective``'s hook passes DDP's check of a hook's signature (postponed annotations would fail it)
-    and averages the ranks' gradients as DDP's own reduction does (gloo here; NCCL on a GPU: test_gpu_strategies.py).
-    The two ranks' gradients differ, so a sum or one rank's own gradient would not match."""
+    and averages the ranks' gradients as DDP's own reduction does, over gloo (under NCCL the hook has run in
+    ``bench/strategies.py``'s cells only). The two ranks' gradients differ, so a sum or one rank's own gradient would
+    not match."""
     import socket
 
     import torch.multiprocessing as mp
@@ -360,7 +362,13 @@ def test_average_hook_gives_ddps_average_and_is_accepted_by_ddp(tmp_path):
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
         out = tmp_path / f"hook{hook}.pt"
-        mp.spawn(_ddp_gradients, args=(port, hook, str(out)), nprocs=2)
+        job = mp.spawn(_ddp_gradients, args=(port, hook, str(out)), nprocs=2, join=False)
+        deadline = time.monotonic() + 120
+        while not job.join(timeout=5):  # raises if a rank failed
+            if time.monotonic() > deadline:
+                for process in job.processes:
+                    process.kill()
+                pytest.fail("the 2-process gloo job did not finish within 120 s")
         grads[hook] = torch.load(out)
     torch.manual_seed(0)  # rank 0's gradient alone, to show that the ranks' gradients differed
     model = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.GELU(), torch.nn.Linear(64, 3))
