@@ -137,9 +137,7 @@ class NonFiniteGuard(pl.Callback):
             self._stepping = True  # the optimizer applies this step
             return
         flags = torch.cat([local, _sum_over_ranks(local, trainer)]).tolist()  # one sync
-        if flags[5]:
-            raise self._applied_fault(trainer)
-        self._stepping = not (flags[3] or flags[4])  # the optimizer applies this step
+        self._stepping = not self._faulty(trainer, flags)  # the optimizer applies this step
         if self._stepping:
             self.consecutive_skips = 0
             return
@@ -208,9 +206,7 @@ class NonFiniteGuard(pl.Callback):
             return
         step, losses, grad_norm = self._verdict_of
         flags = flags.tolist()
-        if flags[5]:  # DeepSpeed: the step before, applied by the engine
-            raise self._applied_fault(trainer)
-        if not (flags[3] or flags[4]):
+        if not self._faulty(trainer, flags):
             return
         raise NonFiniteLossError(
             f"{self._describe(trainer, flags, losses, grad_norm)} at optimizer step {step} on rank "
@@ -221,6 +217,13 @@ class NonFiniteGuard(pl.Callback):
             "Lower the learning rate or add warmup, check the data around this step, use bf16 instead of fp16, or "
             "set the guard's policy: skip to drop such steps."
         )
+
+    def _faulty(self, trainer: pl.Trainer, flags: list[float]) -> bool:
+        """Whether any rank's loss or gradient norm was not finite in the step ``flags`` describe (this rank's three
+        flags, then their sums over the ranks); raises first if a step DeepSpeed's engine applied before it was."""
+        if flags[5]:
+            raise self._applied_fault(trainer)
+        return bool(flags[3] or flags[4])
 
     @staticmethod
     def _describe(trainer: pl.Trainer, flags: list[float], losses: torch.Tensor | None,
