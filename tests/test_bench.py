@@ -234,8 +234,6 @@ def test_lightning_stop_check_puts_lightnings_own_broadcast_back(tmp_path):
 def test_every_overlap_cell_parses_through_the_cli(tmp_path, capsys):
     """Each distinct set of options of ``bench/strategies.py overlap`` is a config ``python -m lit_llm.train fit``
     accepts (parsed and printed, not run), and the guard's options reach it."""
-    import pytest
-
     from lit_llm.train import cli
 
     bench = _bench("strategies")
@@ -263,8 +261,6 @@ def test_every_overlap_cell_parses_through_the_cli(tmp_path, capsys):
 
 
 def test_a_cell_with_an_unknown_launcher_is_refused(tmp_path):
-    import pytest
-
     bench = _bench("strategies")
     args = bench.argparse.Namespace(source="corpus.txt", tokenizer="gpt2_dir")
     cell = bench.batch32("DDP x2", 2, "lit_ddp", launcher="mpirun")
