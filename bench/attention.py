@@ -26,7 +26,7 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from lit_llm.config import PRESETS  # noqa: E402
+from lit_llm.model.config import PRESETS  # noqa: E402
 from lit_llm.tasks.base import sdpa_backend_context  # noqa: E402
 
 BACKENDS = ("flash", "cudnn", "efficient")

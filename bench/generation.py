@@ -20,9 +20,9 @@ from collections.abc import Callable
 
 import torch
 
-from lit_llm.config import GPTConfig
-from lit_llm.generation import generate
-from lit_llm.model import GPTModel
+from lit_llm.model.config import GPTConfig
+from lit_llm.model.gpt import GPTModel
+from lit_llm.model.sampling import generate
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -55,7 +55,7 @@ def timed(
 
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--preset", default="gpt2-124m", help="model shape (lit_llm.config.PRESETS); random weights")
+    p.add_argument("--preset", default="gpt2-124m", help="model shape (lit_llm.model.config.PRESETS); random weights")
     p.add_argument("--prompt-tokens", type=int, default=32)
     p.add_argument("--new-tokens", type=int, default=200)
     p.add_argument("--batch-size", type=int, default=1)

@@ -1,4 +1,4 @@
-"""The cross-entropy over a batch's logits, alone: ``lit_llm.fused_loss``'s Triton kernel under launch settings, against
+"""The cross-entropy over a batch's logits, alone: the fused loss's Triton kernel under launch settings, against
 the compiled plain loss (``F.cross_entropy`` of the float32-cast logits, forward and backward, as ``torch.compile``
 builds it inside the training step).
 
@@ -58,7 +58,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         parser.error("this benchmark times GPU kernels; no CUDA device is visible")
-    from lit_llm.fused_loss import _loss_and_gradient_in_place
+    from lit_llm.model.fused_loss import _loss_and_gradient_in_place
 
     torch.manual_seed(0)
     n, v = args.tokens, args.vocab

@@ -58,7 +58,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from lit_llm.config import PRESETS  # noqa: E402
+from lit_llm.model.config import PRESETS  # noqa: E402
 
 
 @dataclass
@@ -83,9 +83,9 @@ class Cell:
 
 
 #: lit_llm's strategy classes, named so that a cell can set their options (the presets' names cannot take any).
-DDP_CLASS = "lit_llm.strategies.GPTDDPStrategy"
-FSDP_CLASS = "lit_llm.strategies.GPTFSDPStrategy"
-DEEPSPEED_CLASS = "lit_llm.strategies.GPTDeepSpeedStrategy"
+DDP_CLASS = "lit_llm.distributed.ddp.GPTDDPStrategy"
+FSDP_CLASS = "lit_llm.distributed.fsdp.GPTFSDPStrategy"
+DEEPSPEED_CLASS = "lit_llm.distributed.deepspeed.GPTDeepSpeedStrategy"
 SPLIT_GRAPH = "--trainer.strategy.split_compiled_graph=true"
 BF16_ALL_REDUCE = (
     "--trainer.strategy.ddp_comm_hook=torch.distributed.algorithms.ddp_comm_hooks.default_hooks.bf16_compress_hook")
@@ -461,8 +461,8 @@ def allreduce_bench(model: str, devices: int, bucket_mb: int = 25, iters: int = 
 
     import torch.multiprocessing as mp
 
-    from lit_llm.config import GPTConfig
-    from lit_llm.model import GPTModel
+    from lit_llm.model.config import GPTConfig
+    from lit_llm.model.gpt import GPTModel
 
     shape = {k: PRESETS[model][k] for k in ("emb_dim", "n_layers", "n_heads", "context_length")}
     shape.update(tie_weights=True, pad_vocab_multiple=64)  # as configs/pretrain/gpt2-124m.yaml trains it

@@ -44,12 +44,12 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # CPU only for a smoke 
 sys.path.insert(0, str(ROOT))
 
 from lit_llm.callbacks.throughput import get_peak_flops  # noqa: E402
-from lit_llm.config import GPTConfig  # noqa: E402
-from lit_llm.float8 import RECIPES as FLOAT8_RECIPES  # noqa: E402
-from lit_llm.float8 import convert_to_float8  # noqa: E402
-from lit_llm.model import GPTModel  # noqa: E402
-from lit_llm.optim import build_adamw, parameter_groups  # noqa: E402
+from lit_llm.model.config import GPTConfig  # noqa: E402
+from lit_llm.model.float8 import RECIPES as FLOAT8_RECIPES  # noqa: E402
+from lit_llm.model.float8 import convert_to_float8  # noqa: E402
+from lit_llm.model.gpt import GPTModel  # noqa: E402
 from lit_llm.tasks.base import sdpa_backend_context  # noqa: E402
+from lit_llm.tasks.optim import build_adamw, parameter_groups  # noqa: E402
 
 
 @dataclass(frozen=True)

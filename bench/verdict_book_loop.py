@@ -15,9 +15,9 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
-from lit_llm.config import GPTConfig
 from lit_llm.data import PretrainDataModule
-from lit_llm.model import GPTModel
+from lit_llm.model.config import GPTConfig
+from lit_llm.model.gpt import GPTModel
 
 
 @torch.no_grad()

@@ -3,7 +3,7 @@
     python -m lit_llm.classify --checkpoint checkpoints/classify-quickstart/last.ckpt "The lid is not flimsy at all."
     python -m lit_llm.classify --checkpoint checkpoints/sms-spam/last.ckpt --file messages.txt --json
 
-``--checkpoint`` is a ``.ckpt`` written by ``python -m lit_llm.train fit`` with ``lit_llm.tasks.ClassifierModule``
+``--checkpoint`` is a ``.ckpt`` written by ``python -m lit_llm.train fit`` with ``lit_llm.tasks.ClassifyTask``
 (or its run directory, which holds ``last.ckpt``). Everything needed comes from it: the model's shape and weights
 (the head's size included), the class names, the pooling, the tokenizer and the padding the model was trained
 with. Texts come as arguments and/or from ``--file`` (one text per line, blank lines skipped; a ``.jsonl`` file holds
@@ -30,20 +30,20 @@ from typing import Any, TextIO
 
 import torch
 
-from lit_llm.errors import CheckpointError, CommandLineParser, ConfigError, LitLLMError, debugging
-from lit_llm.generate import read_text_file
+from lit_llm.cli import CommandParser, read_text_file, resolve_device, run_command
+from lit_llm.data.tokenizer import Tokenizer
+from lit_llm.errors import CheckpointError, ConfigError, LitLLMError
 from lit_llm.tasks.base import GPTTask
-from lit_llm.tasks.classify import ClassifierModule
-from lit_llm.tokenizer import Tokenizer
+from lit_llm.tasks.classify import ClassifyTask
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The command-line interface of ``python -m lit_llm.classify``."""
-    p = CommandLineParser(prog="python -m lit_llm.classify",
-                description="Label texts with a lit_llm classification checkpoint (ClassifierModule).")
+    p = CommandParser(prog="python -m lit_llm.classify",
+                description="Label texts with a lit_llm classification checkpoint (ClassifyTask).")
     p.add_argument("texts", nargs="*", metavar="TEXT", help="texts to classify")
     p.add_argument("--checkpoint", required=True, metavar="CKPT",
-                   help="a .ckpt written by lit_llm.train with ClassifierModule, or its run directory")
+                   help="a .ckpt written by lit_llm.train with ClassifyTask, or its run directory")
     p.add_argument("--file", metavar="FILE", default=None,
                    help="one text per line, a .jsonl file of {\"text\": ...} objects, or - for standard input")
     p.add_argument("--json", action="store_true", help="print one JSON object per text")
@@ -57,7 +57,7 @@ class Classifier:
     """A classification model ready for inference, with what its checkpoint says about its inputs.
 
     Attributes:
-        task: The ``ClassifierModule`` in eval mode.
+        task: The ``ClassifyTask`` in eval mode.
         tokenizer: The tokenizer it was trained with.
         label_names: Class names in id order.
         pooling: ``last``, ``last_nonpad`` or ``mean``.
@@ -66,7 +66,7 @@ class Classifier:
         pad_id: The padding id (``<|endoftext|>``).
     """
 
-    task: ClassifierModule
+    task: ClassifyTask
     tokenizer: Tokenizer
     label_names: list[str]
     pooling: str
@@ -79,13 +79,13 @@ def load_classifier(checkpoint: str | Path, device: str | torch.device = "cpu") 
     """Rebuild a trained classifier from its lit_llm checkpoint alone.
 
     Args:
-        checkpoint: A ``.ckpt`` written with ``ClassifierModule``, or a run directory holding ``last.ckpt``.
+        checkpoint: A ``.ckpt`` written with ``ClassifyTask``, or a run directory holding ``last.ckpt``.
         device: Where the model goes.
 
     Raises:
         CheckpointError: The file is missing or unreadable, or it is not a classification checkpoint.
     """
-    from lit_llm.tensor_files import torch_load
+    from lit_llm.weights.files import torch_load
 
     path = Path(checkpoint).expanduser()
     file = path / "last.ckpt" if path.is_dir() else path
@@ -100,18 +100,18 @@ def load_classifier(checkpoint: str | Path, device: str | torch.device = "cpu") 
         kind = "a language-model checkpoint" if isinstance(hparams, dict) else "not a lit_llm training checkpoint"
         raise CheckpointError(
             f"{file} is not a classification checkpoint ({kind}: it has no classifier head and class names). Train "
-            "one with model.class_path: lit_llm.tasks.ClassifierModule (see configs/classify/), or use "
+            "one with model.class_path: lit_llm.tasks.ClassifyTask (see configs/classify/), or use "
             "python -m lit_llm.generate for language models."
         )
     if data_state is None:
         raise CheckpointError(f"{file} holds no tokenizer (no DataModule state); it was not written by lit_llm.train "
-                              "with lit_llm.data.ClassificationDataModule")
-    accepted = set(inspect.signature(ClassifierModule.__init__).parameters) | set(
+                              "with lit_llm.data.ClassifyDataModule")
+    accepted = set(inspect.signature(ClassifyTask.__init__).parameters) | set(
         inspect.signature(GPTTask.__init__).parameters)
     kwargs = {k: v for k, v in hparams.items() if k in accepted and k not in ("self", "kwargs")}
     # The weights come from the checkpoint: no initial weights to fetch, nothing to compile for a few texts.
     kwargs.update(init_weights=None, compile=False, num_classes=info["num_classes"], label_names=info["label_names"])
-    task = ClassifierModule(**kwargs)
+    task = ClassifyTask(**kwargs)
     task.configure_model()
     try:
         task.load_state_dict(ckpt["state_dict"])
@@ -185,7 +185,6 @@ def read_texts(texts: Sequence[str], file: str | None, stdin: TextIO) -> list[st
 
 def run(args: argparse.Namespace, stdin: TextIO, stdout: TextIO) -> None:
     """Carry out parsed command-line arguments."""
-    from lit_llm.generate import resolve_device
 
     texts = read_texts(args.texts, args.file, stdin)
     if not texts:
@@ -201,23 +200,10 @@ def run(args: argparse.Namespace, stdin: TextIO, stdout: TextIO) -> None:
 
 def main(argv: Iterable[str] | None = None, stdin: TextIO | None = None, stdout: TextIO | None = None) -> int:
     """Run ``python -m lit_llm.classify`` with ``argv`` (default: ``sys.argv[1:]``); returns the exit status."""
-    try:
-        with warnings.catch_warnings():
-            warnings.showwarning = _show_warning
-            args = build_parser().parse_args(None if argv is None else list(argv))
-            run(args, stdin or sys.stdin, stdout or sys.stdout)
-    except (LitLLMError, ValueError, OSError) as err:
-        if debugging():
-            raise
-        lines = [line.strip() for line in str(err).splitlines() if line.strip()]
-        print(f"error: {' '.join(lines) or type(err).__name__}", file=sys.stderr)
-        return 1
-    return 0
+    def action() -> None:
+        run(build_parser().parse_args(None if argv is None else list(argv)), stdin or sys.stdin, stdout or sys.stdout)
 
-
-def _show_warning(message: Warning | str, category: type[Warning], *args: Any, **kwargs: Any) -> None:
-    # A terminal user needs the warning, not the source line that raised it.
-    print(f"warning: {message}", file=sys.stderr)
+    return run_command(action, (LitLLMError, ValueError, OSError))
 
 
 if __name__ == "__main__":

@@ -11,8 +11,9 @@ Hugging Face.
 ``from-hf``, ``from-book`` and ``merge-lora`` write a converted weights directory (``model.safetensors`` in lit_llm's
 layout, ``model_config.json``, ``tokenizer.json``) that ``model.init_weights``, ``python -m lit_llm.generate`` and
 ``to-hf`` read. ``to-hf`` writes a directory that ``transformers.AutoModelForCausalLM`` and ``AutoTokenizer`` load.
-``extract-lora`` writes a checkpoint's LoRA adapters alone, for :func:`lit_llm.lora.load_lora`. ``consolidate`` makes
-one ``.ckpt`` file of the checkpoint directory an FSDP or DeepSpeed run writes (:mod:`lit_llm.consolidate`).
+``extract-lora`` writes a checkpoint's LoRA adapters alone, for :func:`lit_llm.model.lora.load_lora`.
+``consolidate`` makes one ``.ckpt`` file of the checkpoint directory an FSDP or DeepSpeed run writes
+(:mod:`lit_llm.weights.consolidate`).
 """
 
 from __future__ import annotations
@@ -25,12 +26,14 @@ from pathlib import Path
 
 import torch
 
-from lit_llm.config import PRESETS, GPTConfig
-from lit_llm.consolidate import _consolidate
-from lit_llm.errors import CheckpointError, ConfigError, LitLLMError, debugging, exit_with_error
-from lit_llm.lora import read_lora, write_lora_file
-from lit_llm.tokenizer import Tokenizer, load_tokenizer
-from lit_llm.weights import export_hf, load_book_state_dict, load_model_for_inference, save_weights
+from lit_llm.cli import CommandParser, run_command
+from lit_llm.data.tokenizer import Tokenizer, load_tokenizer
+from lit_llm.errors import CheckpointError, ConfigError, LitLLMError
+from lit_llm.model.config import PRESETS, GPTConfig
+from lit_llm.model.lora import read_lora, write_lora_file
+from lit_llm.weights.consolidate import _consolidate
+from lit_llm.weights.export import export_hf, save_weights
+from lit_llm.weights.readers import load_book_state_dict, load_model_for_inference
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -124,7 +127,7 @@ def _summary(out: Path, config: GPTConfig, state: dict, has_tokenizer: bool) -> 
 
 def build_parser() -> argparse.ArgumentParser:
     """The ``python -m lit_llm.convert`` argument parser."""
-    parser = argparse.ArgumentParser(
+    parser = CommandParser(
         prog="python -m lit_llm.convert",
         description="Convert GPT weights between lit_llm, the Hugging Face GPT-2 layout and the book's state dicts.",
         epilog="Bad input ends with one 'error: ...' line and exit status 1; LIT_LLM_DEBUG=1 shows the traceback.",
@@ -186,7 +189,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "extract-lora", help="lit_llm checkpoint trained with LoRA -> adapters-only .safetensors",
         description="Write only the LoRA adapters (lora_A, lora_B, lora_scaling) of a checkpoint to a safetensors "
-                    "file, with the LoRA and model configs in its metadata; lit_llm.lora.load_lora adds them to the "
+                    "file, with the LoRA and model configs in its metadata; lit_llm.model.lora.load_lora adds them "
+                    "to the "
                     "base model.",
     )
     p.add_argument("checkpoint", metavar="CKPT", help="lit_llm .ckpt or run directory trained with model.lora")
@@ -197,7 +201,8 @@ def build_parser() -> argparse.ArgumentParser:
         "consolidate", help="FSDP / DeepSpeed checkpoint directory -> one lit_llm .ckpt file",
         description="Merge the per-GPU parts of a checkpoint that FSDP (state_dict_type: sharded) or DeepSpeed wrote "
                     "as a directory (e.g. checkpoints/<run>/last.ckpt/) into one .ckpt in the format of a "
-                    "single-device run, which generate, to-hf, model.init_weights and lit_llm.weights read. The "
+                    "single-device run, which generate, to-hf, model.init_weights and lit_llm.weights.readers "
+                    "read. The "
                     "weights keep the strategy's stored dtype (DeepSpeed: its float32 master weights); "
                     "hyperparameters, model config, tokenizer and the other saved states come along. A run directory "
                     "stands for its last.ckpt (else its newest *.ckpt). No GPU is needed; DeepSpeed checkpoints need "
@@ -215,16 +220,14 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> None:
-    """Run one conversion; user mistakes end with one ``error:`` line on stderr and exit status 1."""
-    args = build_parser().parse_args(argv)
-    try:
+def main(argv: list[str] | None = None) -> int:
+    """Run one conversion and return the exit status; user mistakes end with one ``error:`` line on stderr."""
+    def action() -> None:
+        args = build_parser().parse_args(argv)
         print(args.run(args))
-    except (LitLLMError, OSError) as err:
-        if debugging():
-            raise
-        exit_with_error(err)  # one clear message, not a traceback (LIT_LLM_DEBUG=1 shows it)
+
+    return run_command(action)
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

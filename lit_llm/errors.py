@@ -5,10 +5,7 @@ Every message names the offending key, value or path and says how to fix it.
 
 from __future__ import annotations
 
-import argparse
 import os
-import sys
-from collections.abc import Callable
 
 
 class LitLLMError(Exception):
@@ -32,15 +29,7 @@ class NonFiniteLossError(LitLLMError, RuntimeError):
 
 
 class UsageError(LitLLMError):
-    """A command-line flag that argparse refused."""
-
-
-class CommandLineParser(argparse.ArgumentParser):
-    """The ``ArgumentParser`` of lit_llm's commands: a mistake raises :class:`UsageError`, which the command prints as
-    one line with exit status 1 (argparse itself would print the whole usage and exit 2)."""
-
-    def error(self, message: str) -> None:  # type: ignore[override]
-        raise UsageError(f"{message} (see {self.prog} --help)")
+    """A command-line flag that the parser refused (unknown, abbreviated or malformed): exit status 2."""
 
 
 def debugging() -> bool:
@@ -65,27 +54,3 @@ def one_line(error: BaseException) -> str:
     if len(lines) <= 1:
         return lines[0] if lines else type(error).__name__
     return lines[0] + " " + "; ".join(line.removeprefix("- ") for line in lines[1:])
-
-
-def run_command(action: Callable[[], object], errors: tuple[type[BaseException], ...] = (LitLLMError, OSError),
-                single_line: bool = False) -> int:
-    """Run a command-line tool's ``action`` and return its exit status: 0 when it returns; 1 after one ``error:`` line
-    on stderr when it raises one of ``errors`` (a user mistake; ``LIT_LLM_DEBUG=1`` re-raises it instead); 130 on
-    Ctrl-C."""
-    try:
-        action()
-    except errors as err:
-        if debugging():
-            raise
-        print(f"error: {one_line(err) if single_line else err}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print(file=sys.stderr)
-        return 130
-    return 0
-
-
-def exit_with_error(error: BaseException) -> None:
-    """Print ``error: <Type>: <message>`` on stderr and exit with status 1: how every entry point ends on bad input."""
-    print(f"error: {type(error).__name__}: {error}", file=sys.stderr)
-    sys.exit(1)

@@ -17,7 +17,8 @@ different lengths run in separate batches and each gets exactly the tokens it wo
 the checkpoint's ``prompt_template`` hyperparameter, else ``alpaca``), generates until ``<|endoftext|>`` and prints
 the response only. Each turn is independent (the book's models are single-turn). ``/exit`` or end of input quits.
 
-Mistakes print one ``error: ...`` line and exit with status 1; ``LIT_LLM_DEBUG=1`` shows the traceback instead.
+Mistakes print one ``error: ...`` line and exit with status 1 (2 for a usage mistake); ``LIT_LLM_DEBUG=1`` shows the
+traceback instead.
 """
 
 from __future__ import annotations
@@ -25,19 +26,18 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import warnings
 from collections.abc import Callable, Iterable, Sequence
-from pathlib import Path
 from typing import Any, TextIO
 
 import torch
 
-from lit_llm.errors import CommandLineParser, ConfigError, LitLLMError, run_command
-from lit_llm.generation import check_sampling_args, generate_tokens
-from lit_llm.model import GPTModel
-from lit_llm.prompts import TEMPLATES, extract_response, format_prompt, get_template
-from lit_llm.tokenizer import Tokenizer, load_tokenizer
-from lit_llm.weights import load_model_for_inference
+from lit_llm.cli import CommandParser, read_text_file, resolve_device, run_command, warn
+from lit_llm.data.prompts import TEMPLATES, extract_response, format_prompt, get_template
+from lit_llm.data.tokenizer import Tokenizer, load_tokenizer
+from lit_llm.errors import ConfigError, LitLLMError
+from lit_llm.model.gpt import GPTModel
+from lit_llm.model.sampling import check_sampling_args, generate_tokens
+from lit_llm.weights.readers import load_model_for_inference
 
 DTYPES: dict[str, torch.dtype | None] = {
     "auto": None,
@@ -49,7 +49,7 @@ DTYPES: dict[str, torch.dtype | None] = {
 
 def build_parser() -> argparse.ArgumentParser:
     """The command-line interface of ``python -m lit_llm.generate``."""
-    p = CommandLineParser(
+    p = CommandParser(
         prog="python -m lit_llm.generate",
         description="Generate text with a lit_llm GPT (a .ckpt, an exported/HF GPT-2 directory, or a Hub id).",
     )
@@ -85,19 +85,6 @@ def build_parser() -> argparse.ArgumentParser:
 # --- loading -------------------------------------------------------------------------------------------------------
 
 
-def resolve_device(device: str) -> torch.device:
-    """``auto`` -> ``cuda`` when available, else ``cpu``; other names are checked."""
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, ValueError) as err:
-        raise ConfigError(f"--device {device!r} is not a device name; use auto, cpu, cuda or cuda:N") from err
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"--device {device!r} asks for CUDA but no CUDA GPU is available; use --device cpu")
-    return dev
-
-
 def load(
     source: str, device: torch.device, dtype: torch.dtype | None, tokenizer_source: str | None
 ) -> tuple[GPTModel, Tokenizer, dict[str, Any]]:
@@ -131,46 +118,6 @@ def read_prompts(prompts: Sequence[str] | None, prompt_file: str | None) -> list
     out = list(prompts or [])
     if prompt_file is not None:
         out += read_text_file(prompt_file, field="prompt", option="--prompt-file", noun="prompts")
-    return out
-
-
-def read_text_file(file: str, *, field: str, option: str, noun: str, stdin: TextIO | None = None) -> list[str]:
-    """The non-empty lines of ``file``, or the ``field`` strings of a ``.jsonl`` file (``-`` reads ``stdin``).
-
-    Args:
-        file: The path given to ``option``.
-        field: The key holding the text in each JSON Lines record.
-        option: The command-line option, named in errors.
-        noun: What the texts are, for the error about an empty file.
-        stdin: Where ``-`` reads from; ``None`` refuses ``-``.
-
-    Raises:
-        FileNotFoundError: ``file`` does not exist.
-        ConfigError: A JSON Lines record is malformed, or the file holds no texts.
-    """
-    if file == "-" and stdin is not None:
-        lines, name = stdin.read().splitlines(), "standard input"
-    else:
-        path = Path(file).expanduser()
-        if not path.is_file():
-            raise FileNotFoundError(f"{option} {file!r} does not exist (cwd: {Path.cwd()})")
-        lines, name = path.read_text(encoding="utf-8").splitlines(), file
-    out: list[str] = []
-    if file.endswith(".jsonl"):
-        for n, line in enumerate(lines, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise ConfigError(f"{name}:{n} is not valid JSON ({err.msg})") from err
-            if not isinstance(record, dict) or not isinstance(record.get(field), str):
-                raise ConfigError(f'{name}:{n} must be a JSON object with a "{field}" string')
-            out.append(record[field])
-    else:
-        out.extend(line for line in lines if line.strip())
-    if not out:
-        raise ConfigError(f"{option} {file!r} holds no {noun}")
     return out
 
 
@@ -234,7 +181,7 @@ def complete(
         tokenizer: The model's tokenizer.
         prompts: Texts to continue.
         max_new_tokens: Most tokens per prompt.
-        temperature: 0 is greedy; see :func:`lit_llm.generation.sample_next` for this, ``top_k`` and ``top_p``.
+        temperature: 0 is greedy; see :func:`lit_llm.model.sampling.sample_next` for this, ``top_k`` and ``top_p``.
         top_k: Sample among the k most likely tokens.
         top_p: Nucleus sampling threshold.
         seed: Seed of the sampling generator (one generator for the whole call); None draws a random seed.
@@ -294,7 +241,7 @@ def chat(
     Args:
         model: An eval-mode GPT (instruction-finetuned, ideally).
         tokenizer: Its tokenizer.
-        template: Instruction template name or string (see :mod:`lit_llm.prompts`).
+        template: Instruction template name or string (see :mod:`lit_llm.data.prompts`).
         stdin: Where instructions come from.
         stdout: Where responses go, one block per turn ending in a newline.
         stream: Print the response as it is generated.
@@ -361,17 +308,17 @@ def run(args: argparse.Namespace, stdin: TextIO, stdout: TextIO) -> None:
     )
     if args.chat:
         if args.format != "text":
-            _warn(f"--format {args.format} applies to --prompt / --prompt-file; --chat prints the responses")
+            warn(f"--format {args.format} applies to --prompt / --prompt-file; --chat prints the responses")
         template = args.template or checkpoint_template(meta) or "alpaca"
         get_template(template)
         chat(model, tokenizer, template, stdin=stdin, stdout=stdout, stream=args.stream is not False, **gen)
         return
     if args.template is not None:
-        _warn("--template applies to --chat; --prompt text is continued as written (format it yourself)")
+        warn("--template applies to --chat; --prompt text is continued as written (format it yourself)")
     stream = len(prompts) == 1 and args.format == "text"
     if args.stream and not stream:
         why = f"{len(prompts)} prompts" if len(prompts) > 1 else "--format jsonl"
-        _warn(f"--stream needs a single prompt and --format text; with {why} the output prints when done")
+        warn(f"--stream needs a single prompt and --format text; with {why} the output prints when done")
     stream = stream and args.stream is not False
     if stream:
         stdout.write(prompts[0])
@@ -387,10 +334,6 @@ def run(args: argparse.Namespace, stdin: TextIO, stdout: TextIO) -> None:
     stdout.flush()
 
 
-def _warn(message: str) -> None:
-    print(f"warning: {message}", file=sys.stderr)
-
-
 def main(argv: Iterable[str] | None = None, stdin: TextIO | None = None, stdout: TextIO | None = None) -> int:
     """Run ``python -m lit_llm.generate`` with ``argv`` (default: ``sys.argv[1:]``); returns the exit status.
 
@@ -399,14 +342,8 @@ def main(argv: Iterable[str] | None = None, stdin: TextIO | None = None, stdout:
     def action() -> None:
         run(build_parser().parse_args(None if argv is None else list(argv)), stdin or sys.stdin, stdout or sys.stdout)
 
-    return run_command(action, (LitLLMError, ValueError, OSError), single_line=True)
-
-
-def _show_warning(message: Warning | str, category: type[Warning], *args: Any, **kwargs: Any) -> None:
-    # A terminal user needs the warning, not the source line that raised it.
-    _warn(str(message))
+    return run_command(action, (LitLLMError, ValueError, OSError))
 
 
 if __name__ == "__main__":
-    warnings.showwarning = _show_warning
     sys.exit(main())

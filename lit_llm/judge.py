@@ -4,7 +4,7 @@
     python -m lit_llm.judge RESPONSES.json --api openai --url https://api.openai.com --model gpt-4o-mini \\
         --api-key-env OPENAI_API_KEY
 
-For each record of the responses file (the JSON list ``InstructModule`` writes: the test records with a
+For each record of the responses file (the JSON list ``InstructTask`` writes: the test records with a
 ``model_response`` field) the judge model gets the book's scoring prompt::
 
     Given the input `<the Alpaca-formatted instruction and input>` and correct output `<output>`, score the model
@@ -35,8 +35,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from lit_llm.errors import CommandLineParser, ConfigError, DataError, LitLLMError, run_command
-from lit_llm.prompts import TEMPLATES
+from lit_llm.cli import CommandParser, run_command, warn
+from lit_llm.data.prompts import TEMPLATES
+from lit_llm.errors import ConfigError, DataError, LitLLMError
 
 Api = Literal["ollama", "openai"]
 _SCORE = re.compile(r"\s*(\d{1,3})\s*\.?\s*")
@@ -199,7 +200,7 @@ def judge_records(
         missing = [f for f in required if not isinstance(record, dict) or f not in record]
         if missing:
             raise DataError(f"record {i} of the responses file has no {missing[0]!r} field; the judge needs "
-                            f"{required} in every record (write the file with lit_llm's InstructModule, or name the "
+                            f"{required} in every record (write the file with lit_llm's InstructTask, or name the "
                             "fields with --instruction-field / --output-field / --response-field)")
     report = JudgeReport()
     for i, record in enumerate(records):
@@ -232,7 +233,7 @@ def read_responses(path: str | Path) -> list[dict[str, Any]]:
 
 def build_parser() -> argparse.ArgumentParser:
     """The command-line interface of ``python -m lit_llm.judge``."""
-    p = CommandLineParser(prog="python -m lit_llm.judge",
+    p = CommandParser(prog="python -m lit_llm.judge",
                 description="Score instruction responses 0-100 with an LLM judge (Ollama or OpenAI-compatible).")
     p.add_argument("responses", help="responses JSON (a list of records with model_response), e.g. test_responses.json")
     p.add_argument("--url", default="http://localhost:11434", help="the judge server's base URL (default: %(default)s)")
@@ -269,8 +270,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
               "output_field": args.output_field}
     report = judge_records(records, ask, args.response_field, progress=progress, **fields)
     for i in report.failed:
-        print(f"warning: record {i}: could not read a score from the reply {report.replies[i][:80]!r}",
-              file=sys.stderr)
+        warn(f"record {i}: could not read a score from the reply {report.replies[i][:80]!r}")
     out = Path(args.output) if args.output else Path(args.responses).with_name(
         f"{Path(args.responses).stem}_judge.json")
     summary = report.to_dict(responses=str(args.responses), url=args.url, api=args.api, model=args.model)

@@ -25,8 +25,8 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["HF_DATASETS_OFFLINE"] = "1"
 
 
-# Without a GPU, Triton kernels (lit_llm.fused_loss) run in Triton's CPU interpreter. Triton reads the setting when
-# it is imported (torch.compile imports it), so it is set here, before any test runs.
+# Without a GPU, Triton kernels (lit_llm.model.fused_loss) run in Triton's CPU interpreter. Triton reads the setting
+# when it is imported (torch.compile imports it), so it is set here, before any test runs.
 if "TRITON_INTERPRET" not in os.environ:
     import torch  # importing torch alone does not import Triton
 
@@ -54,3 +54,12 @@ def corpus(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("corpus") / "corpus.txt"
     path.write_text("\n\n".join(load_builtin("pydoc")["text"])[:4_000], encoding="utf-8")
     return path
+
+
+@pytest.fixture
+def ch06():
+    """The book's chapter 6 module (``llms_from_scratch.ch06``), or skip: the ``llms-from-scratch`` package pulls
+    TensorFlow and JupyterLab, so it is not a declared test dependency; ``pip install --no-deps llms-from-scratch``
+    (plus pandas) runs these comparisons with the book's own code."""
+    return pytest.importorskip("llms_from_scratch.ch06", reason="the book's package is optional: pip install --no-deps "
+                               "llms-from-scratch pandas")

@@ -14,7 +14,7 @@ import pytorch_lightning as pl
 import torch
 
 from lit_llm.callbacks.samples import _call_inside_root
-from lit_llm.generation import generate
+from lit_llm.model.sampling import generate
 
 
 class LiveGreedy(pl.Callback):

@@ -18,8 +18,8 @@ import pytorch_lightning as pl
 import torch
 
 from lit_llm.callbacks.samples import _call_inside_root
+from lit_llm.distributed import params_are_sharded
 from lit_llm.generate import complete
-from lit_llm.strategies import params_are_sharded
 
 
 class StrategyProbe(pl.Callback):

@@ -1,4 +1,5 @@
-"""``lit_llm.consolidate`` and ``python -m lit_llm.convert consolidate``: sharded checkpoint directories -> one file.
+"""``lit_llm.weights.consolidate`` and ``python -m lit_llm.convert consolidate``: sharded checkpoint directories ->
+one file.
 
 The FSDP directories here are real ``torch.distributed.checkpoint`` directories, written by the same Lightning
 function and in the same layout as ``FSDPStrategy.save_checkpoint(state_dict_type="sharded")`` writes them (the DCP
@@ -21,15 +22,16 @@ import pytest
 import torch
 from conftest import ROOT
 
-from lit_llm.config import GPTConfig
-from lit_llm.consolidate import FSDP_META_FILE, consolidate, detect_kind, sharded_kind
 from lit_llm.convert import main as convert_main
 from lit_llm.errors import CheckpointError
-from lit_llm.generation import generate
-from lit_llm.model import GPTModel
-from lit_llm.optim import parameter_groups
+from lit_llm.model.config import GPTConfig
+from lit_llm.model.gpt import GPTModel
+from lit_llm.model.sampling import generate
+from lit_llm.tasks.optim import parameter_groups
 from lit_llm.train import cli
-from lit_llm.weights import load_model_for_inference, load_weights
+from lit_llm.weights.consolidate import consolidate
+from lit_llm.weights.discovery import FSDP_META_FILE, detect_kind, sharded_kind
+from lit_llm.weights.readers import load_model_for_inference, load_weights
 
 TEXT = ("It had always been his fate to have his judgement questioned, and his work admired by those who never "
         "understood it. The sketch of the donkey was the last thing he painted before he gave it up. ")

@@ -150,8 +150,8 @@ def _reference_state(name: str, last: Path, scratch: Path) -> dict[str, torch.Te
 
 
 def _check_against_live(record: dict) -> None:
-    from lit_llm.generation import generate
-    from lit_llm.weights import load_model_for_inference
+    from lit_llm.model.sampling import generate
+    from lit_llm.weights.readers import load_model_for_inference
 
     live = record["live"]
     assert live["world_size"] == 2
@@ -188,9 +188,9 @@ def test_consolidated_weights_are_lightnings_and_the_live_models(name, runs, tmp
 
 
 def test_fsdp_keep_optimizer_resumes_on_one_gpu(runs):
-    from lit_llm.config import GPTConfig
-    from lit_llm.model import GPTModel
-    from lit_llm.optim import parameter_groups
+    from lit_llm.model.config import GPTConfig
+    from lit_llm.model.gpt import GPTModel
+    from lit_llm.tasks.optim import parameter_groups
 
     record = _record(runs, "fsdp")
     assert "optimizer state kept" in record["full_summary"]

@@ -13,7 +13,7 @@ from test_weights import _logits, _randomize, hf_dir, tokenizer  # noqa: F401 - 
 
 from lit_llm.convert import main
 from lit_llm.errors import CheckpointError
-from lit_llm.weights import load_model_for_inference
+from lit_llm.weights.readers import load_model_for_inference
 
 
 def _convert(*args: str) -> subprocess.CompletedProcess:
@@ -78,10 +78,9 @@ def test_bad_input_messages(case, tmp_path, capsys):
                    "unknown preset 'gpt9'"),
         "hf_on_book": (["from-hf", str(tmp_path / "book.pth"), str(tmp_path / "o")], "use from-book"),
     }[case]
-    with pytest.raises(SystemExit) as exit_info:
-        main(args)
+    code = main(args)
     err = capsys.readouterr().err
-    assert exit_info.value.code == 1 and err.startswith("error: ") and expected in err
+    assert code == 1 and err.startswith("error: ") and expected in err
 
 
 def test_debug_env_reraises(monkeypatch, tmp_path):
@@ -133,7 +132,7 @@ def test_merge_lora_then_generate_and_to_hf(tokenizer, tmp_path, capsys):  # noq
 def test_extract_lora_then_load_onto_the_base(tmp_path, capsys):
     from test_weights import lora_models, save_lora_checkpoint
 
-    from lit_llm.lora import load_lora
+    from lit_llm.model.lora import load_lora
 
     base, adapted = lora_models(tie=False)
     ckpt = save_lora_checkpoint(adapted, tmp_path / "lora.ckpt")
@@ -157,10 +156,9 @@ def test_lora_subcommands_refuse_a_checkpoint_without_adapters(tmp_path, capsys)
     base, _ = lora_models(tie=False)
     ckpt = save_lora_checkpoint(base, tmp_path / "plain.ckpt")
     for command, expected in (("merge-lora", "holds no LoRA adapters"), ("extract-lora", "holds no LoRA adapters")):
-        with pytest.raises(SystemExit) as exit_info:
-            main([command, str(ckpt), str(tmp_path / "out")])
+        code = main([command, str(ckpt), str(tmp_path / "out")])
         err = capsys.readouterr().err
-        assert exit_info.value.code == 1 and err.startswith("error: CheckpointError:") and expected in err
+        assert code == 1 and err.startswith("error: CheckpointError:") and expected in err
         assert str(ckpt) in err
     with pytest.raises(SystemExit):
         main(["--help"])

@@ -15,8 +15,8 @@ pytest.importorskip("torchao.float8", reason="torchao is part of the dev extra (
 from torchao.float8.float8_linear import Float8Linear  # noqa: E402
 
 from lit_llm.errors import ConfigError  # noqa: E402
-from lit_llm.float8 import EMULATE_ENV, convert_to_float8  # noqa: E402
-from lit_llm.model import GPTModel  # noqa: E402
+from lit_llm.model.float8 import EMULATE_ENV, convert_to_float8  # noqa: E402
+from lit_llm.model.gpt import GPTModel  # noqa: E402
 from lit_llm.tasks import PretrainTask  # noqa: E402
 
 SHAPE = dict(vocab_size=96, context_length=16, emb_dim=32, n_heads=2, n_layers=2, drop_rate=0.0)
@@ -24,7 +24,7 @@ QUICK = ROOT / "configs/pretrain/quickstart.yaml"
 
 
 def _model(**overrides) -> GPTModel:
-    from lit_llm.config import GPTConfig
+    from lit_llm.model.config import GPTConfig
 
     torch.manual_seed(0)
     return GPTModel(GPTConfig(**{**SHAPE, **overrides}))
@@ -163,8 +163,8 @@ def test_a_run_trains_and_its_checkpoint_loads_without_float8(tmp_path, monkeypa
     plain.configure_model()
     plain.load_state_dict(state)  # strict: the same keys as a plain model
     torch.testing.assert_close(plain.model.trf_blocks[0].att.qkv.weight, c.model.model.trf_blocks[0].att.qkv.weight)
-    from lit_llm.generation import generate
-    from lit_llm.weights import load_model_for_inference
+    from lit_llm.model.sampling import generate
+    from lit_llm.weights.readers import load_model_for_inference
 
     model, tokenizer, _ = load_model_for_inference(str(ckpts[-1]))  # what python -m lit_llm.generate reads
     assert not any(isinstance(m, Float8Linear) for m in model.modules())

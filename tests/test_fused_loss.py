@@ -30,7 +30,7 @@ from test_losses import (  # noqa: E402
     tied_weight_run,
 )
 
-from lit_llm.fused_loss import _loss_and_gradient_in_place, fused_head_loss  # noqa: E402
+from lit_llm.model.fused_loss import _loss_and_gradient_in_place, fused_head_loss  # noqa: E402
 
 
 def test_float32_matches_reference_with_ignored_targets():

@@ -14,13 +14,13 @@ import torch
 from conftest import ROOT
 
 from lit_llm import generate as gen_cli
-from lit_llm.config import GPTConfig
+from lit_llm.data.prompts import extract_response, format_prompt
 from lit_llm.generate import complete, main
-from lit_llm.generation import generate
-from lit_llm.model import GPTModel
-from lit_llm.prompts import extract_response, format_prompt
+from lit_llm.model.config import GPTConfig
+from lit_llm.model.gpt import GPTModel
+from lit_llm.model.sampling import generate
 from lit_llm.train import cli
-from lit_llm.weights import load_model_for_inference
+from lit_llm.weights.readers import load_model_for_inference
 
 PROMPT = "The import statement"
 
@@ -309,7 +309,7 @@ def test_sampling_with_a_seed_repeats(ckpt):
 
 
 def test_chat_uses_an_instruct_checkpoints_template(tmp_path, monkeypatch):
-    """A checkpoint written by InstructModule records the data's template, and --chat prompts with it."""
+    """A checkpoint written by InstructTask records the data's template, and --chat prompts with it."""
     records = [{"instruction": f"Name color {i}.", "input": "", "output": c}
                for i, c in enumerate(["red", "green", "blue", "amber"] * 10)]
     source = tmp_path / "records.json"

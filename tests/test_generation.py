@@ -1,10 +1,10 @@
 import pytest
 import torch
 
-from lit_llm.config import GPTConfig
 from lit_llm.errors import ConfigError
-from lit_llm.generation import generate, generate_tokens, sample_next
-from lit_llm.model import GPTModel, KVCache
+from lit_llm.model.config import GPTConfig
+from lit_llm.model.gpt import GPTModel, KVCache
+from lit_llm.model.sampling import generate, generate_tokens, sample_next
 
 
 def _model(**kw):

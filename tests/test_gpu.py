@@ -8,8 +8,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lit_llm.config import GPTConfig
-from lit_llm.model import GPTModel
+from lit_llm.model.config import GPTConfig
+from lit_llm.model.gpt import GPTModel
 from lit_llm.train import cli
 
 pytestmark = [
@@ -61,7 +61,7 @@ def test_sdpa_matches_reference_on_gpu():
 
 
 def test_kv_cache_matches_full_recompute_on_gpu():
-    from lit_llm.generation import generate
+    from lit_llm.model.sampling import generate
 
     cfg = GPTConfig.from_name("small", drop_rate=0.0, vocab_size=1000, context_length=128)
     torch.manual_seed(0)
@@ -147,7 +147,7 @@ def test_fused_loss_matches_the_plain_head_on_gpu(autocast):
     gradients (float32: to round-off; bf16 autocast: as close as two bf16 computations of the same thing)."""
     import torch.nn.functional as F
 
-    from lit_llm.fused_loss import fused_head_loss
+    from lit_llm.model.fused_loss import fused_head_loss
 
     g = torch.Generator(device="cuda").manual_seed(0)
     hidden = torch.randn(8, 1024, 768, device="cuda", generator=g, requires_grad=True)

@@ -1,4 +1,5 @@
-"""LoRA (lit_llm.lora): exactness of fresh adapters, merging, parameter counts, the book's layer, files, training."""
+"""LoRA (lit_llm.model.lora):
+exactness of fresh adapters, merging, parameter counts, the book's layer, files, training."""
 
 from __future__ import annotations
 
@@ -15,9 +16,10 @@ import torch.nn.functional as F
 from conftest import ROOT
 from test_cli import TINY_MODEL
 
-from lit_llm.config import GPTConfig
 from lit_llm.errors import CheckpointError, ConfigError, find_user_error
-from lit_llm.lora import (
+from lit_llm.model.config import GPTConfig
+from lit_llm.model.gpt import GPTModel
+from lit_llm.model.lora import (
     LoRAConfig,
     LoRALinear,
     UntiedHeadWarning,
@@ -31,8 +33,7 @@ from lit_llm.lora import (
     read_lora,
     save_lora,
 )
-from lit_llm.model import GPTModel
-from lit_llm.weights import load_into, load_model_for_inference, load_weights
+from lit_llm.weights.readers import load_into, load_model_for_inference, load_weights
 
 TEXT = "The quick brown fox jumps over the lazy dog, and the dog sleeps on in the sun all afternoon. " * 40
 

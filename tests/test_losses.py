@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lit_llm.losses import chunked_head_loss
+from lit_llm.model.losses import chunked_head_loss
 
 N, C, V = 37, 16, 50
 

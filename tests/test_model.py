@@ -1,9 +1,9 @@
 import pytest
 import torch
 
-from lit_llm.config import PRESETS, GPTConfig
 from lit_llm.errors import ConfigError
-from lit_llm.model import GPTModel
+from lit_llm.model.config import PRESETS, GPTConfig
+from lit_llm.model.gpt import GPTModel
 
 # Parameter counts of the book's shapes (vocab 50,257, no padding, no qkv bias), untied and tied.
 BOOK_COUNTS = {

@@ -3,9 +3,9 @@ import math
 import pytest
 import torch
 
-from lit_llm.config import GPTConfig
-from lit_llm.model import GPTModel
-from lit_llm.optim import lr_multiplier, parameter_groups
+from lit_llm.model.config import GPTConfig
+from lit_llm.model.gpt import GPTModel
+from lit_llm.tasks.optim import lr_multiplier, parameter_groups
 
 
 def test_warmup_then_cosine_to_floor():

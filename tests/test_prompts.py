@@ -1,7 +1,7 @@
 import pytest
 
+from lit_llm.data.prompts import TEMPLATES, PromptTemplate, extract_response, format_prompt, response_marker
 from lit_llm.errors import ConfigError
-from lit_llm.prompts import TEMPLATES, PromptTemplate, extract_response, format_prompt, response_marker
 
 # The book's chapter 7 example entry and the prompt its format_input + "\n\n### Response:\n" makes of it.
 ENTRY = {"instruction": "Identify the correct spelling of the following word.", "input": "Ocassion"}

@@ -10,15 +10,21 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import ROOT
-from pytorch_lightning.strategies import StrategyRegistry
+from pytorch_lightning.strategies import FSDPStrategy, StrategyRegistry
 
-from lit_llm import strategies
-from lit_llm.callbacks.checkpoint import Checkpoint, looks_complete
-from lit_llm.config import GPTConfig
+from lit_llm.callbacks.checkpoint import Checkpoint
+from lit_llm.distributed import common as dist_common
+from lit_llm.distributed import ddp as dist_ddp
+from lit_llm.distributed import deepspeed as dist_deepspeed
+from lit_llm.distributed import fsdp as dist_fsdp
+from lit_llm.distributed import registry as dist_registry
+from lit_llm.distributed.deepspeed import sanitize_cuda_arch_list
+from lit_llm.distributed.fsdp import GPTFSDPStrategy
 from lit_llm.errors import ConfigError
-from lit_llm.model import GPTModel, TransformerBlock
-from lit_llm.strategies import GPTFSDPStrategy, sanitize_cuda_arch_list
-from lit_llm.train import auto_checkpoint, cli
+from lit_llm.model.config import GPTConfig
+from lit_llm.model.gpt import GPTModel, TransformerBlock
+from lit_llm.train import cli
+from lit_llm.weights.discovery import auto_checkpoint, looks_complete
 
 QUICK = ROOT / "configs/pretrain/quickstart.yaml"
 TINY = ["--model.init_args.model.n_layers=2", "--model.init_args.model.emb_dim=32", "--model.init_args.model.n_heads=2",
@@ -27,7 +33,7 @@ TINY = ["--model.init_args.model.n_layers=2", "--model.init_args.model.emb_dim=3
 
 
 def test_every_name_is_registered_with_its_settings():
-    for name in strategies.NAMES:
+    for name in dist_registry.NAMES:
         assert name in StrategyRegistry, name
     fsdp = StrategyRegistry["lit_fsdp"]
     assert fsdp["strategy"] is GPTFSDPStrategy
@@ -71,7 +77,7 @@ def test_cuda_arch_suffixes_are_removed_for_deepspeed(given, expected, monkeypat
     assert os.environ["TORCH_CUDA_ARCH_LIST"] == expected
 
 
-class _OneRank(strategies._AtomicDirectorySave):
+class _OneRank(dist_common.AtomicDirectorySave):
     is_global_zero = True
 
     def __init__(self) -> None:
@@ -153,11 +159,15 @@ def test_a_model_built_on_meta_materialises_with_lit_llms_initialisation():
             assert abs(q.std().item() - p.std().item()) < 0.1 * p.std().item(), name
 
 
-class _FakeFSDPStrategy:
-    """Stands in for an FSDP strategy where ``configure_model`` only reads its class name and process count."""
+class _FakeFSDPStrategy(FSDPStrategy):
+    """Stands in for an FSDP strategy where ``configure_model`` only asks whether it is FSDP and reads its process
+    count (nothing of Lightning's strategy is set up)."""
 
     num_processes = 2
     root_device = torch.device("cpu")
+
+    def __init__(self) -> None:  # noqa: D107 - no set-up: only the type and the two attributes above are read
+        pass
 
 
 def _configure_under_fsdp(config: GPTConfig) -> torch.nn.Module:
@@ -252,7 +262,7 @@ def test_init_weights_under_zero3_is_one_clear_error(tmp_path):
 
 def test_a_config_naming_the_fsdp_class_gets_lit_llms_defaults_and_takes_fsdp_options(tmp_path, in_repo_root):
     c = cli(["--config", str(QUICK), *TINY, f"--trainer.default_root_dir={tmp_path}",
-             "--trainer.strategy=lit_llm.strategies.GPTFSDPStrategy", "--trainer.strategy.forward_prefetch=true",
+             "--trainer.strategy=lit_llm.distributed.fsdp.GPTFSDPStrategy", "--trainer.strategy.forward_prefetch=true",
              "--trainer.strategy.sharding_strategy=SHARD_GRAD_OP", "--trainer.strategy.limit_all_gathers=false",
              "--trainer.strategy.units=block"],
             run=False)
@@ -313,9 +323,9 @@ def test_lit_ddp_keeps_a_compiled_model_in_one_graph(corpus, tmp_path, monkeypat
     alone, _ = _compiled_graphs(monkeypatch, tmp_path / "one", [])
     one_graph, strategy = _compiled_graphs(monkeypatch, tmp_path / "ddp", [
         "--trainer.strategy=lit_ddp", "--trainer.devices=1"])
-    assert isinstance(strategy, strategies.GPTDDPStrategy) and strategy.split_compiled_graph is False
+    assert isinstance(strategy, dist_ddp.GPTDDPStrategy) and strategy.split_compiled_graph is False
     split, strategy = _compiled_graphs(monkeypatch, tmp_path / "split", [
-        "--trainer.strategy=lit_llm.strategies.GPTDDPStrategy", "--trainer.strategy.split_compiled_graph=true",
+        "--trainer.strategy=lit_llm.distributed.ddp.GPTDDPStrategy", "--trainer.strategy.split_compiled_graph=true",
         "--trainer.strategy.bucket_cap_mb=1", "--trainer.devices=1"])
     assert strategy._ddp_kwargs["gradient_as_bucket_view"] is True  # the class keeps lit_ddp's defaults
     assert one_graph == alone >= 1
@@ -325,7 +335,7 @@ def test_lit_ddp_keeps_a_compiled_model_in_one_graph(corpus, tmp_path, monkeypat
 
 def _ddp_gradients(rank: int, port: int, hook: bool, out: str) -> None:
     """One rank of a 2-process gloo job: a DDP model whose ranks see different inputs, one backward; rank 0 saves the
-    averaged gradients. ``hook``: the buckets are reduced by ``strategies.average_hook``."""
+    averaged gradients. ``hook``: the buckets are reduced by ``dist_ddp.average_hook``."""
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel
 
@@ -336,7 +346,7 @@ def _ddp_gradients(rank: int, port: int, hook: bool, out: str) -> None:
     # buckets of 1 KB: the 4.4k parameters take several, so the hook's future is chained per bucket
     ddp = DistributedDataParallel(model, bucket_cap_mb=0.001, gradient_as_bucket_view=True)
     if hook:
-        ddp.register_comm_hook(None, strategies.average_hook)
+        ddp.register_comm_hook(None, dist_ddp.average_hook)
     torch.manual_seed(1 + rank)
     ddp(torch.randn(8, 64)).square().mean().backward()
     if rank == 0:
@@ -380,10 +390,10 @@ def test_average_hook_gives_ddps_average_and_is_accepted_by_ddp(tmp_path):
 
 
 def test_average_in_collective_installs_the_hook_and_refuses_a_second_one():
-    assert strategies.GPTDDPStrategy(average_in_collective=True)._ddp_comm_hook is strategies.average_hook
-    assert strategies.GPTDDPStrategy()._ddp_comm_hook is None
+    assert dist_ddp.GPTDDPStrategy(average_in_collective=True)._ddp_comm_hook is dist_ddp.average_hook
+    assert dist_ddp.GPTDDPStrategy()._ddp_comm_hook is None
     with pytest.raises(ConfigError, match="average_in_collective.*ddp_comm_hook"):
-        strategies.GPTDDPStrategy(average_in_collective=True, ddp_comm_hook=strategies.average_hook)
+        dist_ddp.GPTDDPStrategy(average_in_collective=True, ddp_comm_hook=dist_ddp.average_hook)
 
 
 def test_fsdp_units_and_all_gather_limit_follow_the_models_share_of_the_gpu(monkeypatch):
@@ -393,12 +403,12 @@ def test_fsdp_units_and_all_gather_limit_follow_the_models_share_of_the_gpu(monk
     from torch.distributed.fsdp import MixedPrecision
 
     gib = 2**30
-    assert not strategies.needs_all_gather_limit(124_000_000 * 2, 80 * gib)  # GPT-2 124M in bf16: 0.3 % of 80 GB
-    assert not strategies.needs_all_gather_limit(1_558_000_000 * 2, 80 * gib)  # GPT-2 XL: 3.6 %
-    assert strategies.needs_all_gather_limit(6_700_000_000 * 2, 80 * gib)  # 6.7B: 16 %
-    assert strategies.fits_one_unit(124_000_000 * 2, 80 * gib)  # 0.3 %: one unit
-    assert strategies.fits_one_unit(774_000_000 * 2, 141 * gib)  # GPT-2 large on an H200: 1.0 %
-    assert not strategies.fits_one_unit(1_558_000_000 * 2, 141 * gib)  # GPT-2 XL on an H200: 2.1 %, a unit per block
+    assert not dist_fsdp.needs_all_gather_limit(124_000_000 * 2, 80 * gib)  # GPT-2 124M in bf16: 0.3 % of 80 GB
+    assert not dist_fsdp.needs_all_gather_limit(1_558_000_000 * 2, 80 * gib)  # GPT-2 XL: 3.6 %
+    assert dist_fsdp.needs_all_gather_limit(6_700_000_000 * 2, 80 * gib)  # 6.7B: 16 %
+    assert dist_fsdp.fits_one_unit(124_000_000 * 2, 80 * gib)  # 0.3 %: one unit
+    assert dist_fsdp.fits_one_unit(774_000_000 * 2, 141 * gib)  # GPT-2 large on an H200: 1.0 %
+    assert not dist_fsdp.fits_one_unit(1_558_000_000 * 2, 141 * gib)  # GPT-2 XL on an H200: 2.1 %, a unit per block
     assert "limit_all_gathers" not in GPTFSDPStrategy().kwargs  # decided when the model is wrapped
     assert GPTFSDPStrategy(limit_all_gathers=True).kwargs["limit_all_gathers"] is True
 
@@ -436,17 +446,17 @@ def test_fsdp_units_and_all_gather_limit_follow_the_models_share_of_the_gpu(monk
 def test_deepspeed_presets_skip_deepspeeds_bf16_overflow_check_unless_the_config_asks():
     import inspect
 
-    assert inspect.signature(strategies.GPTDeepSpeedStrategy.__init__).parameters["check_grad_overflow"].default \
+    assert inspect.signature(dist_deepspeed.GPTDeepSpeedStrategy.__init__).parameters["check_grad_overflow"].default \
         is False
     assert StrategyRegistry["lit_deepspeed_zero2"]["init_params"]["overlap_comm"] is False
     config = {"bf16": {"enabled": True}}
-    strategies.set_bf16_overflow_check(config, False)
+    dist_deepspeed.set_bf16_overflow_check(config, False)
     assert config == {"bf16": {"enabled": True, "check_grad_overflow": False}}
     asked = {"bf16": {"enabled": True, "check_grad_overflow": True}}  # a DeepSpeed config that chooses
-    strategies.set_bf16_overflow_check(asked, False)
+    dist_deepspeed.set_bf16_overflow_check(asked, False)
     assert asked["bf16"]["check_grad_overflow"] is True
     fp32 = {"zero_optimization": {"stage": 2}}
-    strategies.set_bf16_overflow_check(fp32, False)
+    dist_deepspeed.set_bf16_overflow_check(fp32, False)
     assert fp32 == {"zero_optimization": {"stage": 2}}
 
 
@@ -455,23 +465,23 @@ def test_deepspeed_presets_leave_out_deepspeeds_timer_waits_unless_the_config_as
     false; the presets set it false, and a DeepSpeed config that chooses keeps its choice."""
     import inspect
 
-    assert inspect.signature(strategies.GPTDeepSpeedStrategy.__init__).parameters["synchronized_timer"].default \
+    assert inspect.signature(dist_deepspeed.GPTDeepSpeedStrategy.__init__).parameters["synchronized_timer"].default \
         is False
     config = {"zero_optimization": {"stage": 2}}
-    strategies.set_timer_sync(config, False)
+    dist_deepspeed.set_timer_sync(config, False)
     assert config == {"zero_optimization": {"stage": 2}, "timers": {"throughput": {"synchronized": False}}}
     asked = {"timers": {"throughput": {"enabled": True, "synchronized": True}}}
-    strategies.set_timer_sync(asked, False)
+    dist_deepspeed.set_timer_sync(asked, False)
     assert asked == {"timers": {"throughput": {"enabled": True, "synchronized": True}}}
     other_timer = {"timers": {"throughput": {"enabled": False}}}
-    strategies.set_timer_sync(other_timer, False)
+    dist_deepspeed.set_timer_sync(other_timer, False)
     assert other_timer == {"timers": {"throughput": {"enabled": False, "synchronized": False}}}
 
 
 def test_deepspeed_reads_the_timer_setting_where_lit_llm_writes_it():
     timers_config = pytest.importorskip("deepspeed.utils.config")
     config: dict = {}
-    strategies.set_timer_sync(config, False)
+    dist_deepspeed.set_timer_sync(config, False)
     assert timers_config.get_timers_config(config).synchronized is False
     assert timers_config.get_timers_config({}).synchronized is True  # DeepSpeed's own default: the waits
 
@@ -488,14 +498,14 @@ def _clip_case(norm: float, clip: float = 1.0, loss_scale: float = 1.0):
 def test_zero_clipping_kept_on_the_gpu_scales_gradients_as_deepspeed_does(norm):
     """The sync-free clipping: 1 / max(1, (norm + 1e-6) / clip); a non-finite or negative norm zeroes the step."""
     fake, grads, total = _clip_case(norm)
-    strategies._unscale_and_clip_grads(fake, grads, total)
+    dist_deepspeed._unscale_and_clip_grads(fake, grads, total)
     factor = 0.0 if not (norm == norm and 0 <= norm < float("inf")) else 1.0 / max(1.0, (norm + 1e-6) / 1.0)
     assert torch.allclose(grads[0], torch.full((4,), 2.0 * factor))
     assert torch.allclose(grads[1][0], torch.full((3,), -1.0 * factor))
     assert torch.allclose(grads[1][1], torch.full((2,), 0.5 * factor))
 
     no_clip = _clip_case(norm, clip=0.0)
-    strategies._unscale_and_clip_grads(*no_clip)
+    dist_deepspeed._unscale_and_clip_grads(*no_clip)
     assert torch.equal(no_clip[1][0], torch.full((4,), 2.0))  # no clipping, no loss scale: untouched
 
 
@@ -507,17 +517,17 @@ def test_zero_step_without_host_waits_matches_deepspeeds_own():
     for norm in (0.5, 8.0, float("inf"), float("nan"), -1.0):
         for loss_scale in (1.0, 4.0):
             ours, theirs = _clip_case(norm, loss_scale=loss_scale), _clip_case(norm, loss_scale=loss_scale)
-            strategies._unscale_and_clip_grads(*ours)
+            dist_deepspeed._unscale_and_clip_grads(*ours)
             stage_1_and_2.DeepSpeedZeroOptimizer.unscale_and_clip_grads(*theirs)
             for a, b in zip((ours[1][0], *ours[1][1]), (theirs[1][0], *theirs[1][1])):
                 torch.testing.assert_close(a, b, equal_nan=True)
         mine, original = torch.tensor([norm, 2.0]), torch.tensor([norm, 2.0])
-        strategies._mask_non_finite_(mine)
+        dist_deepspeed._mask_non_finite_(mine)
         mask_nan_or_inf_with_val_inplace(original, device="cpu")
         assert torch.equal(mine, original)
 
     optimizer = object.__new__(stage_1_and_2.DeepSpeedZeroOptimizer)  # not set up: only its methods are swapped
-    assert strategies.make_zero_step_sync_free(optimizer)
-    assert optimizer.unscale_and_clip_grads.__func__ is strategies._unscale_and_clip_grads
-    assert stage_1_and_2.mask_nan_or_inf_with_val_inplace is strategies._mask_non_finite_
-    assert not strategies.make_zero_step_sync_free(object())
+    assert dist_deepspeed.make_zero_step_sync_free(optimizer)
+    assert optimizer.unscale_and_clip_grads.__func__ is dist_deepspeed._unscale_and_clip_grads
+    assert stage_1_and_2.mask_nan_or_inf_with_val_inplace is dist_deepspeed._mask_non_finite_
+    assert not dist_deepspeed.make_zero_step_sync_free(object())

@@ -1,4 +1,4 @@
-"""lit_llm.tokenizer: GPT-2 parity with tiktoken, loading layouts, BPE training, fingerprints."""
+"""lit_llm.data.tokenizer: GPT-2 parity with tiktoken, loading layouts, BPE training, fingerprints."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 import torch
 
+from lit_llm.data.tokenizer import Tokenizer, load_tokenizer, train_bpe
 from lit_llm.errors import ConfigError, DataError
-from lit_llm.tokenizer import Tokenizer, load_tokenizer, train_bpe
 
 SHARED = Path(__file__).resolve().parents[1] / ".." / "shared" / "data"
 GPT2 = SHARED / "gpt2"

@@ -1,4 +1,5 @@
-"""Import and export of weights (lit_llm.weights): Hugging Face GPT-2, the book's models, lit_llm checkpoints."""
+"""Import and export of weights (lit_llm.weights):
+Hugging Face GPT-2, the book's models, lit_llm checkpoints."""
 
 from __future__ import annotations
 
@@ -10,20 +11,19 @@ import pytest
 import torch
 from conftest import ROOT, SHARED_DATA
 
-from lit_llm.config import GPTConfig
+from lit_llm.data.tokenizer import Tokenizer, load_tokenizer, train_bpe
 from lit_llm.errors import CheckpointError
-from lit_llm.model import GPTModel
-from lit_llm.tokenizer import Tokenizer, load_tokenizer, train_bpe
-from lit_llm.weights import (
+from lit_llm.model.config import GPTConfig
+from lit_llm.model.gpt import GPTModel
+from lit_llm.weights.export import export_hf, save_weights
+from lit_llm.weights.readers import (
     build_model,
-    export_hf,
     load_book_state_dict,
     load_hf_gpt2,
     load_into,
     load_lit_checkpoint,
     load_model_for_inference,
     load_weights,
-    save_weights,
 )
 
 TEXT = (
@@ -383,7 +383,7 @@ def test_not_gpt2_and_sharded_directories_are_refused(hf_dir, tmp_path):
 
 def lora_models(tie: bool) -> tuple[GPTModel, GPTModel]:
     """A tiny GPT (300 tokens padded to 320 rows) and a copy with random LoRA adapters on all five targets."""
-    from lit_llm.lora import LoRAConfig, LoRALinear, apply_lora
+    from lit_llm.model.lora import LoRAConfig, LoRALinear, apply_lora
 
     torch.manual_seed(0)
     base = GPTModel(GPTConfig(vocab_size=300, context_length=16, emb_dim=32, n_heads=2, n_layers=2, drop_rate=0.0,
@@ -439,7 +439,7 @@ def test_lora_weights_are_merged_wherever_they_are_read(tie, tmp_path):
 
 
 def test_lora_reading_errors_are_named(tmp_path):
-    from lit_llm.lora import save_lora
+    from lit_llm.model.lora import save_lora
 
     _, adapted = lora_models(tie=False)
     with pytest.raises(CheckpointError, match=r"holds LoRA adapters only[\s\S]*load_lora"):

@@ -6,10 +6,8 @@ from __future__ import annotations
 import contextlib
 import glob
 import os
-import re
 import shutil
 import warnings
-import zipfile
 from collections.abc import Callable, Iterator
 from datetime import timedelta
 from typing import Any, Literal
@@ -22,8 +20,9 @@ from pytorch_lightning.utilities import rank_zero_info
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 
 from lit_llm.callbacks.signals import REQUEUE_EXIT_CODE, SigtermStop
-from lit_llm.errors import CheckpointError, NonFiniteLossError
-from lit_llm.tensor_files import TMP_SUFFIX, UNREADABLE_FILE_ERRORS, atomic_torch_save, error_reason
+from lit_llm.errors import NonFiniteLossError
+from lit_llm.weights.discovery import naming_unreadable_checkpoint
+from lit_llm.weights.files import TMP_SUFFIX, atomic_torch_save
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -49,64 +48,12 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             return super().load_checkpoint(path, map_location=map_location, weights_only=weights_only)
 
 
-@contextlib.contextmanager
-def naming_unreadable_checkpoint(path: Any) -> Iterator[None]:
-    """Turn what ``torch.load`` raises on a truncated or corrupt checkpoint into a :class:`CheckpointError` that names
-    the file and the newest intact checkpoint beside it. A missing file stays a ``FileNotFoundError``."""
-    try:
-        yield
-    except FileNotFoundError:
-        raise
-    except UNREADABLE_FILE_ERRORS as err:
-        if "Weights only load failed" in str(err) and "Unsupported global" in str(err):
-            raise  # a readable file holding Python objects: not corruption
-        raise CheckpointError(
-            f"could not read checkpoint {path} ({error_reason(err)}); it is truncated or corrupt (a save that was "
-            f"killed, or a partial copy). {_previous_good_advice(str(path))}"
-        ) from err
 
 
-def looks_complete(path: str | os.PathLike) -> bool:
-    """Cheap integrity check of a local checkpoint file: ``torch.save`` writes a zip archive whose directory is at its
-    very end, so a truncated or overwritten file fails this without reading the tensors.
-
-    A checkpoint directory (FSDP sharded, DeepSpeed) is complete when it holds its index: ``.metadata`` and ``meta.pt``
-    (FSDP), or ``latest`` and the folder it names (DeepSpeed). lit_llm's strategies write them under a temporary
-    name and rename them once every rank has finished, so an interrupted save never has the final name.
-    """
-    if os.path.isdir(path):
-        if os.path.isfile(os.path.join(path, ".metadata")):
-            return os.path.isfile(os.path.join(path, "meta.pt"))
-        latest = os.path.join(path, "latest")
-        if os.path.isfile(latest):
-            with open(latest) as f:
-                return os.path.isdir(os.path.join(path, f.read().strip()))
-        return False
-    try:
-        return os.path.getsize(path) > 0 and zipfile.is_zipfile(path)
-    except OSError:
-        return False
 
 
-def checkpoint_order(path: str | os.PathLike) -> tuple[int, float]:
-    """Sort key, newest last: the ``step=N`` in the file name (-1 without one), then the modification time."""
-    step = re.search(r"step=(\d+)", os.path.basename(path))
-    return (int(step.group(1)) if step else -1, os.path.getmtime(path))
 
 
-def _previous_good_advice(path: str) -> str:
-    if "://" in path:
-        return "Resume from an earlier checkpoint (--ckpt_path), or start fresh."
-    folder = os.path.dirname(os.path.abspath(path))
-    others = [p for p in glob.glob(os.path.join(folder, "*.ckpt")) if os.path.abspath(p) != os.path.abspath(path)]
-    good = [p for p in others if looks_complete(p)]
-    if good:
-        newest = max(good, key=lambda p: (os.path.basename(p) == "last.ckpt", os.path.getmtime(p)))
-        return (f"Previous good checkpoint in its folder: {newest}; resume from it with --ckpt_path {newest} "
-                "(or --ckpt_path auto), or start fresh.")
-    if others:
-        return f"No intact checkpoint in its folder (also unreadable: {', '.join(sorted(others))}); start fresh."
-    return "No other checkpoint in its folder; start fresh."
 
 
 class Checkpoint(ModelCheckpoint):

@@ -11,9 +11,9 @@ import torch
 import torch.distributed as dist
 from pytorch_lightning.utilities import rank_zero_warn
 
-from lit_llm.deferred import DeferredRead
+from lit_llm.callbacks.deferred import DeferredRead
+from lit_llm.distributed import engine_grad_norm
 from lit_llm.errors import ConfigError, NonFiniteLossError
-from lit_llm.strategies import engine_grad_norm
 
 #: Attribute set on the LightningModule for one optimizer step; ``GPTTask.lr_scheduler_step`` honours it.
 SKIP_SCHEDULER_ATTR = "_lit_llm_skip_scheduler_step"
@@ -245,7 +245,8 @@ class NonFiniteGuard(pl.Callback):
             f"{trainer.world_size} or another), which DeepSpeed's engine applied: the weights are not finite from "
             f"that step on, and nothing was saved after it. Last good checkpoint: {last_good_checkpoint(trainer)}. "
             "Resume from it with a lower learning rate or more warmup, or set trainer.strategy.check_grad_overflow="
-            "true (with class_path: lit_llm.strategies.GPTDeepSpeedStrategy) so that DeepSpeed skips such steps."
+            "true (with class_path: lit_llm.distributed.deepspeed.GPTDeepSpeedStrategy) so that DeepSpeed skips "
+            "such steps."
         )
 
     # ---- checkpointed state ------------------------------------------------------------------------------------

@@ -16,9 +16,9 @@ from pytorch_lightning.utilities import rank_zero_warn
 from rich.console import Console
 from rich.text import Text
 
+from lit_llm.distributed import params_are_sharded
 from lit_llm.errors import ConfigError
-from lit_llm.generation import generate
-from lit_llm.strategies import params_are_sharded
+from lit_llm.model.sampling import generate
 
 _T = TypeVar("_T")
 

@@ -42,7 +42,7 @@ import torch
 import torch.distributed as dist
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 
-from lit_llm.deferred import DeferredRead
+from lit_llm.callbacks.deferred import DeferredRead
 
 log = logging.getLogger(__name__)
 

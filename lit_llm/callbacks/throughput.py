@@ -11,9 +11,9 @@ import pytorch_lightning as pl
 import torch
 from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
 
+from lit_llm.distributed import params_are_sharded
 from lit_llm.errors import ConfigError
-from lit_llm.model import GPTModel
-from lit_llm.strategies import params_are_sharded
+from lit_llm.model.gpt import GPTModel
 
 # Dense (no 2:4 sparsity) peak FLOP/s of one device, from the vendors' datasheets and architecture whitepapers.
 # "bf16"/"fp16" are tensor-core rates with fp32 accumulation (what training uses; GeForce cards run fp16

@@ -26,13 +26,9 @@ from torch.utils.data import DataLoader, Subset
 from lit_llm.data.packing import ROWS_PER_BATCH, Piece, Rows, TokenWindows, write_npy
 from lit_llm.data.sampler import CountsConsumedBatches, ResumableLoader, ResumableSampler
 from lit_llm.data.sources import default_cache_dir, load_documents
-from lit_llm.data.tokenizing import (
-    StoresTokenizer,
-    cache_key,
-    resolve_tokenizer,
-)
+from lit_llm.data.tokenizer import Tokenizer
+from lit_llm.data.tokenizer_source import StoresTokenizer, cache_key, resolve_tokenizer
 from lit_llm.errors import ConfigError, DataError
-from lit_llm.tokenizer import Tokenizer
 
 # Bump when the packed layout changes so old cache entries are not reused.
 _FORMAT_VERSION = 1

@@ -13,22 +13,24 @@ from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
 
 from lit_llm.callbacks.signals import StopAgreement
-from lit_llm.config import GPTConfig
-from lit_llm.errors import ConfigError
-from lit_llm.float8 import Float8Recipe, check_float8_device, convert_to_float8, recipe_problem
-from lit_llm.lora import LoRAConfig, apply_lora, count_trainable, is_lora_key
-from lit_llm.losses import triton_interpreting
-from lit_llm.model import GPTModel
-from lit_llm.optim import Schedule, build_adamw, lr_multiplier, parameter_groups
-from lit_llm.strategies import (
+from lit_llm.distributed import (
     check_ddp_options,
     engine_grad_norm,
     is_deepspeed,
+    is_fsdp,
+    is_fsdp1,
     is_fsdp2,
     is_zero3,
     params_are_sharded,
     shard_with_fsdp2,
 )
+from lit_llm.errors import ConfigError
+from lit_llm.model.config import GPTConfig
+from lit_llm.model.float8 import Float8Recipe, check_float8_device, convert_to_float8, recipe_problem
+from lit_llm.model.gpt import GPTModel
+from lit_llm.model.lora import LoRAConfig, apply_lora, count_trainable, is_lora_key
+from lit_llm.model.losses import triton_interpreting
+from lit_llm.tasks.optim import Schedule, build_adamw, lr_multiplier, parameter_groups
 
 CompileMode = Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"]
 SdpaBackend = Literal["auto", "flash", "cudnn", "efficient", "math"]
@@ -119,7 +121,7 @@ class GPTTask(pl.LightningModule):
                 slower and larger than the plain head (docs/benchmarks.md). ``null``: the plain head. Not with a LoRA
                 adapter on the head; under DeepSpeed ZeRO-3 the plain head is used.
             fused_loss: Compute the output head's cross-entropy with lit_llm's Triton kernel
-                (``lit_llm.fused_loss``): each row's softmax, loss and gradient in one pass over the logits, the
+                (``lit_llm.model.fused_loss``): each row's softmax, loss and gradient in one pass over the logits, the
                 gradient written over them in place, so the separate (tokens x vocabulary) gradient buffer and two
                 passes over the logits disappear. Same loss and gradients as the plain head; CUDA GPUs only (Triton
                 comes with PyTorch's CUDA builds). Not with ``chunked_loss``, ``float8_head`` or a LoRA adapter on
@@ -128,7 +130,7 @@ class GPTTask(pl.LightningModule):
                 with ``pip install 'lit_llm[float8]'``) with this scaling recipe: ``tensorwise`` (fastest)
                 or ``rowwise``. Weights, gradients, optimizer state and checkpoints keep
                 their dtype. Needs a GPU with FP8 tensor cores (H100/H200, Ada) and pays only with ``compile``;
-                one GPU or DDP. ``null``: bf16 matmuls. See ``lit_llm.float8`` and docs/benchmarks.md.
+                one GPU or DDP. ``null``: bf16 matmuls. See ``lit_llm.model.float8`` and docs/benchmarks.md.
             float8_head: With ``float8``, the output head's matmul in FP8 too (it stays bf16 by default: the logits
                 feed the loss directly). Not with ``chunked_loss``.
         """
@@ -198,7 +200,7 @@ class GPTTask(pl.LightningModule):
             check_ddp_options(strategy, getattr(self._trainer, "accumulate_grad_batches", 1))
         loads_weights = bool(self.hparams.get("init_weights")) and not self._resuming()
         self.model = None
-        if strategy is not None and "FSDP" in type(strategy).__name__ and not loads_weights:
+        if is_fsdp(strategy) and not loads_weights:
             # A model that fits on one device is built there whole, as a one-device run builds it (Lightning builds
             # on the GPU), so its initial weights are exactly that run's with the same seed; FSDP then shards it. A
             # larger one is built without memory, and FSDP materialises each unit on its GPU (reset_parameters runs
@@ -320,7 +322,7 @@ class GPTTask(pl.LightningModule):
             # Lightning restores the checkpoint's weights after configure_model; reading init_weights would be wasted.
             rank_zero_info(f"Resuming from {resuming}: model.init_weights={source} is not loaded")
             return
-        from lit_llm.weights import load_into, load_weights
+        from lit_llm.weights.readers import load_into, load_weights
 
         strategy = self._trainer.strategy if self._trainer is not None else None
         if is_zero3(strategy):
@@ -445,9 +447,8 @@ class GPTTask(pl.LightningModule):
         # Overridden because Lightning's built-in norm clipping raises under FSDP; the sharded module clips itself.
         max_norm = gradient_clip_val or self.hparams.gradient_clip
         if not max_norm or is_deepspeed(self.trainer.strategy):
-            return  # DeepSpeed clips inside its engine (lit_llm.strategies hands it model.gradient_clip)
-        strategy = type(self.trainer.strategy).__name__
-        if "FSDP" in strategy and not is_fsdp2(self.trainer.strategy):
+            return  # DeepSpeed clips inside its engine (lit_llm.distributed.registry hands it model.gradient_clip)
+        if is_fsdp1(self.trainer.strategy):
             norm = self.trainer.strategy.model.clip_grad_norm_(max_norm)
         else:  # DTensor parameters (FSDP2) clip here too; their norm is a DTensor to make whole
             norm = nn.utils.clip_grad_norm_(self.parameters(), max_norm)

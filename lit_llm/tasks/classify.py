@@ -27,7 +27,7 @@ from torch import nn
 from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix, MulticlassF1Score
 
 from lit_llm.errors import ConfigError
-from lit_llm.model import GPTModel, Linear
+from lit_llm.model.gpt import GPTModel, Linear
 from lit_llm.tasks.base import GPTTask
 
 Pooling = Literal["last", "last_nonpad", "mean"]
@@ -80,10 +80,10 @@ def trainable_modules(model: GPTModel, policy: str) -> list[nn.Module]:
     return [*model.trf_blocks[-n:], model.final_norm, model.out_head]
 
 
-class ClassifierModule(GPTTask):
+class ClassifyTask(GPTTask):
     """Finetune the GPT to label texts: a new classification head, pooled logits, cross-entropy.
 
-    Batches are the dicts of :class:`lit_llm.data.ClassificationDataModule`: ``input_ids`` ``(B, T)``, ``labels``
+    Batches are the dicts of :class:`lit_llm.data.ClassifyDataModule`: ``input_ids`` ``(B, T)``, ``labels``
     ``(B,)`` and ``lengths`` ``(B,)``. Logged: ``train/loss`` every step; ``{train,val,test}/acc`` (accuracy) and
     ``{train,val,test}/f1`` (macro F1) every epoch (``train/*`` from the training-mode predictions), and
     ``{val,test}/loss``. The confusion matrix of each split is printed at the end of every epoch and written to

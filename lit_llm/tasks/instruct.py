@@ -1,6 +1,6 @@
 """Instruction finetuning (the book's chapter 7): train on prompt + response, then answer the test set and score it.
 
-Training and evaluation use the next-token loss on the batches of :class:`~lit_llm.data.InstructionDataModule`.
+Training and evaluation use the next-token loss on the batches of :class:`~lit_llm.data.InstructDataModule`.
 After ``fit`` (and in ``python -m lit_llm.train predict``) the model answers every test prompt, greedily by default
 as the book does; the answers are written, with each test record's own fields, to ``test_responses.json`` in the run
 folder (the book's ``instruction-data-with-response.json`` layout) and scored without any outside model:
@@ -27,10 +27,10 @@ from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
 from torchmetrics import MeanMetric, SumMetric
 from torchmetrics.text import ROUGEScore
 
+from lit_llm.data.prompts import get_template
+from lit_llm.distributed import params_are_sharded
 from lit_llm.errors import ConfigError
-from lit_llm.generation import check_sampling_args, generate
-from lit_llm.prompts import get_template
-from lit_llm.strategies import params_are_sharded
+from lit_llm.model.sampling import check_sampling_args, generate
 from lit_llm.tasks.base import GPTTask
 
 RESPONSE_KEY = "model_response"
@@ -55,8 +55,8 @@ def rouge_l(responses: Sequence[str], references: Sequence[str]) -> float:
     return float(metric(list(responses), list(references))["rougeL_fmeasure"])
 
 
-class InstructModule(GPTTask):
-    """Instruction finetuning of the GPT; pair it with :class:`~lit_llm.data.InstructionDataModule`.
+class InstructTask(GPTTask):
+    """Instruction finetuning of the GPT; pair it with :class:`~lit_llm.data.InstructDataModule`.
 
     Logs ``train/loss`` (with ``train/lr``, ``train/tokens_seen``, ``train/grad_norm``), ``val/loss`` and
     ``test/loss`` (token-weighted over the split), and after generation ``test/exact_match`` and ``test/rougeL``.
@@ -214,7 +214,7 @@ class InstructModule(GPTTask):
             return
         datamodule = self._datamodule()
         if not hasattr(datamodule, "prompt_batches"):
-            rank_zero_warn("model.generate_after_fit needs an InstructionDataModule (data.prompt_batches); skipped")
+            rank_zero_warn("model.generate_after_fit needs an InstructDataModule (data.prompt_batches); skipped")
             return
         if params_are_sharded(trainer.strategy):
             rank_zero_warn(

@@ -7,7 +7,7 @@ from typing import Any
 import torch
 from torchmetrics import MeanMetric
 
-from lit_llm.losses import next_token_loss
+from lit_llm.model.losses import next_token_loss
 from lit_llm.tasks.base import GPTTask
 
 

@@ -17,9 +17,9 @@ from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger
 from torch.utils.data import DataLoader, TensorDataset
 
 from lit_llm.callbacks import Checkpoint, LossPlot, SampleGeneration, Throughput, get_peak_flops
-from lit_llm.config import GPTConfig
 from lit_llm.errors import ConfigError
-from lit_llm.model import GPTModel
+from lit_llm.model.config import GPTConfig
+from lit_llm.model.gpt import GPTModel
 
 T = 16  # sequence length of the batches
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"

@@ -6,7 +6,7 @@ import random
 import zipfile
 from pathlib import Path
 
-from lit_llm.config import GPTConfig
+from lit_llm.model.config import GPTConfig
 
 TINY_MODEL = [
     "--model.init_args.model.n_layers=2",

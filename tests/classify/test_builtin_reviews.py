@@ -6,7 +6,7 @@ import re
 from collections import Counter
 
 from lit_llm.data.builtin import load_builtin
-from lit_llm.data.builtin_classify import LABELS, generate_reviews
+from lit_llm.data.builtin.reviews import LABELS, generate_reviews
 
 
 def _words(text: str) -> set[str]:

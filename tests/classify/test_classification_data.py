@@ -1,4 +1,4 @@
-"""ClassificationDataModule: the book's balancing, split and padding; labels; batches; and the errors users see."""
+"""ClassifyDataModule: the book's balancing, split and padding; labels; batches; and the errors users see."""
 
 from __future__ import annotations
 
@@ -10,20 +10,19 @@ import pandas as pd
 import pytest
 import torch
 from classify_helpers import sms_rows, write_sms_collection
-from llms_from_scratch.ch06 import SpamDataset, create_balanced_dataset, random_split
 
-from lit_llm.data import ClassificationDataModule
-from lit_llm.data.classification import PadCollate
+from lit_llm.data import ClassifyDataModule
+from lit_llm.data.classify import PadCollate
 from lit_llm.errors import ConfigError, DataError
 
 SMS_OPTIONS = dict(file_format="tsv", column_names=["label", "text"])
 
 
-def _module(tmp_path: Path, source: str | Path, **kwargs: object) -> ClassificationDataModule:
+def _module(tmp_path: Path, source: str | Path, **kwargs: object) -> ClassifyDataModule:
     values: dict = dict(source=str(source), tokenizer="train", tokenizer_vocab_size=300, context_length=64,
                         cache_dir=str(tmp_path / "cache"), batch_size=4)
     values.update(kwargs)
-    return ClassificationDataModule(**values)
+    return ClassifyDataModule(**values)
 
 
 @pytest.fixture
@@ -32,11 +31,11 @@ def sms(tmp_path: Path) -> Path:
     return write_sms_collection(tmp_path / "SMSSpamCollection", sms_rows(60, 20))
 
 
-def test_balance_and_split_are_the_books_row_for_row(sms: Path, tmp_path: Path) -> None:
+def test_balance_and_split_are_the_books_row_for_row(sms: Path, tmp_path: Path, ch06) -> None:
     """Same rows, same order as ch06.create_balanced_dataset + random_split(0.7, 0.1) (pandas, random_state 123)."""
     rows = sms_rows(60, 20)
     df = pd.DataFrame({"Label": [r[0] for r in rows], "Text": [r[1] for r in rows]})
-    book = random_split(create_balanced_dataset(df), 0.7, 0.1)
+    book = ch06.random_split(ch06.create_balanced_dataset(df), 0.7, 0.1)
     dm = _module(tmp_path, sms, balance=True, seed=123, labels=["ham", "spam"], **SMS_OPTIONS)
     for split, frame in zip(("train", "val", "test"), book):
         assert dm.examples(split) == list(zip(frame["Text"], frame["Label"])), split
@@ -54,7 +53,7 @@ def test_book_split_sizes_1494(tmp_path: Path) -> None:
     assert labels.count("spam") == labels.count("ham") == 747
 
 
-def test_padding_matches_the_books_spam_dataset(sms: Path, tmp_path: Path) -> None:
+def test_padding_matches_the_books_spam_dataset(sms: Path, tmp_path: Path, ch06) -> None:
     """pad_to=longest_train: every text padded with <|endoftext|> to the longest training text, val/test cut to it,
     exactly as ch06.SpamDataset does with max_length=train_dataset.max_length."""
     dm = _module(tmp_path, sms, balance=True, labels=["ham", "spam"], **SMS_OPTIONS)
@@ -64,10 +63,10 @@ def test_padding_matches_the_books_spam_dataset(sms: Path, tmp_path: Path) -> No
         frame = pd.DataFrame({"Text": [t for t, _ in dm.examples(split)],
                               "Label": [int(lab == "spam") for _, lab in dm.examples(split)]})
         frame.to_csv(tmp_path / f"{split}.csv", index=None)
-    book_train = SpamDataset(tmp_path / "train.csv", tok, pad_token_id=tok.eos_id)
+    book_train = ch06.SpamDataset(tmp_path / "train.csv", tok, pad_token_id=tok.eos_id)
     assert dm.pad_length == book_train.max_length
     for split in ("train", "val", "test"):
-        book = book_train if split == "train" else SpamDataset(tmp_path / f"{split}.csv", tok,
+        book = book_train if split == "train" else ch06.SpamDataset(tmp_path / f"{split}.csv", tok,
                                                                max_length=book_train.max_length,
                                                                pad_token_id=tok.eos_id)
         batch = next(iter(torch.utils.data.DataLoader(dm.datasets[split], batch_size=len(book),
@@ -132,7 +131,7 @@ def test_split_files_and_fractions(sms: Path, tmp_path: Path) -> None:
 
 def test_config_mistakes_are_one_message(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as err:
-        ClassificationDataModule(split=(0.5, 0.1, 0.1), max_length=2000, context_length=1024, batch_size=0,
+        ClassifyDataModule(split=(0.5, 0.1, 0.1), max_length=2000, context_length=1024, batch_size=0,
                                  labels=["a"], source="https://example.com/x.zip")
     msg = str(err.value)
     for needle in ("data.split=[0.5, 0.1, 0.1]", "data.max_length=2000", "data.batch_size=0", "data.labels=['a']",
@@ -234,7 +233,7 @@ def test_predict_source_txt_and_unlabelled_csv(sms: Path, tmp_path: Path) -> Non
 def test_builtin_reviews_default_source(tmp_path: Path) -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # the built-in data fits: nothing is cut
-        dm = ClassificationDataModule(tokenizer="train", tokenizer_vocab_size=400, context_length=128,
+        dm = ClassifyDataModule(tokenizer="train", tokenizer_vocab_size=400, context_length=128,
                                       cache_dir=str(tmp_path))
         dm.setup()
     assert dm.label_names == ["negative", "positive"]

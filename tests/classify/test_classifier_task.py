@@ -1,4 +1,4 @@
-"""ClassifierModule: the new head, pooling, which parameters train, the loss, predictions and config errors."""
+"""ClassifyTask: the new head, pooling, which parameters train, the loss, predictions and config errors."""
 
 from __future__ import annotations
 
@@ -6,27 +6,26 @@ import pytest
 import torch
 import torch.nn.functional as F
 from classify_helpers import tiny_config
-from llms_from_scratch.ch06 import calc_accuracy_loader
 
 from lit_llm.errors import ConfigError
-from lit_llm.lora import LoRAConfig
-from lit_llm.model import Linear
-from lit_llm.tasks import ClassifierModule
+from lit_llm.model.gpt import Linear
+from lit_llm.model.lora import LoRAConfig
+from lit_llm.tasks import ClassifyTask
 from lit_llm.tasks.classify import format_confusion, pool_logits
 
 C = 32  # emb_dim of the tiny model
 CLASSES = 3
 
 
-def _task(**kwargs: object) -> ClassifierModule:
+def _task(**kwargs: object) -> ClassifyTask:
     values: dict = dict(model=tiny_config(), num_classes=CLASSES)
     values.update(kwargs)
-    task = ClassifierModule(**values)
+    task = ClassifyTask(**values)
     task.configure_model()
     return task
 
 
-def _trainable(task: ClassifierModule) -> int:
+def _trainable(task: ClassifyTask) -> int:
     return sum(p.numel() for p in task.model.parameters() if p.requires_grad)
 
 
@@ -62,9 +61,9 @@ def test_lora_policy_trains_adapters_and_head() -> None:
 
 def test_lora_policy_needs_lora_and_lora_needs_the_policy() -> None:
     with pytest.raises(ConfigError, match="model.trainable=lora needs model.lora"):
-        ClassifierModule(model=tiny_config(), trainable="lora")
+        ClassifyTask(model=tiny_config(), trainable="lora")
     with pytest.raises(ConfigError, match="model.lora is set but model.trainable='last_block'"):
-        ClassifierModule(model=tiny_config(), lora={"rank": 2, "alpha": 4})
+        ClassifyTask(model=tiny_config(), lora={"rank": 2, "alpha": 4})
 
 
 @pytest.mark.parametrize("option", [{"fused_loss": True}, {"chunked_loss": 64}])
@@ -72,12 +71,12 @@ def test_next_token_loss_options_are_refused(option) -> None:
     """They only change how the language-model head's loss is computed, which classification does not use."""
     (key,) = option
     with pytest.raises(ConfigError, match=f"model.{key} computes the next-token loss.*remove model.{key}"):
-        ClassifierModule(model=tiny_config(), **option)
+        ClassifyTask(model=tiny_config(), **option)
 
 
 def test_config_errors_collected_in_one_message() -> None:
     with pytest.raises(ConfigError) as err:
-        ClassifierModule(model=tiny_config(), learning_rate=-1, pooling="first", trainable="last_n_blocks:0",
+        ClassifyTask(model=tiny_config(), learning_rate=-1, pooling="first", trainable="last_n_blocks:0",
                          num_classes=1, class_weights=[1.0, -1.0])
     msg = str(err.value)
     for needle in ("model.learning_rate=-1", "model.pooling='first'", "model.trainable='last_n_blocks:0'",
@@ -127,14 +126,14 @@ def test_mean_pooling_averages_real_tokens_only() -> None:
     assert torch.allclose(pooled, expected, atol=1e-5)
 
 
-def test_last_pooling_matches_the_books_accuracy_loop() -> None:
+def test_last_pooling_matches_the_books_accuracy_loop(ch06) -> None:
     """pooling=last is the book's ``model(input_batch)[:, -1, :]``: same accuracy as ch06.calc_accuracy_loader."""
     torch.manual_seed(0)
     task = _task(pooling="last").eval()
     ids = torch.randint(0, 300, (24, 10))
     labels = torch.randint(0, CLASSES, (24,))
     loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(ids, labels), batch_size=8)
-    book = calc_accuracy_loader(loader, task.model, "cpu")
+    book = ch06.calc_accuracy_loader(loader, task.model, "cpu")
     with torch.no_grad():
         ours = (task.class_logits(ids).argmax(-1) == labels).float().mean().item()
     assert ours == pytest.approx(book)

@@ -19,9 +19,9 @@ from classify_helpers import TINY_MODEL, sms_rows, write_sms_collection, write_s
 from conftest import ROOT
 
 from lit_llm.classify import classify, load_classifier, main
-from lit_llm.data import ClassificationDataModule
+from lit_llm.data import ClassifyDataModule
 from lit_llm.errors import CheckpointError, DataError
-from lit_llm.tasks import ClassifierModule
+from lit_llm.tasks import ClassifyTask
 from lit_llm.train import cli
 
 CONFIGS = sorted((ROOT / "configs" / "classify").glob("*.yaml"))
@@ -71,7 +71,7 @@ def test_configs_folder_is_covered() -> None:
 def test_config_fast_dev_run(config: Path, sms_file: Path, tmp_path: Path, in_repo_root: Path) -> None:
     c = cli(["fit", "--config", str(config), *offline_overrides(config, sms_file, tmp_path),
              "--trainer.fast_dev_run=true"])
-    assert isinstance(c.model, ClassifierModule) and isinstance(c.datamodule, ClassificationDataModule)
+    assert isinstance(c.model, ClassifyTask) and isinstance(c.datamodule, ClassifyDataModule)
     assert c.model.config.vocab_size == c.datamodule.vocab_size
     assert c.datamodule.context_length == c.model.config.context_length
     assert c.model.hparams.label_names == c.datamodule.label_names
@@ -253,7 +253,7 @@ def test_cli_refuses_a_language_model_checkpoint(tmp_path: Path, capsys: pytest.
                 "hyper_parameters": {"model": {"vocab_size": 4}}}, ckpt)
     assert main(["--checkpoint", str(ckpt), "hello"]) == 1
     err = capsys.readouterr().err
-    assert err.startswith("error: ") and "is not a classification checkpoint" in err and "ClassifierModule" in err
+    assert err.startswith("error: ") and "is not a classification checkpoint" in err and "ClassifyTask" in err
     assert len(err.strip().splitlines()) == 1
     with pytest.raises(CheckpointError, match="does not exist"):
         load_classifier(tmp_path / "missing.ckpt")
@@ -268,7 +268,7 @@ def test_checkpoint_holds_the_classes_and_resumes(sms_file: Path, tmp_path: Path
     ckpt = torch.load(tmp_path / "last.ckpt", weights_only=True)  # plain types only
     assert ckpt["hyper_parameters"]["label_names"] == ["ham", "spam"]
     assert ckpt["classifier"] == {"num_classes": 2, "label_names": ["ham", "spam"], "pooling": "last"}
-    assert ckpt["ClassificationDataModule"]["label_names"] == ["ham", "spam"]
+    assert ckpt["ClassifyDataModule"]["label_names"] == ["ham", "spam"]
     assert ckpt["state_dict"]["model.out_head.weight"].shape == (2, 32)
     resumed = cli(["fit", "--config", str(config), *common, "--trainer.max_steps=4", "--ckpt_path=last"])
     assert resumed.trainer.global_step == 4

@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 import torch
 
-import lit_llm.data.tokenizing as tokenizing
+import lit_llm.data.tokenizer_source as tokenizing
 from lit_llm.data import PretrainDataModule
 from lit_llm.data.packing import TokenWindows, num_windows
+from lit_llm.data.tokenizer import Tokenizer, load_tokenizer, train_bpe
 from lit_llm.errors import ConfigError, DataError
-from lit_llm.tokenizer import Tokenizer, load_tokenizer, train_bpe
 
 SHARED = Path(__file__).resolve().parents[2] / ".." / "shared" / "data"
 

@@ -209,7 +209,7 @@ def test_fsdp2_on_two_ranks_trains_like_one_process(runs: dict[str, Run], tmp_pa
     """``lit_fsdp2`` (``fully_shard`` per block, parameters sharded over 2 gloo ranks) against one process at the same
     global batch: the same per-step global losses within 1e-5, and the sharded final checkpoint, consolidated into one
     file by ``convert consolidate``, holds the same weights within 1e-5."""
-    from lit_llm.consolidate import consolidate
+    from lit_llm.weights.consolidate import consolidate
 
     one, two = runs["single"], runs["fsdp2"]
     one.check()

@@ -1,4 +1,4 @@
-"""InstructModule: the guarded loss, scores, the responses file, fit / predict through the CLI, configs, learning."""
+"""InstructTask: the guarded loss, scores, the responses file, fit / predict through the CLI, configs, learning."""
 
 from __future__ import annotations
 
@@ -9,10 +9,10 @@ import pytest
 import torch
 from conftest import ROOT, SHARED_DATA
 
-from lit_llm.data import InstructionDataModule
+from lit_llm.data import InstructDataModule
+from lit_llm.data.prompts import format_prompt
 from lit_llm.errors import ConfigError
-from lit_llm.prompts import format_prompt
-from lit_llm.tasks import InstructModule
+from lit_llm.tasks import InstructTask
 from lit_llm.tasks.instruct import exact_match, rouge_l
 from lit_llm.train import cli
 
@@ -73,7 +73,7 @@ def test_exact_match_and_rouge_l_on_a_hand_example():
 
 def test_an_all_masked_batch_gives_zero_loss_and_no_gradient(monkeypatch):
     torch.manual_seed(0)
-    module = InstructModule(model=TINY)
+    module = InstructTask(model=TINY)
     module.configure_model()
     monkeypatch.setattr(module, "log_lr", lambda: None)  # no Trainer, so no scheduler to read
     inputs = torch.randint(0, 400, (2, 10))
@@ -100,9 +100,9 @@ def test_an_all_masked_batch_gives_zero_loss_and_no_gradient(monkeypatch):
 
 def test_bad_generation_settings():
     with pytest.raises(ConfigError, match="temperature=-1"):
-        InstructModule(model=TINY, temperature=-1)
+        InstructTask(model=TINY, temperature=-1)
     with pytest.raises(ConfigError, match="Unknown prompt template 'vicuna'"):
-        InstructModule(model=TINY, prompt_template="vicuna")
+        InstructTask(model=TINY, prompt_template="vicuna")
 
 
 # ---- fit, responses and predict through the CLI -----------------------------------------------------------------
@@ -140,7 +140,7 @@ def test_fit_writes_responses_in_the_books_shape(fitted, records_file):
 
 def test_responses_are_what_the_model_generates(fitted):
     """Batched generation of equal-length prompts equals generating each prompt alone, cut at end-of-text."""
-    from lit_llm.generation import generate
+    from lit_llm.model.sampling import generate
 
     c, root = fitted
     model, dm = c.model.model.eval(), c.datamodule
@@ -156,11 +156,11 @@ def test_checkpoint_records_template_and_tokenizer(fitted):
     c, root = fitted
     ckpt = torch.load(root / "last.ckpt", map_location="cpu", weights_only=True)
     assert ckpt["hyper_parameters"]["prompt_template"] == "alpaca"
-    state = ckpt["InstructionDataModule"]
+    state = ckpt["InstructDataModule"]
     assert state["tokenizer_fingerprint"] == c.datamodule.tokenizer.fingerprint
     assert (root / "tokenizer.json").is_file()
     # A later finetuning run can reuse the checkpoint's tokenizer (data.tokenizer: <ckpt>).
-    reused = InstructionDataModule(tokenizer=str(root / "last.ckpt"), context_length=64)
+    reused = InstructDataModule(tokenizer=str(root / "last.ckpt"), context_length=64)
     assert reused.tokenizer.fingerprint == c.datamodule.tokenizer.fingerprint
 
 
@@ -190,7 +190,7 @@ def test_instruct_config_fast_dev_run(config, records_file, tmp_path, in_repo_ro
     book = SHARED_DATA / "instruction-data.json"
     source = book if "alpaca_book" in config.name and book.is_file() else records_file
     c = cli(["fit", *run_args(config, source, tmp_path), "--trainer.fast_dev_run=true"])
-    assert isinstance(c.model, InstructModule) and isinstance(c.datamodule, InstructionDataModule)
+    assert isinstance(c.model, InstructTask) and isinstance(c.datamodule, InstructDataModule)
     assert c.model.config.vocab_size == c.datamodule.vocab_size
     assert c.datamodule.context_length == c.model.config.context_length == 64
     assert c.trainer.state.finished and c.trainer.global_step == 1
@@ -227,9 +227,9 @@ def test_a_small_model_learns_the_builtin_tasks(tmp_path):
     import pytorch_lightning as pl
 
     pl.seed_everything(123)
-    dm = InstructionDataModule(tokenizer="train", tokenizer_vocab_size=1024, context_length=64, batch_size=32,
+    dm = InstructDataModule(tokenizer="train", tokenizer_vocab_size=1024, context_length=64, batch_size=32,
                                mask_prompt=True, cache_dir=str(tmp_path / "cache"))
-    module = InstructModule(
+    module = InstructTask(
         model=dict(context_length=64, emb_dim=64, n_heads=4, n_layers=2, drop_rate=0.0, tie_weights=True),
         vocab_size=dm.vocab_size, learning_rate=3e-3, betas=(0.9, 0.95), warmup_steps=30, generate_after_fit=False,
     )
@@ -260,7 +260,7 @@ def test_quickstart_reaches_a_stated_exact_match(tmp_path, in_repo_root):
 
 def test_lora_finetuning_trains_only_the_adapters(records_file, tmp_path, in_repo_root):
     """`model.init_args.lora` is the one-line switch from full finetuning to LoRA (the book's appendix E)."""
-    lora = pytest.importorskip("lit_llm.lora")
+    lora = pytest.importorskip("lit_llm.model.lora")
     c = cli(["fit", *run_args(ROOT / "configs/instruct/quickstart.yaml", records_file, tmp_path),
              "--model.init_args.lora={rank: 4, alpha: 8, targets: [attention, ff]}", "--trainer.max_steps=3",
              "--trainer.val_check_interval=3"])

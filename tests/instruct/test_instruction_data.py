@@ -1,4 +1,4 @@
-"""InstructionDataModule: sources, templates, the book's split, tokenization, policies and errors."""
+"""InstructDataModule: sources, templates, the book's split, tokenization, policies and errors."""
 
 from __future__ import annotations
 
@@ -9,11 +9,11 @@ import pytest
 import torch
 from conftest import SHARED_DATA
 
-from lit_llm.data import InstructionDataModule
-from lit_llm.data.builtin_instruct import KINDS, generate_tasks
+from lit_llm.data import InstructDataModule
+from lit_llm.data.builtin.instruct import KINDS, generate_tasks
+from lit_llm.data.prompts import format_prompt
+from lit_llm.data.tokenizer import Tokenizer, load_tokenizer, train_bpe
 from lit_llm.errors import ConfigError, DataError
-from lit_llm.prompts import format_prompt
-from lit_llm.tokenizer import Tokenizer, load_tokenizer, train_bpe
 
 WORDS = ["river", "stone", "light", "cloud", "amber", "quiet", "north", "ember"]
 
@@ -40,9 +40,9 @@ def tok_path(tmp_path_factory) -> str:
     return str(train_bpe(texts, vocab_size=400).save(tmp_path_factory.mktemp("tok")))
 
 
-def dm(tmp_path: Path, source, tok_path: str, **kwargs) -> InstructionDataModule:
+def dm(tmp_path: Path, source, tok_path: str, **kwargs) -> InstructDataModule:
     kwargs = {"context_length": 64, "batch_size": 4, "cache_dir": str(tmp_path / "cache"), **kwargs}
-    return InstructionDataModule(source=source, tokenizer=tok_path, **kwargs)
+    return InstructDataModule(source=source, tokenizer=tok_path, **kwargs)
 
 
 # ---- prompts and splits -------------------------------------------------------------------------------------
@@ -153,7 +153,7 @@ def test_tokenization_equals_the_books_on_its_data(tmp_path):
     data, gpt2 = SHARED_DATA / "instruction-data.json", SHARED_DATA / "gpt2"
     if not data.is_file() or not gpt2.is_dir():
         pytest.skip("the book's data is not in ../shared/data")
-    d = InstructionDataModule(source=str(data), tokenizer=str(gpt2), context_length=1024,
+    d = InstructDataModule(source=str(data), tokenizer=str(gpt2), context_length=1024,
                               cache_dir=str(tmp_path / "cache"))
     d.setup()
     ch07 = pytest.importorskip("llms_from_scratch.ch07")
@@ -171,11 +171,11 @@ def test_tokenization_equals_the_books_on_its_data(tmp_path):
 def test_trained_tokenizer_sees_only_the_training_split(tmp_path):
     records = make_records(100)
     records[-1]["output"] = "zyzzyva " * 20  # in the validation part only
-    d = InstructionDataModule(source=write_json(tmp_path / "d.json", records), tokenizer="train",
+    d = InstructDataModule(source=write_json(tmp_path / "d.json", records), tokenizer="train",
                               tokenizer_vocab_size=300, context_length=64, cache_dir=str(tmp_path / "cache"))
     assert isinstance(d.tokenizer, Tokenizer) and d.vocab_size == d.tokenizer.vocab_size
     assert len(d.tokenizer.encode("zyzzyva")) > 3  # never merged: not in the training text
-    again = InstructionDataModule(source=str(tmp_path / "d.json"), tokenizer="train", tokenizer_vocab_size=300,
+    again = InstructDataModule(source=str(tmp_path / "d.json"), tokenizer="train", tokenizer_vocab_size=300,
                                   context_length=64, cache_dir=str(tmp_path / "cache"))
     assert again.tokenizer.fingerprint == d.tokenizer.fingerprint  # cached
 
@@ -238,7 +238,7 @@ def test_overlong_examples_are_truncated_or_dropped_and_counted(tmp_path, tok_pa
 
 def test_bad_settings_are_collected_in_one_error(tmp_path):
     with pytest.raises(ConfigError) as err:
-        InstructionDataModule(source="https://example.com/d.json", context_length=64, allowed_max_length=128,
+        InstructDataModule(source="https://example.com/d.json", context_length=64, allowed_max_length=128,
                               split_fractions=(0.5, 0.1, 0.1), prompt_template="vicuna", batch_size=0)
     message = str(err.value)
     for part in ("data.sha256 is required", "data.allowed_max_length=128", "data.split_fractions=[0.5, 0.1, 0.1]",
@@ -282,7 +282,7 @@ def test_builtin_tasks_are_deterministic_and_checkable():
 
 
 def test_builtin_source_through_the_data_module(tmp_path):
-    d = InstructionDataModule(source="builtin:instruct", tokenizer="train", tokenizer_vocab_size=400,
+    d = InstructDataModule(source="builtin:instruct", tokenizer="train", tokenizer_vocab_size=400,
                               context_length=128, cache_dir=str(tmp_path / "cache"))
     d.setup()
     assert [len(d.datasets[s]) for s in ("train", "test", "val")] == [2550, 300, 150]

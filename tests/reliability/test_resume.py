@@ -14,7 +14,8 @@ from conftest import ROOT
 from test_cli import TINY_MODEL
 
 from lit_llm.data.sampler import ResumableSampler
-from lit_llm.train import auto_checkpoint, cli
+from lit_llm.train import cli
+from lit_llm.weights.discovery import auto_checkpoint
 
 QUICKSTART = ROOT / "configs" / "pretrain" / "quickstart.yaml"
 BATCH = 6

@@ -21,8 +21,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from lit_llm.config import GPTConfig
-from lit_llm.losses import chunked_head_loss, next_token_loss
+from lit_llm.model.config import GPTConfig
+from lit_llm.model.losses import chunked_head_loss, next_token_loss
 
 
 class Linear(nn.Linear):
@@ -235,11 +235,13 @@ class GPTModel(nn.Module):
         #: memory traffic of the elementwise work between the matmuls. Set by the task's ``low_precision_residual``.
         self.autocast_residual = False
         #: With ``targets``, compute the head and its cross-entropy together this many tokens at a time
-        #: (:func:`lit_llm.losses.chunked_head_loss`), never holding the (tokens x vocabulary) logits; ``None``: the
+        #: (:func:`~lit_llm.model.losses.chunked_head_loss`),
+        #: never holding the (tokens x vocabulary) logits; ``None``: the
         #: plain head. Set by the task's ``chunked_loss``.
         self.loss_chunk: int | None = None
         #: With ``targets``, compute the head's cross-entropy with lit_llm's Triton kernel
-        #: (:func:`lit_llm.fused_loss.fused_head_loss`: the softmax and its gradient in one pass over the logits, the
+        #: (:func:`~lit_llm.model.fused_loss.fused_head_loss`:
+        #: the softmax and its gradient in one pass over the logits, the
         #: gradient written in place); CUDA GPUs only. Set by the task's ``fused_loss``.
         self.fused_loss = False
         self._counts: dict[bool, int] | None = None
@@ -281,7 +283,7 @@ class GPTModel(nn.Module):
         if self.loss_chunk:
             return chunked_head_loss(x, self.out_head.weight, targets, chunk_size=self.loss_chunk)
         if self.fused_loss:
-            from lit_llm.fused_loss import fused_head_loss  # imports Triton, so only when used
+            from lit_llm.model.fused_loss import fused_head_loss  # imports Triton, so only when used
 
             return fused_head_loss(x, self.out_head.weight, targets)
         return next_token_loss(self.out_head(x), targets)

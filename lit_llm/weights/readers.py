@@ -19,9 +19,10 @@ Layouts read:
 - **lit_llm**: Lightning ``.ckpt`` files, run directories (``last.ckpt``, else the newest ``*.ckpt``), and converted
   weights directories (``model.safetensors`` + ``model_config.json`` + ``tokenizer.json``, written by
   :func:`save_weights`). Weights trained with LoRA (``lora_A``/``lora_B``/``lora_scaling`` entries) are merged on
-  reading (:func:`lit_llm.lora.merge_lora_state`), so every reader returns a plain model's state dict. The checkpoint
+  reading (:func:`lit_llm.model.lora.merge_lora_state`), so every reader returns a plain model's state dict.
+  The checkpoint
   directories of FSDP and DeepSpeed are refused with the command that makes one file of them
-  (:mod:`lit_llm.consolidate`).
+  (:mod:`lit_llm.weights.consolidate`).
 """
 
 from __future__ import annotations
@@ -35,25 +36,18 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
-from lit_llm.config import PRESETS, GPTConfig
-from lit_llm.consolidate import consolidate_command, sharded_kind, suggested_output
+from lit_llm.data.tokenizer import Tokenizer, load_tokenizer
 from lit_llm.errors import CheckpointError, LitLLMError
-from lit_llm.lora import is_lora_key
-from lit_llm.model import GPTModel
-from lit_llm.tensor_files import (
-    Tensors,
-    error_reason,
-    own_memory,
-    torch_load,
-    write_safetensors,
-)
-from lit_llm.tokenizer import Tokenizer, load_tokenizer
+from lit_llm.model.config import PRESETS, GPTConfig
+from lit_llm.model.gpt import GPTModel
+from lit_llm.model.lora import is_lora_key
+from lit_llm.weights.discovery import consolidate_command, newest_checkpoint, sharded_kind, suggested_output
+from lit_llm.weights.files import Tensors, error_reason, own_memory, torch_load
 
 __all__ = [
     "build_model",
-    "export_hf",
     "is_hub_id",
     "load_book_state_dict",
     "load_hf_gpt2",
@@ -61,8 +55,6 @@ __all__ = [
     "load_lit_checkpoint",
     "load_model_for_inference",
     "load_weights",
-    "newest_checkpoint",
-    "save_weights",
 ]
 
 Format = Literal["lit", "hf", "book"]
@@ -247,7 +239,8 @@ def load_into(model: GPTModel, state: dict[str, Tensor], strict: bool = True, *,
     ``out_head.weight`` is an error); an untied model given no head starts it as a copy of the embedding, as the
     book does with GPT-2's weights. A model on the meta device (see :func:`build_model`) adopts the tensors
     (``assign=True``) instead of copying them. LoRA is no mismatch either: a state with adapters (``lora_A``,
-    ``lora_B``, ``lora_scaling``) loads into a plain model merged (:func:`lit_llm.lora.merge_lora_state`), and base
+    ``lora_B``, ``lora_scaling``) loads into a plain model merged
+    (:func:`lit_llm.model.lora.merge_lora_state`), and base
     weights load into an adapted model, whose adapters keep their values.
 
     Args:
@@ -359,131 +352,10 @@ def load_model_for_inference(
 # ---- writing ---------------------------------------------------------------------------------------------------
 
 
-def save_weights(
-    config: GPTConfig, state: dict[str, Tensor], out_dir: str | Path, tokenizer: Tokenizer | None = None
-) -> Path:
-    """Write converted weights that every lit_llm command reads: ``model.safetensors`` (lit_llm layout),
-    ``model_config.json`` and, when given, ``tokenizer.json``.
-
-    Args:
-        config: The model config.
-        state: The state dict in lit_llm's layout (a tied head is written once, as ``tok_emb.weight``).
-        out_dir: The directory to write (created if missing).
-        tokenizer: The tokenizer to store beside the weights.
-
-    Returns:
-        The directory.
-    """
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    tensors = {k: v for k, v in state.items() if not (config.tie_weights and k == "out_head.weight")}
-    write_safetensors(out / "model.safetensors", [(k, v.shape, v.dtype, _const(v)) for k, v in tensors.items()])
-    (out / "model_config.json").write_text(json.dumps(config.to_dict(), indent=2) + "\n")
-    if tokenizer is not None:
-        tokenizer.save(out)
-    return out
 
 
-def export_hf(
-    model_or_source: GPTModel | str | Path, out_dir: str | Path, tokenizer: Tokenizer | None = None
-) -> Path:
-    """Write a Hugging Face GPT-2 directory that ``transformers`` loads with ``AutoModelForCausalLM`` and
-    ``AutoTokenizer``: ``config.json``, ``generation_config.json``, ``model.safetensors`` and the tokenizer files.
-
-    Vocabulary padding is dropped; an untied head is written as ``lm_head.weight`` (``tie_word_embeddings:
-    false``). GPT-2 has every bias, so a model built with ``bias: false`` or ``qkv_bias: false`` gets zero biases,
-    which computes exactly the same function.
-
-    Args:
-        model_or_source: A ``GPTModel``, or anything :func:`load_model_for_inference` reads.
-        out_dir: The directory to write (created if missing).
-        tokenizer: The tokenizer to export; default: the one stored with ``model_or_source``. Without one only the
-            model files are written (with a warning), and ``AutoTokenizer`` cannot load the directory.
-
-    Returns:
-        The directory.
-    """
-    if isinstance(model_or_source, nn.Module):
-        model = model_or_source
-    else:
-        model, stored, _ = load_model_for_inference(str(model_or_source))
-        tokenizer = tokenizer or stored
-    cfg: GPTConfig = model.config
-    if tokenizer is not None and tokenizer.vocab_size > cfg.vocab_size:
-        raise CheckpointError(f"the tokenizer has {tokenizer.vocab_size} tokens but the model only "
-                              f"{cfg.vocab_size}; export with the tokenizer the model was trained with")
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    write_safetensors(out / "model.safetensors", _hf_entries(model))
-    eos_id = tokenizer.eos_id if tokenizer is not None else (50256 if cfg.vocab_size == 50257 else None)
-    dtype = str(model.tok_emb.weight.dtype).removeprefix("torch.")
-    hf_config = {
-        "architectures": ["GPT2LMHeadModel"],
-        "model_type": "gpt2",
-        "vocab_size": cfg.vocab_size,
-        "n_positions": cfg.context_length,
-        "n_ctx": cfg.context_length,
-        "n_embd": cfg.emb_dim,
-        "n_layer": cfg.n_layers,
-        "n_head": cfg.n_heads,
-        "n_inner": None,
-        "activation_function": "gelu_new",  # the tanh approximation, as nn.GELU(approximate="tanh")
-        "layer_norm_epsilon": 1e-5,
-        "initializer_range": 0.02,
-        "resid_pdrop": cfg.drop_rate,
-        "embd_pdrop": cfg.drop_rate,
-        "attn_pdrop": cfg.drop_rate,
-        "scale_attn_weights": True,
-        "scale_attn_by_inverse_layer_idx": False,
-        "reorder_and_upcast_attn": False,
-        "tie_word_embeddings": cfg.tie_weights,
-        "use_cache": True,
-        "bos_token_id": eos_id,
-        "eos_token_id": eos_id,
-        "torch_dtype": dtype,
-    }
-    (out / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
-    generation = {"bos_token_id": eos_id, "eos_token_id": eos_id}
-    (out / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
-    if tokenizer is None:
-        warnings.warn(f"no tokenizer is known for this model, so {out} holds no tokenizer files and AutoTokenizer "
-                      "cannot load it; pass tokenizer= (or --tokenizer to lit_llm.convert)", stacklevel=2)
-        return out
-    tokenizer.save(out)
-    special = {"bos_token": tokenizer.eos_token, "eos_token": tokenizer.eos_token, "unk_token": tokenizer.eos_token}
-    # PreTrainedTokenizerFast reads tokenizer.json as it is (GPT2Tokenizer would rebuild it from vocab/merges).
-    tok_config = {"tokenizer_class": "PreTrainedTokenizerFast", **special, "model_max_length": cfg.context_length,
-                  "add_prefix_space": False, "clean_up_tokenization_spaces": False}
-    (out / "tokenizer_config.json").write_text(json.dumps(tok_config, indent=2) + "\n")
-    (out / "special_tokens_map.json").write_text(json.dumps(special, indent=2) + "\n")
-    return out
 
 
-def _hf_entries(model: GPTModel) -> list[tuple[str, tuple[int, ...], torch.dtype, Callable[[], Tensor]]]:
-    """The HF tensors of ``model`` as (name, shape, dtype, producer); producers transpose lazily, one at a time."""
-    cfg = model.config
-    sd = model.state_dict()
-    entries = []
-
-    def add(name: str, t: Tensor | None, transpose: bool = False, like: Tensor | None = None) -> None:
-        if t is None:  # a bias the model was built without: zero is exact
-            entries.append((name, (like.shape[0],), like.dtype, lambda: torch.zeros(like.shape[0], dtype=like.dtype)))
-        elif transpose:
-            entries.append((name, tuple(t.shape[::-1]), t.dtype, lambda: t.detach().t().contiguous().cpu()))
-        else:
-            entries.append((name, tuple(t.shape), t.dtype, lambda: t.detach().contiguous().cpu()))
-
-    add("transformer.wte.weight", sd["tok_emb.weight"][: cfg.vocab_size])
-    add("transformer.wpe.weight", sd["pos_emb.weight"])
-    for i in range(cfg.n_layers):
-        for ours, (hf, transpose) in _HF_BLOCK.items():
-            weight = sd[f"trf_blocks.{i}.{ours.rsplit('.', 1)[0]}.weight"]
-            add(f"transformer.h.{i}.{hf}", sd.get(f"trf_blocks.{i}.{ours}"), transpose, like=weight)
-    add("transformer.ln_f.weight", sd["final_norm.weight"])
-    add("transformer.ln_f.bias", sd.get("final_norm.bias"), like=sd["final_norm.weight"])
-    if not cfg.tie_weights:
-        add("lm_head.weight", sd["out_head.weight"][: cfg.vocab_size])
-    return entries
 
 
 # ---- dispatch --------------------------------------------------------------------------------------------------
@@ -573,7 +445,8 @@ def _load_file(path: Path, config: GPTConfig | None, dtype: torch.dtype | None) 
                        tokenizer=lambda: _tokenizer_beside(path), extra=extra)
     if tensors.names and all(is_lora_key(n) for n in tensors.names):
         raise CheckpointError(f"{path} holds LoRA adapters only, not a model; load the base model and add them "
-                              "with lit_llm.lora.load_lora(model, path), or pass the checkpoint they were trained in")
+                              "with lit_llm.model.lora.load_lora(model, path), or pass the checkpoint they were "
+                              "trained in")
     raise CheckpointError(
         f"{path} is not a weights file lit_llm knows: its tensors ({', '.join(tensors.names[:5])}, ...) are neither "
         "lit_llm's (tok_emb, trf_blocks.N.att.qkv), the book's (trf_blocks.N.att.W_query) nor Hugging Face GPT-2's "
@@ -809,7 +682,7 @@ def _merge_adapters(
     modules = sorted({k.rsplit(".", 1)[0] for k in state if is_lora_key(k)})
     if not modules:
         return state, stored, {}
-    from lit_llm.lora import UntiedHeadWarning, merge_lora_state
+    from lit_llm.model.lora import UntiedHeadWarning, merge_lora_state
 
     with warnings.catch_warnings():
         # The stored config is untied below, so the merged head loads as what it is.
@@ -887,8 +760,6 @@ def _mismatch_message(where: str, cfg: GPTConfig, missing: list[str], unexpected
 # ---- files -----------------------------------------------------------------------------------------------------
 
 
-def _const(t: Tensor) -> Callable[[], Tensor]:
-    return lambda: t.detach().contiguous().cpu()
 
 
 def _existing(path: str | Path) -> Path:
@@ -904,21 +775,6 @@ def _open_state_file(path: Path, dtype: torch.dtype | None) -> Tensors:
     return Tensors.from_dict(_unwrap(torch_load(path), str(path)), dtype)
 
 
-def newest_checkpoint(directory: str | Path) -> Path | None:
-    """The checkpoint a run directory stands for: ``last.ckpt``, else the ``*.ckpt`` (file, or directory of a sharded
-    strategy) with the highest ``step=N`` in its name, then the most recently written; ``None`` when it has none."""
-    root = Path(directory)
-    if (root / "last.ckpt").exists():
-        return root / "last.ckpt"
-    candidates = [p for p in root.glob("*.ckpt") if p.is_file() or p.is_dir()]
-    if not candidates:
-        return None
-
-    def order(p: Path) -> tuple[int, float]:
-        step = re.search(r"step=(\d+)", p.name)
-        return (int(step[1]) if step else -1, p.stat().st_mtime)
-
-    return max(candidates, key=order)
 
 
 def _config_from_dict(values: dict[str, Any], where: Path) -> GPTConfig:

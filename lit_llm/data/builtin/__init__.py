@@ -24,13 +24,13 @@ def _pydoc_topics() -> dict[str, list[str]]:
 
 
 def _reviews() -> dict[str, list]:
-    from lit_llm.data.builtin_classify import generate_reviews
+    from lit_llm.data.builtin.reviews import generate_reviews
 
     return generate_reviews()
 
 
 def _instruct() -> dict[str, list]:
-    from lit_llm.data.builtin_instruct import generate_tasks
+    from lit_llm.data.builtin.instruct import generate_tasks
 
     return generate_tasks()
 

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lit_llm.errors import CheckpointError, ConfigError
-from lit_llm.model import GPTModel, Linear
+from lit_llm.model.gpt import GPTModel, Linear
 
 __all__ = [
     "LORA_SUFFIXES",
@@ -176,7 +176,7 @@ class LoRALinear(Linear):
         in_features: Input width.
         out_features: Output width.
         bias: Whether the base layer has a bias.
-        std: As :class:`lit_llm.model.Linear`: the base weight's ``normal(0, std)`` init (``None``: PyTorch's).
+        std: As :class:`lit_llm.model.gpt.Linear`: the base weight's ``normal(0, std)`` init (``None``: PyTorch's).
         rank: Adapter rank (> 0).
         alpha: The adapter output is scaled by ``alpha / rank``.
         dropout: Dropout probability on the adapter's input.
@@ -240,7 +240,7 @@ class LoRALinear(Linear):
         return self.lora_A.shape[1]
 
     def reset_parameters(self) -> None:
-        """Re-initialise the base layer (as :class:`lit_llm.model.Linear`) and the adapters."""
+        """Re-initialise the base layer (as :class:`lit_llm.model.gpt.Linear`) and the adapters."""
         super().reset_parameters()
         if "lora_A" in self._parameters:  # nn.Linear.__init__ calls this before the adapters exist
             self.reset_adapters()
@@ -275,7 +275,8 @@ class LoRALinear(Linear):
             return
         if self.shares_weight:
             raise ConfigError("this LoRA layer's weight is shared with another module (a head tied to the token "
-                              "embedding); merging in place would change both. Use lit_llm.lora.merge_lora(model), "
+                              "embedding); merging in place would change both. Use "
+                              "lit_llm.model.lora.merge_lora(model), "
                               "which unties the head, or keep the adapter unmerged")
         self.weight += self.delta_weight().to(self.weight.dtype)
         self.merged = True
@@ -319,7 +320,7 @@ def apply_lora(model: GPTModel, config: LoRAConfig) -> list[str]:
     ``requires_grad=False``; a task may un-freeze more afterwards (e.g. a new classification head).
 
     Args:
-        model: A :class:`~lit_llm.model.GPTModel` (or a module with its ``trf_blocks`` and ``out_head``).
+        model: A :class:`~lit_llm.model.gpt.GPTModel` (or a module with its ``trf_blocks`` and ``out_head``).
         config: What to adapt and how.
 
     Returns:
@@ -402,7 +403,7 @@ def merge_lora_state(state: dict[str, Tensor]) -> dict[str, Tensor]:
     A tied head has no ``out_head.weight`` of its own (or one that is the token embedding's storage): its adapter is
     merged into a new ``out_head.weight`` computed from ``tok_emb.weight``, which stays unchanged. The result then
     holds a separate head, so load it into a model with ``tie_weights: false``; an :class:`UntiedHeadWarning` says
-    so. (``lit_llm.weights`` does this by itself when it reads a LoRA checkpoint.)
+    so. (``lit_llm.weights.readers`` does this by itself when it reads a LoRA checkpoint.)
 
     Raises:
         CheckpointError: An adapter lacks one of its three entries, has no weight to merge into, or its shapes do
@@ -481,7 +482,7 @@ def save_lora(model: nn.Module, path: str | Path, metadata: dict[str, Any] | Non
     :func:`load_lora` can adapt a fresh base model. Keys are relative to the GPT (``trf_blocks.0.att.qkv.lora_A``).
 
     Args:
-        model: An adapted :class:`~lit_llm.model.GPTModel`, or a lit_llm task holding one as ``.model``.
+        model: An adapted :class:`~lit_llm.model.gpt.GPTModel`, or a lit_llm task holding one as ``.model``.
         path: The ``.safetensors`` file to write (its directory is created).
         metadata: Extra string metadata (other values are stored as JSON).
 
@@ -514,7 +515,7 @@ def read_lora(source: str | Path) -> tuple[dict[str, Tensor], LoRAConfig, dict[s
     Raises:
         CheckpointError: The file is missing, unreadable, or holds no adapters.
     """
-    from lit_llm.tensor_files import torch_load
+    from lit_llm.weights.files import torch_load
 
     path = Path(source).expanduser()
     if path.is_dir() and (path / "last.ckpt").is_file():
@@ -563,7 +564,8 @@ def load_lora(model: nn.Module, path: str | Path) -> None:
     weights); a model with adapters must have the same ones.
 
     Args:
-        model: A :class:`~lit_llm.model.GPTModel` (or a lit_llm task holding one as ``.model``) with the base weights
+        model: A :class:`~lit_llm.model.gpt.GPTModel` (or a lit_llm task holding one as ``.model``) with the base
+            weights
             the adapters were trained on.
         path: An adapter file, a ``.ckpt`` trained with LoRA, or a run directory.
 

@@ -25,16 +25,12 @@ from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
 from torch.utils.data import DataLoader, Dataset
 
 from lit_llm.data.collate import InstructionCollate, LengthGroupedSampler
+from lit_llm.data.prompts import format_prompt, get_template
 from lit_llm.data.sampler import CountsConsumedBatches, ResumableLoader, ResumableSampler
 from lit_llm.data.sources import default_cache_dir, load_records
-from lit_llm.data.tokenizing import (
-    StoresTokenizer,
-    resolve_tokenizer,
-    texts_key,
-)
+from lit_llm.data.tokenizer import Tokenizer
+from lit_llm.data.tokenizer_source import StoresTokenizer, resolve_tokenizer, texts_key
 from lit_llm.errors import ConfigError, DataError
-from lit_llm.prompts import format_prompt, get_template
-from lit_llm.tokenizer import Tokenizer
 
 Split = Literal["train", "val", "test"]
 _SPLITS: tuple[Split, ...] = ("train", "test", "val")  # the book's order of the three parts of one file
@@ -82,7 +78,7 @@ class PromptBatches(Dataset):
         }
 
 
-class InstructionDataModule(CountsConsumedBatches, StoresTokenizer, pl.LightningDataModule):
+class InstructDataModule(CountsConsumedBatches, StoresTokenizer, pl.LightningDataModule):
     """Instruction records from any source, formatted with a prompt template and batched with the book's collate.
 
     Batches are ``(inputs, targets)`` for training, validation and ``test`` (loss); ``predict`` yields the test

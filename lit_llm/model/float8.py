@@ -69,7 +69,7 @@ def convert_to_float8(model: nn.Module, recipe: str = "tensorwise", head: bool =
     """Swap ``model``'s eligible ``nn.Linear`` layers for torchao's ``Float8Linear`` in place.
 
     Args:
-        model: A :class:`lit_llm.model.GPTModel` (or any module; ``out_head`` names its output head).
+        model: A :class:`lit_llm.model.gpt.GPTModel` (or any module; ``out_head`` names its output head).
         recipe: torchao's recipe name: ``tensorwise`` or ``rowwise``.
         head: Convert the output head ``out_head`` too.
         emulate: Emulate the FP8 matmuls (no FP8 hardware needed); default: ``LIT_LLM_FLOAT8_EMULATE``.

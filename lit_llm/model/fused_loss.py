@@ -28,7 +28,7 @@ import torch
 import triton
 import triton.language as tl
 
-from lit_llm.losses import _compute_dtype, check_head_loss_shapes, triton_interpreting
+from lit_llm.model.losses import _compute_dtype, check_head_loss_shapes, triton_interpreting
 
 __all__ = ["fused_head_loss"]
 

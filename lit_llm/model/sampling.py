@@ -8,7 +8,7 @@ from collections.abc import Iterator
 import torch
 
 from lit_llm.errors import ConfigError
-from lit_llm.model import GPTModel
+from lit_llm.model.gpt import GPTModel
 
 
 def check_sampling_args(
@@ -112,7 +112,7 @@ def generate_tokens(
         top_p: Nucleus sampling threshold in (0, 1].
         eos_id: End-of-text id that stops a row.
         generator: Random generator for reproducible sampling.
-        use_cache: Keep each layer's keys and values (:class:`~lit_llm.model.KVCache`) and feed only the newest
+        use_cache: Keep each layer's keys and values (:class:`~lit_llm.model.gpt.KVCache`) and feed only the newest
             token; the tokens equal those of the cache-free loop. Once the sequence outgrows the context, every
             position embedding shifts at each step, so from then on each step re-runs the last ``context_length``
             tokens exactly as the book's loop does.

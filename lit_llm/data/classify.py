@@ -36,13 +36,9 @@ from torch.utils.data import DataLoader, Dataset
 
 from lit_llm.data.sampler import CountsConsumedBatches, ResumableLoader, ResumableSampler
 from lit_llm.data.sources import FileFormat, default_cache_dir, load_records
-from lit_llm.data.tokenizing import (
-    StoresTokenizer,
-    resolve_tokenizer,
-    texts_key,
-)
+from lit_llm.data.tokenizer import Tokenizer
+from lit_llm.data.tokenizer_source import StoresTokenizer, resolve_tokenizer, texts_key
 from lit_llm.errors import ConfigError, DataError
-from lit_llm.tokenizer import Tokenizer
 
 Label = str | int
 SPLITS = ("train", "val", "test")
@@ -125,7 +121,7 @@ class PadCollate:
         return batch
 
 
-class ClassificationDataModule(CountsConsumedBatches, StoresTokenizer, pl.LightningDataModule):
+class ClassifyDataModule(CountsConsumedBatches, StoresTokenizer, pl.LightningDataModule):
     """Labelled texts for a classifier: split, label-mapped, tokenized and padded like the book's spam data.
 
     Args:

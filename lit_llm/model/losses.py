@@ -23,7 +23,7 @@ __all__ = ["chunked_head_loss", "next_token_loss", "triton_interpreting"]
 
 def triton_interpreting() -> bool:
     """Whether Triton runs kernels with its CPU interpreter (``TRITON_INTERPRET=1``), so that
-    :mod:`lit_llm.fused_loss` runs without a GPU (slowly; for tests)."""
+    :mod:`lit_llm.model.fused_loss` runs without a GPU (slowly; for tests)."""
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 

@@ -13,8 +13,8 @@ import os
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
+from lit_llm.data.tokenizer import Tokenizer, load_tokenizer, train_bpe
 from lit_llm.errors import DataError
-from lit_llm.tokenizer import Tokenizer, load_tokenizer, train_bpe
 
 
 def cache_key(*parts: object) -> str:
@@ -51,7 +51,7 @@ def trained_tokenizer(
 
 def checkpoint_tokenizer(path: Path) -> Tokenizer:
     """The tokenizer stored in a lit_llm checkpoint (the DataModule state) or saved beside it."""
-    from lit_llm.tensor_files import torch_load  # lazily: only checkpoints need torch's loader
+    from lit_llm.weights.files import torch_load  # lazily: only checkpoints need torch's loader
 
     ckpt_file = path / "last.ckpt" if path.is_dir() else path
     ckpt = torch_load(ckpt_file)

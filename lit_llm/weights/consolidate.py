@@ -12,7 +12,7 @@ Lightning names the resulting *directory* like a file (``checkpoints/<run>/last.
 
 :func:`consolidate` writes one Lightning ``.ckpt`` in the format a single-device run writes: ``state_dict`` with the
 task's plain names (``model.tok_emb.weight`` ...), ``hyper_parameters``, ``model_config`` and the DataModule state, so
-that ``lit_llm.weights``, ``python -m lit_llm.generate``, ``python -m lit_llm.convert to-hf`` and
+that ``lit_llm.weights.readers``, ``python -m lit_llm.generate``, ``python -m lit_llm.convert to-hf`` and
 ``model.init_args.init_weights`` read it. The command line is ``python -m lit_llm.convert consolidate DIR OUT``.
 """
 
@@ -22,28 +22,31 @@ import contextlib
 import io
 import logging
 import re
-import shlex
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from torch import Tensor
 
 from lit_llm.errors import CheckpointError
-from lit_llm.tensor_files import TMP_SUFFIX, UNREADABLE_FILE_ERRORS, atomic_torch_save, error_reason, torch_load
+from lit_llm.weights.discovery import (
+    DCP_INDEX,
+    DEEPSPEED_LATEST,
+    FSDP_META_FILE,
+    Kind,
+    detect_kind,
+    sharded_kind,
+    suggested_output,
+)
+from lit_llm.weights.files import TMP_SUFFIX, UNREADABLE_FILE_ERRORS, atomic_torch_save, error_reason, torch_load
 
-__all__ = ["Kind", "consolidate", "consolidate_command", "detect_kind", "sharded_kind", "suggested_output"]
+__all__ = ["consolidate"]
 
-Kind = Literal["fsdp", "deepspeed"]
 
 log = logging.getLogger(__name__)
 
-#: What Lightning's FSDP strategy saves besides the model and optimizer shards (its ``_METADATA_FILENAME``).
-FSDP_META_FILE = "meta.pt"
-_DCP_INDEX = ".metadata"
-_DS_LATEST = "latest"
 #: Suffix of a checkpoint still being written: lit_llm's strategies rename ``<name>.tmp`` once every rank is done.
 #: Module wrappers whose names leak into parameter names: Lightning's DeepSpeed wrapper (a prefix), FSDP, activation
 #: checkpointing and torch.compile (anywhere in the name).
@@ -63,87 +66,12 @@ _TRAINING_STATE = ("optimizer_states", "lr_schedulers")
 # ---- what a directory is -----------------------------------------------------------------------------------------
 
 
-def sharded_kind(path: str | Path) -> Kind | None:
-    """What the directory ``path`` looks like, without checking that it is complete: ``"fsdp"`` (DCP index or
-    shards), ``"deepspeed"`` (a ``latest`` file or ZeRO state files), or ``None`` (neither, or not a directory)."""
-    p = Path(path)
-    if not p.is_dir():
-        return None
-    if (p / _DS_LATEST).is_file() or any(p.glob("*/*_model_states.pt")) or any(p.glob("*/*_optim_states.pt")):
-        return "deepspeed"
-    if (p / _DCP_INDEX).is_file() or any(p.glob("*.distcp")):
-        return "fsdp"
-    return None
 
 
-def detect_kind(path: str | Path) -> Kind:
-    """Which sharded strategy wrote the checkpoint directory ``path``, after checking that it is complete.
-
-    Args:
-        path: A checkpoint directory written under FSDP (``state_dict_type: sharded``) or DeepSpeed.
-
-    Returns:
-        ``"fsdp"`` or ``"deepspeed"``.
-
-    Raises:
-        CheckpointError: ``path`` does not exist, is a file (already one checkpoint), is an unfinished save, is
-            neither kind, or lacks the index its kind needs (DeepSpeed's ``latest`` and the folder it names; FSDP's
-            ``.metadata`` and ``meta.pt``).
-    """
-    p = Path(path)
-    if not p.exists():
-        raise CheckpointError(f"{path} does not exist (cwd: {Path.cwd()}); pass a checkpoint directory written under "
-                              "FSDP or DeepSpeed, such as checkpoints/<run>/last.ckpt")
-    if p.is_file():
-        raise CheckpointError(f"{path} is a file, so it already is one checkpoint and there is nothing to consolidate: "
-                              "pass it as it is to python -m lit_llm.generate --checkpoint, to-hf or "
-                              "model.init_args.init_weights")
-    kind = sharded_kind(p)
-    if p.name.endswith(TMP_SUFFIX):
-        final = p.with_name(p.name[: -len(TMP_SUFFIX)])
-        raise CheckpointError(f"{path} is an unfinished save (a checkpoint is written as <name>{TMP_SUFFIX} and "
-                              f"renamed once every rank has finished); consolidate {final} if it exists, or an "
-                              "earlier checkpoint")
-    if kind == "deepspeed":
-        latest = p / _DS_LATEST
-        if not latest.is_file():
-            raise CheckpointError(f"{path} holds DeepSpeed ZeRO files but no `latest` file naming their folder; the "
-                                  "save did not finish: use an earlier checkpoint")
-        tag = latest.read_text().strip()
-        if not tag or not (p / tag).is_dir():
-            raise CheckpointError(f"{path}: its `latest` file names the folder {tag!r}, which is missing; the save did "
-                                  "not finish or the folder was moved: use an earlier checkpoint")
-        return "deepspeed"
-    if kind == "fsdp":
-        shards = sorted(q.name for q in p.glob("*.distcp"))
-        if not (p / _DCP_INDEX).is_file():
-            raise CheckpointError(f"{path} holds FSDP shards ({', '.join(shards[:4])}) but not their index "
-                                  f"{_DCP_INDEX}; the save did not finish (rank 0 writes it last): use an earlier "
-                                  "checkpoint")
-        if not (p / FSDP_META_FILE).is_file():
-            raise CheckpointError(f"{path} has no {FSDP_META_FILE} (the hyperparameters, model config and tokenizer "
-                                  "Lightning saves beside the shards); the save did not finish: use an earlier "
-                                  "checkpoint")
-        return "fsdp"
-    found = sorted(q.name for q in p.iterdir())
-    what = f"holds {', '.join(found[:10])}{' ...' if len(found) > 10 else ''}" if found else "is empty"
-    raise CheckpointError(f"{path} is neither an FSDP nor a DeepSpeed checkpoint directory (it {what}); pass the "
-                          f"directory Lightning wrote for one checkpoint: under FSDP it holds {_DCP_INDEX}, *.distcp "
-                          f"and {FSDP_META_FILE}, under DeepSpeed `latest` and the folder it names")
 
 
-def suggested_output(path: str | Path) -> Path:
-    """Where the consolidated file of the checkpoint directory ``path`` goes by convention: beside it, as
-    ``<name>.consolidated.ckpt`` (``run/last.ckpt/`` -> ``run/last.consolidated.ckpt``)."""
-    p = Path(path)
-    stem = p.name[: -len(".ckpt")] if p.name.endswith(".ckpt") else p.name
-    return p.with_name(f"{stem}.consolidated.ckpt")
 
 
-def consolidate_command(path: str | Path) -> str:
-    """The shell command that consolidates the checkpoint directory ``path`` into :func:`suggested_output`."""
-    return (f"python -m lit_llm.convert consolidate {shlex.quote(str(path))} "
-            f"{shlex.quote(str(suggested_output(path)))}")
 
 
 # ---- consolidation -----------------------------------------------------------------------------------------------
@@ -242,7 +170,7 @@ def _resolve_source(path: Path) -> Path:
     """A run directory stands for its newest checkpoint, when that is a directory; anything else is checked as is."""
     if not path.is_dir() or sharded_kind(path) is not None or path.name.endswith(TMP_SUFFIX):
         return path
-    from lit_llm.weights import newest_checkpoint
+    from lit_llm.weights.discovery import newest_checkpoint
 
     newest = newest_checkpoint(path)
     if newest is None:
@@ -273,7 +201,7 @@ def _read_fsdp(path: Path, keep_optimizer: bool) -> tuple[dict[str, Any], str]:
     try:
         metadata = reader.read_metadata()
     except Exception as err:  # noqa: BLE001 - whatever the unpickler raises, the index is unreadable
-        raise CheckpointError(f"could not read {path / _DCP_INDEX} ({error_reason(err)}); it is truncated or corrupt: "
+        raise CheckpointError(f"could not read {path / DCP_INDEX} ({error_reason(err)}); it is truncated or corrupt: "
                               "use an earlier checkpoint") from err
     planner_data = getattr(metadata, "planner_data", None) or {}
     tops = {str(planner_data[k][0]) if planner_data.get(k) else k.split(".", 1)[0]
@@ -333,11 +261,11 @@ def _read_deepspeed(path: Path, keep_optimizer: bool) -> tuple[dict[str, Any], s
     try:
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
     except ImportError as err:
-        from lit_llm.strategies import DEEPSPEED_INSTALL
+        from lit_llm.distributed.deepspeed import DEEPSPEED_INSTALL
 
         raise CheckpointError(f"{path} is a DeepSpeed checkpoint, and merging its ZeRO partitions needs DeepSpeed, "
                               f"which is not installed: {DEEPSPEED_INSTALL} (no GPU needed to consolidate)") from err
-    tag = (path / _DS_LATEST).read_text().strip()
+    tag = (path / DEEPSPEED_LATEST).read_text().strip()
     folder = path / tag
     states = [folder / "mp_rank_00_model_states.pt", folder / "zero_pp_rank_0_mp_rank_00_model_states.pt"]
     states_file = next((f for f in states if f.is_file()), None)
