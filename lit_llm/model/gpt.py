@@ -1,13 +1,24 @@
 """The GPT of "Build a Large Language Model (From Scratch)", chapter 4, Lightning-free.
 
-Names follow the book (``tok_emb``, ``pos_emb``, ``trf_blocks``, ``att``, ``ff``, ``norm1``, ``norm2``,
-``final_norm``, ``out_head``). Two departures, both for speed and both covered by tests against the book's
-arithmetic: the query/key/value projections are fused into one ``qkv`` Linear, and attention runs through
-``scaled_dot_product_attention`` (the book's explicit-mask softmax stays as ``attention="reference"``).
+Names follow the book (``tok_emb``, ``pos_emb``, ``drop_emb``, ``trf_blocks``, ``att``, ``ff``, ``norm1``,
+``norm2``, ``final_norm``, ``out_head``), and ``GPTModel.forward`` is the book's forward line for line: embed tokens
+and positions, dropout, the blocks, the final norm, the head. Every departure from the book, each behind an option
+or a named helper and each held to the book's arithmetic by tests:
 
-Generation can pass a :class:`KVCache` to ``GPTModel.forward``: each layer then keeps the keys and values of the
-tokens it has seen, and the next call feeds only the new tokens (the book's chapter 4 bonus material does the same).
-Training calls ``model(idx)`` without one and takes exactly the cache-free path.
+1. **Fused projections**: the query/key/value projections are one ``qkv`` Linear (one matmul instead of three).
+2. **Fused attention**: ``scaled_dot_product_attention`` instead of the explicit-mask softmax, which stays as
+   ``attention="reference"``.
+3. **KV cache** (generation): ``forward(ids, kv_cache)`` feeds only the tokens after the cached ones; each layer keeps
+   the keys and values it has seen (as the book's chapter 4 bonus material does). Training never passes one.
+4. **Activation checkpointing** (``activation_checkpointing``): the blocks' activations are recomputed in the
+   backward pass instead of kept.
+5. **Low-precision residual** (``autocast_residual``): under autocast the residual stream is carried in bf16.
+6. **Loss inside the model** (``forward(ids, targets=...)``): the next-token cross-entropy of the book's
+   ``calc_loss_batch``, computed here so that a compiled model fuses it with the head; optionally chunked
+   (``loss_chunk``) or in one Triton kernel (``fused_loss``).
+7. **Options of the config**: ``bias`` (LayerNorm and Linear biases can be dropped), ``tie_weights`` (head tied to
+   the token embedding, as OpenAI's GPT-2), ``pad_vocab_multiple`` (vocabulary rows padded for fast matmuls; the padded
+   columns are never targets), ``init`` (GPT-2's ``normal(0, 0.02)`` initialisation or PyTorch's defaults).
 
 Shapes: B batch, T sequence length, C ``emb_dim``, H ``n_heads``, D head size (C // H), V padded vocabulary.
 """
@@ -251,7 +262,22 @@ class GPTModel(nn.Module):
     ) -> torch.Tensor:
         """Logits ``(B, T, V)``; with ``targets`` ``(B, T)`` instead the mean next-token cross-entropy (``-100``
         targets ignored), through the chunked head when ``loss_chunk`` is set, the fused one when ``fused_loss``."""
-        B, T = in_idx.shape
+        start = self._first_position(in_idx, kv_cache)
+        tok_embeds = self.tok_emb(in_idx)
+        pos_embeds = self.pos_emb(torch.arange(start, start + in_idx.shape[1], device=in_idx.device))
+        x = tok_embeds + pos_embeds  # (B, T, C)
+        x = self.drop_emb(x)
+        x = self._residual_dtype(x)
+        x = self._run_blocks(x, kv_cache)
+        x = self.final_norm(x)
+        if targets is not None:
+            return self._head_loss(x, targets)
+        logits = self.out_head(x)  # (B, T, V)
+        return logits
+
+    def _first_position(self, in_idx: torch.Tensor, kv_cache: KVCache | None) -> int:
+        """The absolute position of ``in_idx``'s first token (after the cached ones), checked against the context."""
+        T = in_idx.shape[1]
         start = 0 if kv_cache is None else kv_cache.pos
         if start + T > self.config.context_length:
             cached = f" after {start} cached tokens" if start else ""
@@ -260,16 +286,18 @@ class GPTModel(nn.Module):
                 f"{self.config.context_length}; crop the input to its last {self.config.context_length} tokens "
                 "or use a model with a longer context"
             )
-        # Absolute positions: with a cache, the new tokens come after the `start` cached ones.
-        pos = torch.arange(start, start + T, device=in_idx.device)
-        x = self.drop_emb(self.tok_emb(in_idx) + self.pos_emb(pos))  # (B, T, C)
+        return start
+
+    def _residual_dtype(self, x: torch.Tensor) -> torch.Tensor:
+        """Departure 5: under autocast with ``autocast_residual``, the residual stream in the autocast dtype."""
         if self.autocast_residual and torch.is_autocast_enabled(x.device.type):
-            x = x.to(torch.get_autocast_dtype(x.device.type))
-        if kv_cache is None:
-            recompute = self.activation_checkpointing and self.training and torch.is_grad_enabled()
-            for block in self.trf_blocks:
-                x = checkpoint(block, x, use_reentrant=False) if recompute else block(x)
-        else:
+            return x.to(torch.get_autocast_dtype(x.device.type))
+        return x
+
+    def _run_blocks(self, x: torch.Tensor, kv_cache: KVCache | None) -> torch.Tensor:
+        """The book's ``self.trf_blocks(x)``; with a KV cache each block reads and extends its layer's cache
+        (departure 3), and in training with ``activation_checkpointing`` each block is recomputed (departure 4)."""
+        if kv_cache is not None:
             if len(kv_cache.layers) != len(self.trf_blocks):
                 raise ValueError(
                     f"KVCache has {len(kv_cache.layers)} layers but the model has {len(self.trf_blocks)}; "
@@ -277,9 +305,14 @@ class GPTModel(nn.Module):
                 )
             for block, layer_cache in zip(self.trf_blocks, kv_cache.layers):
                 x = block(x, layer_cache)
-        x = self.final_norm(x)
-        if targets is None:
-            return self.out_head(x)  # (B, T, V)
+            return x
+        recompute = self.activation_checkpointing and self.training and torch.is_grad_enabled()
+        for block in self.trf_blocks:
+            x = checkpoint(block, x, use_reentrant=False) if recompute else block(x)
+        return x
+
+    def _head_loss(self, x: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Departure 6: the head and the book's next-token cross-entropy, chunked or fused when asked."""
         if self.loss_chunk:
             return chunked_head_loss(x, self.out_head.weight, targets, chunk_size=self.loss_chunk)
         if self.fused_loss:
