@@ -1,7 +1,7 @@
 """Fused-attention kernels on this GPU: forward + backward time of each ``scaled_dot_product_attention`` backend at a
 model's attention shape, eager and compiled, and the kernels that actually ran.
 
-``model.sdpa_backend`` (``auto``, ``flash``, ``cudnn``, ``efficient``) picks the kernel of the training step; this
+``model.speed.sdpa_backend`` (``auto``, ``flash``, ``cudnn``, ``efficient``) picks the kernel of the training step; this
 measures what each choice is worth, in isolation, before a whole training run is spent on it.
 
     python bench/attention.py --model gpt2-124m --batch 64 --json attention.json

@@ -68,9 +68,10 @@ class Variant:
     residual: str = "float32"  # float32 | autocast (the residual stream in bf16 under autocast)
     coordinate_descent: bool = False  # inductor's coordinate-descent tuning of the generated kernels
     loss_chunk: int = 0  # > 0: the head and its cross-entropy fused, this many tokens at a time (chunked_loss)
-    fused_loss: bool = False  # the head's cross-entropy in lit_llm's Triton kernel (model.fused_loss)
-    float8: str = ""  # an FP8 recipe (tensorwise | rowwise): the blocks' Linear layers as FP8 matmuls (model.float8)
-    float8_head: bool = False  # the output head in FP8 too (model.float8_head)
+    fused_loss: bool = False  # the head's cross-entropy in lit_llm's Triton kernel (model.speed.fused_loss)
+    # an FP8 recipe (tensorwise | rowwise): the blocks' Linear layers as FP8 matmuls (model.speed.float8)
+    float8: str = ""
+    float8_head: bool = False  # the output head in FP8 too (model.speed.float8_head)
 
     @property
     def compiled(self) -> bool:
@@ -144,7 +145,7 @@ def plain_loop(model_name: str, v: Variant, batch: int, accumulate: int, steps: 
         model = model.to(torch.bfloat16)
     model.autocast_residual = v.residual == "autocast"
     model.loss_chunk = v.loss_chunk or None
-    model.fused_loss = v.fused_loss
+    model.speed.fused_loss = v.fused_loss
     if v.float8:
         convert_to_float8(model, v.float8, head=v.float8_head)
     model.train()
@@ -511,16 +512,18 @@ def trainer_run(args: argparse.Namespace, v: Variant) -> dict[str, Any]:
         f"--model.init_args.model.bias={str(v.bias).lower()}",
         f"--model.init_args.model.qkv_bias={str(v.qkv_bias).lower()}",
         f"--model.init_args.model.attention={v.attention}",
-        f"--model.init_args.compile={'false' if not v.compiled else ('true' if v.compile == 'default' else v.compile)}",
-        f"--model.init_args.sdpa_backend={v.sdpa_backend}",
-        f"--model.init_args.fused_adamw={str(v.fused).lower()}",
-        f"--model.init_args.low_precision_residual={str(v.residual == 'autocast').lower()}",
-        *(["--model.init_args.compile_options={coordinate_descent_tuning: true}"] if v.coordinate_descent else []),
-        *([f"--model.init_args.chunked_loss={v.loss_chunk}"] if v.loss_chunk else []),
-        *(["--model.init_args.fused_loss=true"] if v.fused_loss else []),
-        *([f"--model.init_args.float8={v.float8}"] if v.float8 else []),
-        *(["--model.init_args.float8_head=true"] if v.float8_head else []),
-        "--model.init_args.warmup_steps=5",
+        "--model.init_args.speed.compile="
+        + ('false' if not v.compiled else ('true' if v.compile == 'default' else v.compile)),
+        f"--model.init_args.speed.sdpa_backend={v.sdpa_backend}",
+        f"--model.init_args.optim.fused_adamw={str(v.fused).lower()}",
+        f"--model.init_args.speed.low_precision_residual={str(v.residual == 'autocast').lower()}",
+        *(["--model.init_args.speed.compile_options={coordinate_descent_tuning: true}"]
+          if v.coordinate_descent else []),
+        *([f"--model.init_args.speed.chunked_loss={v.loss_chunk}"] if v.loss_chunk else []),
+        *(["--model.init_args.speed.fused_loss=true"] if v.fused_loss else []),
+        *([f"--model.init_args.speed.float8={v.float8}"] if v.float8 else []),
+        *(["--model.init_args.speed.float8_head=true"] if v.float8_head else []),
+        "--model.init_args.optim.warmup_steps=5",
         f"--data.init_args.source={args.source}", "--data.init_args.sha256=null",
         f"--data.init_args.tokenizer={args.tokenizer}", "--data.init_args.split_by=tokens",
         "--data.init_args.val_split=0.001", f"--data.init_args.batch_size={args.batch}",

@@ -35,6 +35,7 @@ from lit_llm.data.tokenizer import Tokenizer
 from lit_llm.errors import CheckpointError, ConfigError, LitLLMError
 from lit_llm.tasks.base import GPTTask
 from lit_llm.tasks.classify import ClassifyTask
+from lit_llm.tasks.options import grouped
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -108,9 +109,11 @@ def load_classifier(checkpoint: str | Path, device: str | torch.device = "cpu") 
                               "with lit_llm.data.ClassifyDataModule")
     accepted = set(inspect.signature(ClassifyTask.__init__).parameters) | set(
         inspect.signature(GPTTask.__init__).parameters)
-    kwargs = {k: v for k, v in hparams.items() if k in accepted and k not in ("self", "kwargs")}
+    # grouped(): a checkpoint written before the option groups stores learning_rate, compile, ... flat.
+    kwargs = {k: v for k, v in grouped(hparams).items() if k in accepted and k not in ("self", "kwargs")}
     # The weights come from the checkpoint: no initial weights to fetch, nothing to compile for a few texts.
-    kwargs.update(init_weights=None, compile=False, num_classes=info["num_classes"], label_names=info["label_names"])
+    speed = dict(kwargs.get("speed") or {}, compile=False)
+    kwargs.update(init_weights=None, speed=speed, num_classes=info["num_classes"], label_names=info["label_names"])
     task = ClassifyTask(**kwargs)
     task.configure_model()
     try:

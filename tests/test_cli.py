@@ -28,7 +28,7 @@ TINY_MODEL = [
     "--model.init_args.model.n_layers=2",
     "--model.init_args.model.emb_dim=32",
     "--model.init_args.model.n_heads=2",
-    "--model.init_args.compile=false",
+    "--model.init_args.speed.compile=false",
 ]
 
 
@@ -195,7 +195,7 @@ def test_overfits_tiny_corpus(tmp_path, in_repo_root):
     c = cli([
         "fit", "--config", "configs/pretrain/quickstart.yaml", *TINY_MODEL,
         "--model.init_args.model.context_length=32", "--model.init_args.model.drop_rate=0.0",
-        "--model.init_args.warmup_steps=10", "--model.init_args.learning_rate=1e-2",
+        "--model.init_args.optim.warmup_steps=10", "--model.init_args.optim.learning_rate=1e-2",
         f"--data.init_args.source={text}", "--data.init_args.tokenizer=train",
         "--data.init_args.tokenizer_vocab_size=300", "--data.init_args.val_split=0", "--data.init_args.batch_size=8",
         "--data.init_args.stride=8", f"--trainer.default_root_dir={tmp_path}", "--trainer.max_steps=150",
@@ -279,7 +279,7 @@ def test_validate_and_predict_from_checkpoint(corpus, tmp_path, in_repo_root):
 
 
 @pytest.mark.parametrize("override,needle", [
-    ("--model.init_args.learning_rate=-1", "model.learning_rate=-1.0 must be > 0"),
+    ("--model.init_args.optim.learning_rate=-1", "model.optim.learning_rate=-1.0 must be > 0"),
     ("--data.init_args.batch_size=0", "data.batch_size=0 must be >= 1"),
     ("--model.init_args.model.n_heads=3", "model.emb_dim=128 is not divisible by model.n_heads=3"),
 ])
@@ -298,7 +298,7 @@ def test_omegaconf_interpolation_within_a_file(tmp_path, in_repo_root):
     extra.write_text("trainer:\n  max_steps: 7\nmodel:\n  init_args:\n    schedule_steps: ${trainer.max_steps}\n")
     c = cli(["--config", "configs/pretrain/quickstart.yaml", "--config", str(extra),
              "--data.init_args.tokenizer_vocab_size=300", "--trainer.logger=false"], run=False)
-    assert c.model.hparams.schedule_steps == 7 == c.trainer.max_steps
+    assert c.model.optim.schedule_steps == 7 == c.trainer.max_steps
 
 
 def test_speed_options_parse_and_run(corpus, tmp_path, in_repo_root):
@@ -306,19 +306,19 @@ def test_speed_options_parse_and_run(corpus, tmp_path, in_repo_root):
     (a number logged as-is would be copied to the GPU with a blocking copy on every step)."""
     quick = ROOT / "configs/pretrain/quickstart.yaml"
     c = cli(["fit", "--config", str(quick), *tiny_overrides(quick, corpus, tmp_path),
-             "--data.init_args.tokenizer_vocab_size=300", "--model.init_args.sdpa_backend=math",
+             "--data.init_args.tokenizer_vocab_size=300", "--model.init_args.speed.sdpa_backend=math",
              "--trainer.fast_dev_run=2"])
-    assert c.model.hparams.sdpa_backend == "math" and c.trainer.global_step == 2
+    assert c.model.speed.sdpa_backend == "math" and c.trainer.global_step == 2
     logged = {}
     c.model.log = lambda name, value, **kw: logged.update({name: value})  # what reaches self.log
     c.model.count_tokens(torch.zeros(2, 8, dtype=torch.long))
     c.model.log_lr()
     assert set(logged) == {"train/tokens_seen", "train/lr"}
     assert all(isinstance(v, torch.Tensor) and v.device.type == "cpu" for v in logged.values())
-    c = cli(["--config", str(quick), "--model.init_args.compile=max-autotune"], run=False)
-    assert c.config.model.init_args.compile == "max-autotune"
+    c = cli(["--config", str(quick), "--model.init_args.speed.compile=max-autotune"], run=False)
+    assert c.config.model.init_args.speed.compile == "max-autotune"
     with pytest.raises(SystemExit):
-        cli(["--config", str(quick), "--model.init_args.sdpa_backend=fastest"], run=False)
+        cli(["--config", str(quick), "--model.init_args.speed.sdpa_backend=fastest"], run=False)
 
 
 def test_resume_does_not_read_init_weights(corpus, tmp_path, in_repo_root):

@@ -36,14 +36,14 @@ from lit_llm.weights.readers import load_model_for_inference, load_weights
 TEXT = ("It had always been his fate to have his judgement questioned, and his work admired by those who never "
         "understood it. The sketch of the donkey was the last thing he painted before he gave it up. ")
 TINY = ["--model.init_args.model.n_layers=2", "--model.init_args.model.emb_dim=32", "--model.init_args.model.n_heads=2",
-        "--model.init_args.model.context_length=32", "--model.init_args.compile=false"]
+        "--model.init_args.model.context_length=32", "--model.init_args.speed.compile=false"]
 QUIET = ["--trainer.logger=false", "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false"]
 CALLBACKS = ("--trainer.callbacks=[{class_path: lit_llm.callbacks.RNGState}, "
              "{class_path: lit_llm.callbacks.Checkpoint, init_args: {save_last: true}}]")
 
 
 def _pretrain_args(root: Path, text: Path) -> list[str]:
-    return ["--config", str(ROOT / "configs/pretrain/quickstart.yaml"), *TINY, "--model.init_args.warmup_steps=1",
+    return ["--config", str(ROOT / "configs/pretrain/quickstart.yaml"), *TINY, "--model.init_args.optim.warmup_steps=1",
             f"--data.init_args.source={text}",
             "--data.init_args.tokenizer_vocab_size=300", "--data.init_args.num_workers=0",
             "--data.init_args.batch_size=4", f"--trainer.default_root_dir={root}", "--trainer.limit_val_batches=0",

@@ -1,4 +1,5 @@
-"""``model.float8``: the GPT's Linear layers as torchao ``Float8Linear`` (emulated on the CPU; GPU speed: bench/)."""
+"""``model.speed.float8``: the GPT's Linear layers as torchao ``Float8Linear`` (emulated on the CPU; GPU speed:
+bench/)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 from conftest import ROOT
+
+from lit_llm.tasks.options import grouped
 
 pytest.importorskip("torchao.float8", reason="torchao is part of the dev extra (pip install -e '.[dev]')")
 
@@ -32,7 +35,7 @@ def _model(**overrides) -> GPTModel:
 
 def _task(**kwargs) -> PretrainTask:
     torch.manual_seed(0)
-    task = PretrainTask(model=dict(SHAPE), **kwargs)
+    task = PretrainTask(model=dict(SHAPE), **grouped(kwargs))
     task.configure_model()
     return task
 
@@ -92,7 +95,7 @@ def test_the_task_option_converts_and_logs(monkeypatch):
 
 def test_without_fp8_hardware_it_is_one_clear_error(monkeypatch):
     monkeypatch.delenv(EMULATE_ENV, raising=False)
-    with pytest.raises(ConfigError, match=r"model.float8 needs an NVIDIA GPU with FP8 tensor cores.*on CPU.*"
+    with pytest.raises(ConfigError, match=r"model.speed.float8 needs an NVIDIA GPU with FP8 tensor cores.*on CPU.*"
                                           r"LIT_LLM_FLOAT8_EMULATE=1"):
         _task(float8="tensorwise")
 
@@ -106,17 +109,17 @@ def test_torchao_missing_is_one_clear_error(monkeypatch):
         return real_import(name, *args, **kwargs)
 
     monkeypatch.setattr(builtins, "__import__", no_torchao)
-    with pytest.raises(ConfigError, match=r"model.float8 needs torchao.*pip install 'lit_llm\[float8\]'"):
+    with pytest.raises(ConfigError, match=r"model.speed.float8 needs torchao.*pip install 'lit_llm\[float8\]'"):
         convert_to_float8(_model(), emulate=True)
 
 
 @pytest.mark.parametrize("kwargs, message", [
-    (dict(float8="e4m3"), r"model.float8='e4m3' must be one of tensorwise, rowwise"),
+    (dict(float8="e4m3"), r"model.speed.float8='e4m3' must be one of tensorwise, rowwise"),
     (dict(float8="tensorwise", lora={"rank": 2, "targets": ["attention"]}), r"float8 cannot be combined with "
                                                                             r"model.lora"),
-    (dict(float8_head=True), r"float8_head needs model.float8"),
+    (dict(float8_head=True), r"float8_head needs model.speed.float8"),
     (dict(float8="tensorwise", float8_head=True, chunked_loss=64), r"float8_head cannot be combined with "
-                                                                   r"model.chunked_loss"),
+                                                                   r"model.speed.chunked_loss"),
 ])
 def test_bad_combinations_are_config_errors(kwargs, message):
     with pytest.raises(ConfigError, match=message):
@@ -124,7 +127,7 @@ def test_bad_combinations_are_config_errors(kwargs, message):
 
 
 def test_the_converter_refuses_an_unknown_recipe_with_the_tasks_message():
-    with pytest.raises(ConfigError, match=r"model.float8='e4m3' must be one of tensorwise, rowwise, or null"):
+    with pytest.raises(ConfigError, match=r"model.speed.float8='e4m3' must be one of tensorwise, rowwise, or null"):
         convert_to_float8(_model(), "e4m3", emulate=True)
 
 
@@ -134,9 +137,10 @@ def test_sharded_strategies_are_refused(monkeypatch):
     class GPTFSDPStrategy:  # what the check looks at: the class's name, as for Lightning's FSDP strategies
         root_device = torch.device("cpu")
 
-    task = PretrainTask(model=dict(SHAPE), float8="tensorwise")
+    task = PretrainTask(model=dict(SHAPE), speed={"float8": "tensorwise"})
     task._trainer = SimpleNamespace(strategy=GPTFSDPStrategy(), ckpt_path=None, accumulate_grad_batches=1)
-    with pytest.raises(ConfigError, match=r"model.float8 runs on one GPU or under DDP, not under GPTFSDPStrategy"):
+    with pytest.raises(ConfigError,
+                       match=r"model.speed.float8 runs on one GPU or under DDP, not under GPTFSDPStrategy"):
         task.configure_model()
 
 
@@ -149,8 +153,8 @@ def test_a_run_trains_and_its_checkpoint_loads_without_float8(tmp_path, monkeypa
     args = ["fit", "--config", str(QUICK), "--model.init_args.model.n_layers=2", "--model.init_args.model.emb_dim=32",
             "--model.init_args.model.n_heads=2", "--data.init_args.tokenizer_vocab_size=300",
             "--data.init_args.num_workers=0", "--trainer.accelerator=cpu", "--trainer.precision=bf16-mixed",
-            "--model.init_args.float8=tensorwise", "--model.init_args.warmup_steps=0",
-            "--model.init_args.learning_rate=0.01", "--trainer.limit_val_batches=0",
+            "--model.init_args.speed.float8=tensorwise", "--model.init_args.optim.warmup_steps=0",
+            "--model.init_args.optim.learning_rate=0.01", "--trainer.limit_val_batches=0",
             f"--trainer.default_root_dir={tmp_path}"]
     c = cli([*args, "--trainer.max_steps=12"])
     assert sum(isinstance(m, Float8Linear) for m in c.model.model.modules()) == 8
@@ -178,6 +182,6 @@ def test_the_options_are_config_keys(tmp_path, in_repo_root):
     from lit_llm.train import cli
 
     c = cli(["--config", str(QUICK), "--data.init_args.tokenizer_vocab_size=300",
-             "--model.init_args.float8=rowwise", "--model.init_args.float8_head=true",
+             "--model.init_args.speed.float8=rowwise", "--model.init_args.speed.float8_head=true",
              f"--trainer.default_root_dir={tmp_path}"], run=False)
-    assert c.model.hparams.float8 == "rowwise" and c.model.hparams.float8_head is True
+    assert c.model.speed.float8 == "rowwise" and c.model.speed.float8_head is True

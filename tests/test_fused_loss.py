@@ -154,11 +154,11 @@ def test_the_task_option_trains_like_the_plain_head(tied):
 def test_the_task_option_refuses_what_it_cannot_combine_with():
     from lit_llm.errors import ConfigError
 
-    with pytest.raises(ConfigError, match="fused_loss cannot be combined with model.chunked_loss"):
+    with pytest.raises(ConfigError, match="fused_loss cannot be combined with model.speed.chunked_loss"):
         _task(fused_loss=True, chunked_loss=64)
     with pytest.raises(ConfigError, match="fused_loss cannot be combined with a LoRA adapter on the head"):
         _task(fused_loss=True, lora={"rank": 2, "targets": ["head"]})
-    with pytest.raises(ConfigError, match="fused_loss cannot be combined with model.float8_head"):
+    with pytest.raises(ConfigError, match="fused_loss cannot be combined with model.speed.float8_head"):
         _task(fused_loss=True, float8="tensorwise", float8_head=True)
 
 
@@ -166,7 +166,8 @@ def test_the_task_option_on_a_cpu_run_is_one_clear_error(monkeypatch):
     from lit_llm.errors import ConfigError
 
     monkeypatch.delenv("TRITON_INTERPRET")
-    with pytest.raises(ConfigError, match="model.fused_loss runs a Triton kernel on CUDA GPUs, but this run is on CPU"):
+    with pytest.raises(ConfigError,
+                       match="model.speed.fused_loss runs a Triton kernel on CUDA GPUs, but this run is on CPU"):
         _task(fused_loss=True)
 
 
@@ -197,7 +198,7 @@ def test_a_cli_run_trains_with_it(tmp_path, in_repo_root):
     (kernel interpreted on the CPU), ending with a finite logged loss."""
     from lit_llm.train import cli
 
-    c = cli(["fit", "--config", "configs/pretrain/quickstart.yaml", "--model.init_args.fused_loss=true",
+    c = cli(["fit", "--config", "configs/pretrain/quickstart.yaml", "--model.init_args.speed.fused_loss=true",
              "--model.init_args.model.n_layers=1", "--model.init_args.model.emb_dim=32",
              "--model.init_args.model.n_heads=2", "--model.init_args.model.context_length=16",
              "--data.init_args.batch_size=2", "--trainer.max_steps=2", "--trainer.limit_val_batches=1",

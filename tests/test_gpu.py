@@ -28,7 +28,7 @@ def _fit(tmp_path, *extra):
 
 @pytest.mark.parametrize("precision,compile", [("bf16-mixed", True), ("bf16-true", False), ("32-true", False)])
 def test_fit_on_gpu(precision, compile, tmp_path, in_repo_root):
-    c = _fit(tmp_path, f"--trainer.precision={precision}", f"--model.init_args.compile={str(compile).lower()}")
+    c = _fit(tmp_path, f"--trainer.precision={precision}", f"--model.init_args.speed.compile={str(compile).lower()}")
     assert c.trainer.global_step == 80
     history = c.trainer.callback_metrics
     assert torch.isfinite(history["train/loss"]) and history["val/loss"] < 6.5  # ln(2048) = 7.6 at the start
@@ -105,16 +105,16 @@ def test_fast_path_learns_like_the_reference_path(tmp_path, in_repo_root):
     common = ["--trainer.max_steps=200", "--trainer.log_every_n_steps=1", "--trainer.val_check_interval=200",
               "--trainer.limit_val_batches=5", "--model.init_args.model.drop_rate=0.0"]
     reference = ["--trainer.precision=32-true", "--model.init_args.model.attention=reference",
-                 "--model.init_args.compile=false", "--model.init_args.fused_adamw=false",
+                 "--model.init_args.speed.compile=false", "--model.init_args.optim.fused_adamw=false",
                  "--model.init_args.model.pad_vocab_multiple=1"]
-    fast = ["--trainer.precision=bf16-mixed", "--model.init_args.compile=true"]
+    fast = ["--trainer.precision=bf16-mixed", "--model.init_args.speed.compile=true"]
     prev = torch.backends.cuda.matmul.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = False
     try:
         runs = {}
-        bf16_true = ["--trainer.precision=bf16-true", "--model.init_args.compile=true"]
-        residual = [*fast, "--model.init_args.low_precision_residual=true"]
-        shipped = [*residual, "--model.init_args.fused_loss=true"]  # as configs/pretrain/gpt2-124m.yaml
+        bf16_true = ["--trainer.precision=bf16-true", "--model.init_args.speed.compile=true"]
+        residual = [*fast, "--model.init_args.speed.low_precision_residual=true"]
+        shipped = [*residual, "--model.init_args.speed.fused_loss=true"]  # as configs/pretrain/gpt2-124m.yaml
         for name, args, seed in [("ref", reference, 123), ("ref_other_seed", reference, 7), ("fast", fast, 123),
                                  ("fast_bf16_residual", residual, 123), ("fast_fused_loss", shipped, 123),
                                  ("bf16_true", bf16_true, 123)]:
@@ -175,19 +175,19 @@ def test_fused_loss_matches_the_plain_head_on_gpu(autocast):
 
 
 def test_float8_learns_like_bf16(tmp_path, in_repo_root):
-    """200 steps on real text: FP8 matmuls (``model.float8``, both recipes) follow the bf16 path as closely as the
+    """200 steps on real text: FP8 matmuls (``model.speed.float8``, both recipes) follow the bf16 path as closely as the
     bf16 path follows itself under another seed."""
     if torch.cuda.get_device_capability() < (8, 9):
         pytest.skip("FP8 tensor cores need compute capability 8.9+")
     pytest.importorskip("torchao.float8")
     common = ["--trainer.max_steps=200", "--trainer.log_every_n_steps=1", "--trainer.val_check_interval=200",
               "--trainer.limit_val_batches=5", "--model.init_args.model.drop_rate=0.0",
-              "--trainer.precision=bf16-mixed", "--model.init_args.compile=true",
-              "--model.init_args.low_precision_residual=true"]
+              "--trainer.precision=bf16-mixed", "--model.init_args.speed.compile=true",
+              "--model.init_args.speed.low_precision_residual=true"]
     runs = {}
     for name, args, seed in [("bf16", [], 123), ("bf16_other_seed", [], 7),
-                             ("fp8_tensorwise", ["--model.init_args.float8=tensorwise"], 123),
-                             ("fp8_rowwise", ["--model.init_args.float8=rowwise"], 123)]:
+                             ("fp8_tensorwise", ["--model.init_args.speed.float8=tensorwise"], 123),
+                             ("fp8_rowwise", ["--model.init_args.speed.float8=rowwise"], 123)]:
         root = tmp_path / name
         c = _fit(root, *common, *args, f"--seed_everything={seed}")
         if "fp8" in name:

@@ -87,8 +87,8 @@ def _fit(root: Path, gpus: list[int], strategy: str | None, batch: int, folder: 
            "--model.init_args.model.drop_rate=0.0", "--model.init_args.model.tie_weights=false",
            # A learning rate and warmup the loss follows smoothly: at a loss spike, bf16 rounding differences between
            # two otherwise equal runs are amplified into large gaps that say nothing about the strategy.
-           "--model.init_args.learning_rate=1e-3", "--model.init_args.warmup_steps=5",
-           "--model.init_args.compile=false",
+           "--model.init_args.optim.learning_rate=1e-3", "--model.init_args.optim.warmup_steps=5",
+           "--model.init_args.speed.compile=false",
            f"--data.init_args.batch_size={batch}", "--data.init_args.num_workers=2",
            "--trainer.accelerator=gpu", f"--trainer.devices={len(gpus)}", f"--trainer.precision={precision}",
            f"--trainer.max_steps={STEPS}", "--trainer.limit_val_batches=0", "--trainer.num_sanity_val_steps=0",
@@ -303,8 +303,8 @@ def more_runs(tmp_path_factory) -> dict:
 
     def fit(gpus: list[int], strategy: str) -> dict:
         return _fit(base / strategy, gpus, strategy, BATCH, base / strategy / "probe",
-                    f"--trainer.max_steps={MORE_STEPS}", "--model.init_args.learning_rate=3e-3",
-                    "--model.init_args.warmup_steps=2")
+                    f"--trainer.max_steps={MORE_STEPS}", "--model.init_args.optim.learning_rate=3e-3",
+                    "--model.init_args.optim.warmup_steps=2")
 
     with ThreadPoolExecutor(max_workers=len(wanted)) as ex:
         jobs = {s: ex.submit(pool.on, 2, fit, s) for s in wanted}

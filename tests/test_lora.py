@@ -320,7 +320,8 @@ def _fit_args(root: Path, text: Path, *extra: str) -> list[str]:
             "--data.init_args.tokenizer_vocab_size=300", "--data.init_args.num_workers=0",
             "--data.init_args.batch_size=4", f"--trainer.default_root_dir={root}", "--trainer.logger=false",
             "--trainer.callbacks=[{class_path: lit_llm.callbacks.Checkpoint, init_args: {save_last: true}}]",
-            "--trainer.enable_progress_bar=false", "--trainer.limit_val_batches=0", "--model.init_args.warmup_steps=0",
+            "--trainer.enable_progress_bar=false", "--trainer.limit_val_batches=0",
+            "--model.init_args.optim.warmup_steps=0",
             *extra]
 
 

@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from lit_llm.model.losses import chunked_head_loss
+from lit_llm.tasks.options import grouped
 
 N, C, V = 37, 16, 50
 
@@ -215,7 +216,7 @@ def _task(**kwargs):
 
     shape = dict(vocab_size=97, context_length=16, emb_dim=32, n_heads=2, n_layers=2, drop_rate=0.0)
     torch.manual_seed(0)
-    task = PretrainTask(model={**shape, "tie_weights": kwargs.pop("tie_weights", True)}, **kwargs)
+    task = PretrainTask(model={**shape, "tie_weights": kwargs.pop("tie_weights", True)}, **grouped(kwargs))
     task.configure_model()
     return task
 
@@ -254,7 +255,7 @@ def test_the_task_option_rejects_bad_values_and_a_lora_head():
     from lit_llm.errors import ConfigError
 
     for bad in (0, -8, True):
-        with pytest.raises(ConfigError, match=r"model.chunked_loss=.* must be a positive number of tokens"):
+        with pytest.raises(ConfigError, match=r"model.speed.chunked_loss=.* must be a positive number of tokens"):
             _task(chunked_loss=bad)
     with pytest.raises(ConfigError, match=r"chunked_loss cannot be combined with a LoRA adapter on the head"):
         _task(chunked_loss=64, lora={"rank": 2, "targets": ["head"]})
@@ -278,5 +279,5 @@ def test_the_option_is_a_config_key(tmp_path, in_repo_root):
     from lit_llm.train import cli
 
     c = cli(["--config", "configs/pretrain/quickstart.yaml", "--data.init_args.tokenizer_vocab_size=300",
-             "--model.init_args.chunked_loss=64", f"--trainer.default_root_dir={tmp_path}"], run=False)
-    assert c.model.hparams.chunked_loss == 64
+             "--model.init_args.speed.chunked_loss=64", f"--trainer.default_root_dir={tmp_path}"], run=False)
+    assert c.model.speed.chunked_loss == 64

@@ -140,8 +140,8 @@ def test_low_precision_residual_carries_the_stream_in_the_autocast_dtype():
 def test_compile_options_need_compile_true():
     from lit_llm.tasks import PretrainTask
 
-    with pytest.raises(ConfigError, match=r"compile_options needs model.compile: true.*'max-autotune'"):
-        PretrainTask(compile="max-autotune", compile_options={"coordinate_descent_tuning": True})
+    with pytest.raises(ConfigError, match=r"compile_options needs model.speed.compile: true.*'max-autotune'"):
+        PretrainTask(speed={"compile": "max-autotune", "compile_options": {"coordinate_descent_tuning": True}})
     task = PretrainTask(model=dict(vocab_size=100, context_length=16, emb_dim=32, n_heads=2, n_layers=1),
-                        compile=True, compile_options={"coordinate_descent_tuning": True})
-    assert task.hparams.compile_options == {"coordinate_descent_tuning": True}
+                        speed={"compile": True, "compile_options": {"coordinate_descent_tuning": True}})
+    assert task.hparams.speed["compile_options"] == {"coordinate_descent_tuning": True}

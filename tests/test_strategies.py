@@ -28,7 +28,7 @@ from lit_llm.weights.discovery import auto_checkpoint, looks_complete
 
 QUICK = ROOT / "configs/pretrain/quickstart.yaml"
 TINY = ["--model.init_args.model.n_layers=2", "--model.init_args.model.emb_dim=32", "--model.init_args.model.n_heads=2",
-        "--model.init_args.compile=false", "--data.init_args.tokenizer_vocab_size=300",
+        "--model.init_args.speed.compile=false", "--data.init_args.tokenizer_vocab_size=300",
         "--data.init_args.num_workers=0", "--trainer.accelerator=cpu", "--trainer.precision=32-true"]
 
 
@@ -49,7 +49,8 @@ def test_every_name_is_registered_with_its_settings():
 def test_fsdp_on_the_cpu_is_one_clear_error(corpus, tmp_path, in_repo_root):
     with pytest.raises(ConfigError, match=r"FSDP \(trainer.strategy\) needs CUDA GPUs.*trainer.strategy=ddp"):
         cli(["fit", "--config", str(QUICK), *TINY, "--trainer.strategy=lit_fsdp", "--trainer.devices=1",
-             f"--trainer.default_root_dir={tmp_path}", "--trainer.max_steps=1", "--model.init_args.warmup_steps=0"])
+             f"--trainer.default_root_dir={tmp_path}", "--trainer.max_steps=1",
+             "--model.init_args.optim.warmup_steps=0"])
 
 
 def test_deepspeed_missing_is_one_clear_error(monkeypatch, tmp_path, in_repo_root):
@@ -233,7 +234,7 @@ def test_activation_checkpointing_gives_the_same_gradients():
     grads = []
     for recompute in (False, True):
         model.zero_grad()
-        model.activation_checkpointing = recompute
+        model.speed.activation_checkpointing = recompute
         model(ids).float().logsumexp(-1).mean().backward()
         grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
     for name in grads[0]:
@@ -241,7 +242,7 @@ def test_activation_checkpointing_gives_the_same_gradients():
 
 
 def test_activation_checkpointing_is_a_task_switch(corpus, tmp_path, in_repo_root):
-    c = cli(["fit", "--config", str(QUICK), *TINY, "--model.init_args.activation_checkpointing=true",
+    c = cli(["fit", "--config", str(QUICK), *TINY, "--model.init_args.speed.activation_checkpointing=true",
              f"--trainer.default_root_dir={tmp_path}", "--trainer.fast_dev_run=true"])
     assert c.model.model.activation_checkpointing is True
     assert torch.isfinite(c.trainer.callback_metrics["train/loss"])
@@ -279,7 +280,7 @@ def test_ddp_static_graph_with_accumulation_is_one_clear_error(corpus, tmp_path,
     refuses the pair before the model is wrapped, and takes static_graph without accumulation."""
     ddp = ["--trainer.strategy=pytorch_lightning.strategies.DDPStrategy", "--trainer.strategy.static_graph=true",
            "--trainer.devices=1", f"--trainer.default_root_dir={tmp_path}", "--trainer.max_steps=2",
-           "--model.init_args.warmup_steps=0", "--trainer.limit_val_batches=0"]
+           "--model.init_args.optim.warmup_steps=0", "--trainer.limit_val_batches=0"]
     with pytest.raises(ConfigError, match=r"static_graph=true cannot run with trainer.accumulate_grad_batches=2.*"
                                           r"Remove static_graph"):
         cli(["fit", "--config", str(QUICK), *TINY, *ddp, "--trainer.accumulate_grad_batches=2"])
@@ -304,10 +305,10 @@ def _compiled_graphs(monkeypatch, tmp_path, strategy_args: list[str]) -> tuple[i
     monkeypatch.setattr(torch, "compile", lambda model, **kw: _TORCH_COMPILE(model, backend=counting_backend))
     torch._dynamo.reset()
     # 2 blocks of width 256: 3 MB of float32 weights, several of DDP's smallest (1 MB) buckets
-    args = [a for a in TINY if "compile" not in a] + ["--model.init_args.compile=true",
+    args = [a for a in TINY if "compile" not in a] + ["--model.init_args.speed.compile=true",
                                                      "--model.init_args.model.emb_dim=256"]
     c = cli(["fit", "--config", str(QUICK), *args, *strategy_args, f"--trainer.default_root_dir={tmp_path}",
-             "--trainer.max_steps=2", "--model.init_args.warmup_steps=0", "--trainer.limit_val_batches=0",
+             "--trainer.max_steps=2", "--model.init_args.optim.warmup_steps=0", "--trainer.limit_val_batches=0",
              "--trainer.callbacks=[]", "--trainer.enable_checkpointing=false"])
     torch._dynamo.reset()
     return len(graphs), c.trainer.strategy

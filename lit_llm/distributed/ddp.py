@@ -64,7 +64,7 @@ class GPTDDPStrategy(DDPStrategy):
                 ``true``: the compiled model is cut into one graph per gradient bucket, so that each bucket's
                 all-reduce starts while the backward of the earlier layers still runs (PyTorch's default).
                 ``false``: one graph, and the buckets are all-reduced as the backward finishes; fewer, larger kernels
-                and no communication competing with the backward for the GPU. Without ``model.compile`` it changes
+                and no communication competing with the backward for the GPU. Without ``model.speed.compile`` it changes
                 nothing.
             gradient_as_bucket_view: Gradients are views into DDP's communication buckets (no copy in or out).
             timeout: How long a collective may wait for the other ranks before the run fails.

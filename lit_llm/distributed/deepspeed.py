@@ -2,7 +2,7 @@
 
 DeepSpeed is imported only when used, and a missing install is one error naming the extra to install. DeepSpeed's op
 builder cannot parse an architecture suffix in ``TORCH_CUDA_ARCH_LIST`` (``9.0a``); it is removed for the run, with a
-log line. ``model.gradient_clip`` is passed to DeepSpeed, which clips inside its engine. DeepSpeed's bf16 overflow
+log line. ``model.optim.gradient_clip`` is passed to DeepSpeed, which clips inside its engine. DeepSpeed's bf16 overflow
 check (a wait for the GPU at every step) is off; ``NonFiniteGuard`` stops a run whose engine applied a non-finite step
 before anything from it is saved. The throughput timer does not wait for the GPU. The ZeRO-1/2 step's remaining reads
 back to the host are replaced by the same arithmetic on the GPU (:func:`make_zero_step_sync_free`).
@@ -31,7 +31,7 @@ DEEPSPEED_INSTALL = "pip install 'lit_llm[deepspeed]'"
 
 class GPTDeepSpeedStrategy(AtomicDirectorySave, DeepSpeedStrategy):
     """Lightning's ``DeepSpeedStrategy`` with a lazy import of DeepSpeed, a sanitised ``TORCH_CUDA_ARCH_LIST``,
-    ``model.gradient_clip`` handed to DeepSpeed's engine, and atomic checkpoint directories."""
+    ``model.optim.gradient_clip`` handed to DeepSpeed's engine, and atomic checkpoint directories."""
 
     strategy_name = "lit_deepspeed"
 

@@ -17,8 +17,8 @@ Importing this module (``import lit_llm.distributed`` does) registers, in Lightn
 Each family's module says why lit_llm has its own class rather than Lightning's ``ddp`` / ``fsdp`` /
 ``deepspeed_stage_N``: :mod:`~lit_llm.distributed.ddp`, :mod:`~lit_llm.distributed.fsdp`,
 :mod:`~lit_llm.distributed.deepspeed`. FSDP and DeepSpeed write directory checkpoints atomically and refuse to run on
-the CPU with one error. Activation checkpointing is a switch of the task (``model.init_args.activation_checkpointing:
-true``); it works under every strategy.
+the CPU with one error. Activation checkpointing is a switch of the task
+(``model.init_args.speed.activation_checkpointing: true``); it works under every strategy.
 """
 
 from __future__ import annotations

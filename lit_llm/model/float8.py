@@ -1,4 +1,4 @@
-"""FP8 matmuls for training (``model.float8``), through torchao's ``Float8Linear``.
+"""FP8 matmuls for training (``model.speed.float8``), through torchao's ``Float8Linear``.
 
 Each chosen ``nn.Linear`` of the GPT is swapped for torchao's ``Float8Linear``: its input, weight and (in the
 backward) output gradient are scaled and cast to float8 on the fly, and the three matmuls of the layer run on the
@@ -35,10 +35,10 @@ EMULATE_ENV = "LIT_LLM_FLOAT8_EMULATE"
 
 
 def recipe_problem(recipe: object) -> str | None:
-    """What is wrong with ``model.float8=recipe`` (``None`` when it names a recipe)."""
+    """What is wrong with ``model.speed.float8=recipe`` (``None`` when it names a recipe)."""
     if recipe in RECIPES:
         return None
-    return f"model.float8={recipe!r} must be one of {', '.join(RECIPES)}, or null for bf16 matmuls"
+    return f"model.speed.float8={recipe!r} must be one of {', '.join(RECIPES)}, or null for bf16 matmuls"
 
 
 def emulating() -> bool:
@@ -52,15 +52,17 @@ def check_float8_device(device: torch.device) -> None:
         return
     if device.type != "cuda":
         raise ConfigError(
-            f"model.float8 needs an NVIDIA GPU with FP8 tensor cores (compute capability 8.9+: H100, H200, L4, L40, "
-            f"RTX 4090), but this run is on {device.type.upper()}. Remove model.float8, or set {EMULATE_ENV}=1 to "
+            f"model.speed.float8 needs an NVIDIA GPU with FP8 tensor cores (compute capability 8.9+: H100, H200, L4, "
+            f"L40, RTX 4090), but this run is on {device.type.upper()}. Remove model.speed.float8, or set "
+            f"{EMULATE_ENV}=1 to "
             "emulate the FP8 matmuls for a test (slow)."
         )
     major, minor = torch.cuda.get_device_capability(device)
     if (major, minor) < (8, 9):
         raise ConfigError(
-            f"model.float8 needs FP8 tensor cores (compute capability 8.9+), but {torch.cuda.get_device_name(device)} "
-            f"has {major}.{minor}. Remove model.float8 (bf16-mixed is the fastest choice on this GPU)."
+            f"model.speed.float8 needs FP8 tensor cores (compute capability 8.9+), but "
+            f"{torch.cuda.get_device_name(device)} "
+            f"has {major}.{minor}. Remove model.speed.float8 (bf16-mixed is the fastest choice on this GPU)."
         )
 
 
@@ -83,7 +85,7 @@ def convert_to_float8(model: nn.Module, recipe: str = "tensorwise", head: bool =
     try:
         from torchao.float8 import Float8LinearConfig, convert_to_float8_training
     except ImportError as e:
-        raise ConfigError(f"model.float8 needs torchao, which is not installed ({e}): {FLOAT8_INSTALL}") from None
+        raise ConfigError(f"model.speed.float8 needs torchao, which is not installed ({e}): {FLOAT8_INSTALL}") from None
     config = Float8LinearConfig.from_recipe_name(recipe)
     if emulate if emulate is not None else emulating():
         config = dataclasses.replace(config, emulate=True)

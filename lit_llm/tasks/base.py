@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import importlib.util
-from typing import Any, Literal
+from typing import Any
 
 import pytorch_lightning as pl
 import torch
@@ -26,14 +26,12 @@ from lit_llm.distributed import (
 )
 from lit_llm.errors import ConfigError
 from lit_llm.model.config import GPTConfig
-from lit_llm.model.float8 import Float8Recipe, check_float8_device, convert_to_float8, recipe_problem
+from lit_llm.model.float8 import check_float8_device, convert_to_float8
 from lit_llm.model.gpt import GPTModel
 from lit_llm.model.lora import LoRAConfig, apply_lora, count_trainable, is_lora_key
 from lit_llm.model.losses import triton_interpreting
-from lit_llm.tasks.optim import Schedule, build_adamw, lr_multiplier, parameter_groups
-
-CompileMode = Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"]
-SdpaBackend = Literal["auto", "flash", "cudnn", "efficient", "math"]
+from lit_llm.tasks.optim import build_adamw, lr_multiplier, parameter_groups
+from lit_llm.tasks.options import Optimization, SdpaBackend, Speed, check_options, coerce
 
 
 class GPTTask(pl.LightningModule):
@@ -46,53 +44,20 @@ class GPTTask(pl.LightningModule):
         self,
         model: GPTConfig | None = None,
         vocab_size: int | None = None,
-        learning_rate: float = 4e-4,
-        weight_decay: float = 0.1,
-        betas: tuple[float, float] = (0.9, 0.95),
-        eps: float = 1e-8,
-        decay_all: bool = False,
-        lr_schedule: Schedule = "cosine",
-        warmup_steps: int = 0,
-        min_lr_ratio: float = 0.1,
-        schedule_steps: int | None = None,
-        gradient_clip: float | None = 1.0,
-        compile: bool | CompileMode = False,
-        compile_options: dict[str, Any] | None = None,
-        fused_adamw: bool | None = None,
+        optim: Optimization | None = None,
+        speed: Speed | None = None,
         init_weights: str | None = None,
         lora: LoRAConfig | None = None,
-        sdpa_backend: SdpaBackend = "auto",
-        activation_checkpointing: bool = False,
-        low_precision_residual: bool = False,
-        chunked_loss: int | None = None,
-        fused_loss: bool = False,
-        float8: Float8Recipe | None = None,
-        float8_head: bool = False,
     ) -> None:
         """
         Args:
             model: The GPT's shape and options (the book's ``GPT_CONFIG_124M`` keys). ``vocab_size`` here is
                 overridden by the ``vocab_size`` argument when that is given.
             vocab_size: Vocabulary size; ``lit_llm.train`` links it from the tokenizer so the two always agree.
-            learning_rate: Peak learning rate of AdamW.
-            weight_decay: AdamW weight decay (matrices and embeddings only unless ``decay_all``).
-            betas: AdamW betas. The book uses PyTorch's default (0.9, 0.999); GPT-2 style runs use (0.9, 0.95).
-            eps: AdamW epsilon.
-            decay_all: Decay biases and LayerNorm weights too, exactly as the book's optimizer does.
-            lr_schedule: ``cosine`` or ``linear`` decay after warmup (the book's appendix D), or ``constant``.
-            warmup_steps: Optimizer steps of linear warmup.
-            min_lr_ratio: Floor of the decay as a fraction of ``learning_rate``.
-            schedule_steps: Optimizer steps the decay spans; default: the Trainer's estimated total steps.
-            gradient_clip: Clip the global gradient norm to this value (``null`` disables clipping). The pre-clip
-                norm is logged as ``train/grad_norm``. ``trainer.gradient_clip_val``, when set, takes precedence.
-            compile: ``torch.compile`` the inner GPT together with its loss (never the LightningModule): ``true`` for
-                the default mode, or a mode name (``max-autotune`` tunes the matmuls at a longer start-up,
-                ``reduce-overhead`` adds CUDA graphs). The eager module stays in
-                ``self.model`` for generation, so checkpoints hold plain parameter names.
-            compile_options: Inductor options for ``torch.compile`` (with ``compile: true``, instead of a mode), e.g.
-                ``{coordinate_descent_tuning: true}``: tunes each generated kernel's launch settings at start-up (about
-                two and a half more minutes of compilation for GPT-2 124M, about 1.4 % faster steps on an H200).
-            fused_adamw: Fused CUDA AdamW; default: on when training on a CUDA device.
+            optim: AdamW, the learning-rate schedule and gradient clipping
+                (:class:`~lit_llm.tasks.options.Optimization`).
+            speed: How the same math runs faster or in less memory: compilation, attention kernel, activation
+                checkpointing, chunked or fused loss, FP8 (:class:`~lit_llm.tasks.options.Speed`).
             init_weights: Initial weights: a lit_llm checkpoint, a converted weights dir, an HF directory or a Hub id
                 such as openai-community/gpt2. ``model`` must describe the same architecture (for GPT-2: the
                 ``gpt2-*`` shape with ``qkv_bias: true`` and ``tie_weights: true``); any key or shape mismatch stops
@@ -104,86 +69,22 @@ class GPTTask(pl.LightningModule):
                 (a task may un-freeze more in ``select_trainable``, e.g. a new head). Added after ``init_weights``
                 is loaded; checkpoints then hold the base weights and the adapters, and every weights reader of
                 lit_llm merges them. ``null``: no adapters, every parameter trains. See docs/lora.md.
-            sdpa_backend: Fused attention kernel on GPUs: ``auto`` (PyTorch's choice), ``flash``, ``cudnn``,
-                ``efficient`` or ``math`` (the memory-efficient and math kernels remain fallbacks).
-            activation_checkpointing: Keep only each transformer block's input in the forward pass and recompute
-                the rest in the backward pass: most of the activation memory saved for about a third more compute.
-                Works under every strategy; for models whose activations do not fit (large models, long contexts,
-                big micro-batches).
-            low_precision_residual: Under ``bf16-mixed``, carry the residual stream (the embeddings and each block's
-                output) in bf16 rather than float32, as DeepSpeed's and FSDP's bf16 modes and Megatron-LM do. The
-                weights, their gradients and AdamW stay float32 and LayerNorm still computes in float32; the
-                elementwise work between the matmuls moves half the bytes. See docs/benchmarks.md for what it buys.
-            chunked_loss: Compute the output head and its cross-entropy together, this many tokens at a time (e.g.
-                8192), in training and validation: the (tokens x vocabulary) logits and their gradient are never held
-                whole, for the same matmuls. For uncompiled runs, where the plain head keeps the batch's float32
-                log-probabilities (13 GB at GPT-2's vocabulary and 64 x 1024 tokens); with ``compile`` on it measured
-                slower and larger than the plain head (docs/benchmarks.md). ``null``: the plain head. Not with a LoRA
-                adapter on the head; under DeepSpeed ZeRO-3 the plain head is used.
-            fused_loss: Compute the output head's cross-entropy with lit_llm's Triton kernel
-                (``lit_llm.model.fused_loss``): each row's softmax, loss and gradient in one pass over the logits, the
-                gradient written over them in place, so the separate (tokens x vocabulary) gradient buffer and two
-                passes over the logits disappear. Same loss and gradients as the plain head; CUDA GPUs only (Triton
-                comes with PyTorch's CUDA builds). Not with ``chunked_loss``, ``float8_head`` or a LoRA adapter on
-                the head; under DeepSpeed ZeRO-3 the plain head is used. See docs/benchmarks.md for what it buys.
-            float8: Run the transformer blocks' Linear layers as FP8 matmuls (torchao's ``Float8Linear``, installed
-                with ``pip install 'lit_llm[float8]'``) with this scaling recipe: ``tensorwise`` (fastest)
-                or ``rowwise``. Weights, gradients, optimizer state and checkpoints keep
-                their dtype. Needs a GPU with FP8 tensor cores (H100/H200, Ada) and pays only with ``compile``;
-                one GPU or DDP. ``null``: bf16 matmuls. See ``lit_llm.model.float8`` and docs/benchmarks.md.
-            float8_head: With ``float8``, the output head's matmul in FP8 too (it stays bf16 by default: the logits
-                feed the loss directly). Not with ``chunked_loss``.
         """
         super().__init__()
         config = _as_config(model)
         if vocab_size is not None:
             config = config.replace(vocab_size=vocab_size)
-        problems = []
-        if learning_rate <= 0:
-            problems.append(f"model.learning_rate={learning_rate} must be > 0")
-        if warmup_steps < 0:
-            problems.append(f"model.warmup_steps={warmup_steps} must be >= 0")
-        if not 0.0 <= min_lr_ratio <= 1.0:
-            problems.append(f"model.min_lr_ratio={min_lr_ratio} must be in [0, 1]")
-        if gradient_clip is not None and gradient_clip <= 0:
-            problems.append(f"model.gradient_clip={gradient_clip} must be > 0 or null to disable clipping")
-        if compile_options and compile not in (True, "default"):
-            problems.append(f"model.compile_options needs model.compile: true (torch.compile takes a mode or options, "
-                            f"not both), got model.compile={compile!r}")
-        lora_config = LoRAConfig.coerce(lora)
-        if chunked_loss is not None and (isinstance(chunked_loss, bool) or chunked_loss < 1):
-            problems.append(f"model.chunked_loss={chunked_loss!r} must be a positive number of tokens (e.g. 8192) "
-                            "or null for the plain head")
-        elif chunked_loss is not None and lora_config is not None and "head" in lora_config.layer_names():
-            problems.append("model.chunked_loss cannot be combined with a LoRA adapter on the head "
-                            "(model.lora.targets includes head): drop one of the two")
-        if fused_loss and chunked_loss is not None:
-            problems.append("model.fused_loss cannot be combined with model.chunked_loss (two ways of computing the "
-                            "head's loss): drop one of the two")
-        elif fused_loss and lora_config is not None and "head" in lora_config.layer_names():
-            problems.append("model.fused_loss cannot be combined with a LoRA adapter on the head "
-                            "(model.lora.targets includes head): drop one of the two")
-        elif fused_loss and float8_head:
-            problems.append("model.fused_loss cannot be combined with model.float8_head (the fused loss runs the "
-                            "head's matmul itself, in bf16): drop one of the two")
-        if float8 is not None and recipe_problem(float8):
-            problems.append(recipe_problem(float8))
-        elif float8 is not None and lora_config is not None:
-            problems.append("model.float8 cannot be combined with model.lora (FP8 matmuls are for pretraining and "
-                            "full finetuning): drop one of the two")
-        if float8_head and float8 is None:
-            problems.append("model.float8_head needs model.float8 (a recipe such as tensorwise)")
-        elif float8_head and chunked_loss is not None:
-            problems.append("model.float8_head cannot be combined with model.chunked_loss (the chunked loss uses the "
-                            "head's weight directly): drop one of the two")
-        if problems:
-            raise ConfigError("Invalid task config:\n  - " + "\n  - ".join(problems))
+        self.optim = coerce(Optimization, optim, "model.optim")
+        self.speed = coerce(Speed, speed, "model.speed")
+        self.lora_config = LoRAConfig.coerce(lora)
+        check_options(self.optim, self.speed, self.lora_config)
         self.config = config
-        self.lora_config = lora_config
         # Plain types only, so checkpoints load with torch.load(weights_only=True).
-        self.save_hyperparameters(ignore=["model", "lora"])
+        self.save_hyperparameters(ignore=["model", "lora", "optim", "speed"])
         self.hparams["model"] = config.to_dict()
         self.hparams["vocab_size"] = config.vocab_size
+        self.hparams["optim"] = dataclasses.asdict(self.optim)
+        self.hparams["speed"] = dataclasses.asdict(self.speed)
         self.hparams["lora"] = self.lora_config.to_dict() if self.lora_config is not None else None
         self.model: GPTModel | None = None
         self.tokens_seen = 0
@@ -220,8 +121,8 @@ class GPTTask(pl.LightningModule):
                                "one-device run with the same seed starts from")
         if self.model is None:
             self.model = GPTModel(self.config)
-        self.model.activation_checkpointing = bool(self.hparams.get("activation_checkpointing", False))
-        self.model.autocast_residual = bool(self.hparams.get("low_precision_residual", False))
+        self.model.activation_checkpointing = self.speed.activation_checkpointing
+        self.model.autocast_residual = self.speed.low_precision_residual
         if self.hparams.get("init_weights"):
             self._load_init_weights(self.hparams.init_weights)
         self.adapt_model(self.model)
@@ -235,16 +136,16 @@ class GPTTask(pl.LightningModule):
         trainable, total = count_trainable(self.model)
         rank_zero_info(f"{trainable:,} of {total:,} parameters trainable ({100 * trainable / max(total, 1):.2f}%)")
         self.model.record_parameter_counts()  # before a sharded strategy replaces the parameters by shards
-        if self.hparams.get("float8"):
+        if self.speed.float8:
             self._convert_to_float8(strategy)
         if strategy is not None and is_fsdp2(strategy):
             precision = getattr(self._trainer.precision_plugin, "precision", "32-true")
             shard_with_fsdp2(self.model, strategy, str(precision))
         zero3 = is_zero3(strategy)
-        chunk = self.hparams.get("chunked_loss")
+        chunk = self.speed.chunked_loss
         if chunk and zero3:
             # ZeRO-3 gathers the head's weight only inside the head module's own forward, which this path skips.
-            rank_zero_info("model.chunked_loss is off under DeepSpeed ZeRO stage 3 (the plain head is used)")
+            rank_zero_info("model.speed.chunked_loss is off under DeepSpeed ZeRO stage 3 (the plain head is used)")
             chunk = None
         self.model.loss_chunk = chunk
         self.model.fused_loss = self._use_fused_loss(strategy, zero3)
@@ -256,49 +157,53 @@ class GPTTask(pl.LightningModule):
         # Stored outside nn.Module registration: no duplicate parameters, no "_orig_mod." keys in checkpoints.
         # The loss is compiled together with the model so the compiler fuses the head's output into the
         # cross-entropy instead of materialising float32 logits for the whole batch.
-        compile_ = self.hparams.compile
+        compile_ = self.speed.compile
         if compile_ and zero3:
             # ZeRO-3 gathers and releases parameters in module hooks that the compiler cannot trace.
-            rank_zero_info("model.compile is off under DeepSpeed ZeRO stage 3 (its parameter hooks do not compile)")
+            rank_zero_info("model.speed.compile is off under DeepSpeed ZeRO stage 3 (its parameter hooks do not "
+                           "compile)")
             compile_ = False
         how = {"mode": None if compile_ in (True, "default") else compile_}
-        if self.hparams.get("compile_options"):
-            how = {"options": dict(self.hparams.compile_options)}
+        if self.speed.compile_options:
+            how = {"options": dict(self.speed.compile_options)}
         object.__setattr__(self, "_forward", torch.compile(model, **how) if compile_ else model)
         object.__setattr__(self, "_model_loss", torch.compile(model_loss, **how) if compile_ else model_loss)
 
     def _use_fused_loss(self, strategy: Any, zero3: bool) -> bool:
-        if not self.hparams.get("fused_loss"):
+        if not self.speed.fused_loss:
             return False
         if zero3:
-            rank_zero_info("model.fused_loss is off under DeepSpeed ZeRO stage 3 (the plain head is used)")
+            rank_zero_info("model.speed.fused_loss is off under DeepSpeed ZeRO stage 3 (the plain head is used)")
             return False
         device = strategy.root_device if strategy is not None else self.device
         if device.type != "cuda" and not triton_interpreting():
             raise ConfigError(
-                f"model.fused_loss runs a Triton kernel on CUDA GPUs, but this run is on {device.type.upper()}: remove "
-                "model.fused_loss (or set it to false) for this device"
+                f"model.speed.fused_loss runs a Triton kernel on CUDA GPUs, but this run is on {device.type.upper()}: "
+                "remove "
+                "model.speed.fused_loss (or set it to false) for this device"
             )
         if importlib.util.find_spec("triton") is None:
-            raise ConfigError("model.fused_loss needs Triton, which PyTorch's CUDA builds install; this environment "
-                              "has none: pip install triton, or set model.fused_loss to false")
+            raise ConfigError("model.speed.fused_loss needs Triton, which PyTorch's CUDA builds install; this "
+                              "environment "
+                              "has none: pip install triton, or set model.speed.fused_loss to false")
         return True
 
     def _convert_to_float8(self, strategy: Any) -> None:
-        recipe = self.hparams.float8
+        recipe = self.speed.float8
         if strategy is not None and (params_are_sharded(strategy) or is_deepspeed(strategy)):
             raise ConfigError(
-                f"model.float8 runs on one GPU or under DDP, not under {type(strategy).__name__} "
-                "(trainer.strategy): use trainer.strategy=lit_ddp, or remove model.float8."
+                f"model.speed.float8 runs on one GPU or under DDP, not under {type(strategy).__name__} "
+                "(trainer.strategy): use trainer.strategy=lit_ddp, or remove model.speed.float8."
             )
         device = getattr(strategy, "root_device", None) or self.device
         check_float8_device(device)
-        layers = convert_to_float8(self.model, recipe, head=bool(self.hparams.get("float8_head")))
-        head = " and the output head" if self.hparams.get("float8_head") else " (the output head stays bf16)"
+        layers = convert_to_float8(self.model, recipe, head=self.speed.float8_head)
+        head = " and the output head" if self.speed.float8_head else " (the output head stays bf16)"
         rank_zero_info(f"FP8 matmuls ({recipe} scaling) in {len(layers)} Linear layers{head}")
-        if not self.hparams.compile:
-            rank_zero_warn("model.float8 without model.compile: the FP8 casts run as separate kernels, which is "
-                           "usually slower than bf16; set model.compile: true")
+        if not self.speed.compile:
+            rank_zero_warn("model.speed.float8 without model.speed.compile: the FP8 casts run as separate kernels, "
+                           "which is "
+                           "usually slower than bf16; set model.speed.compile: true")
 
     def adapt_model(self, model: GPTModel) -> None:
         """Change the GPT's structure after its initial weights are loaded (e.g. a classification head).
@@ -340,19 +245,19 @@ class GPTTask(pl.LightningModule):
         """Logits ``(B, T, V)`` for token ids ``(B, T)`` (compiled when ``compile`` is on)."""
         if self.model is None:
             self.configure_model()
-        with sdpa_backend_context(self.hparams.get("sdpa_backend", "auto")):
+        with sdpa_backend_context(self.speed.sdpa_backend):
             return self._forward(input_ids)
 
     def loss(self, input_ids: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """Mean next-token cross-entropy of the model on ``(input_ids, targets)``, ``-100`` targets ignored."""
         if self.model is None:
             self.configure_model()
-        with sdpa_backend_context(self.hparams.get("sdpa_backend", "auto")):
+        with sdpa_backend_context(self.speed.sdpa_backend):
             return self._model_loss(input_ids, targets)
 
     # ---- optimisation ------------------------------------------------------------------------------------------
     def configure_optimizers(self) -> dict[str, Any]:
-        hp = self.hparams
+        hp = self.optim
         strategy = self.trainer.strategy
         groups = parameter_groups(self, hp.weight_decay, decay_all=hp.decay_all)
         if getattr(strategy, "offloads_optimizer", False):
@@ -392,20 +297,20 @@ class GPTTask(pl.LightningModule):
         trial run. Checked here, where the schedule's length is known for every kind of run (an epoch-bounded run's
         only once its data is loaded).
         """
-        hp, trainer = self.hparams, self.trainer
+        hp, trainer = self.optim, self.trainer
         spans = 0 < total <= hp.warmup_steps
         if not spans or hp.lr_schedule == "constant" or trainer.fast_dev_run:
             return
         if hp.schedule_steps:
-            of = f"the schedule (model.schedule_steps={hp.schedule_steps})"
+            of = f"the schedule (model.optim.schedule_steps={hp.schedule_steps})"
         elif trainer.max_steps is not None and trainer.max_steps > 0:
             of = f"the schedule (trainer.max_steps={trainer.max_steps})"
         else:
             of = f"trainer.max_epochs={trainer.max_epochs}"
         rank_zero_warn(
-            f"model.warmup_steps={hp.warmup_steps} is not shorter than the {total} optimizer steps of {of}: the "
-            f"learning rate never reaches model.learning_rate={hp.learning_rate} and never decays. Lower "
-            "model.warmup_steps (a few percent of the steps is usual) or train for longer.",
+            f"model.optim.warmup_steps={hp.warmup_steps} is not shorter than the {total} optimizer steps of {of}: the "
+            f"learning rate never reaches model.optim.learning_rate={hp.learning_rate} and never decays. Lower "
+            "model.optim.warmup_steps (a few percent of the steps is usual) or train for longer.",
             category=UserWarning,
         )
 
@@ -415,10 +320,10 @@ class GPTTask(pl.LightningModule):
         except Exception:  # no trainer attached, or a dataloader of unknown length
             steps = float("inf")
         if steps == float("inf") or steps is None:
-            if self.hparams.lr_schedule != "constant":
+            if self.optim.lr_schedule != "constant":
                 raise ConfigError(
-                    f"model.lr_schedule={self.hparams.lr_schedule!r} needs to know the number of optimizer steps; "
-                    "set trainer.max_steps, or model.schedule_steps, or use model.lr_schedule: constant"
+                    f"model.optim.lr_schedule={self.optim.lr_schedule!r} needs to know the number of optimizer steps; "
+                    "set trainer.max_steps, or model.optim.schedule_steps, or use model.optim.lr_schedule: constant"
                 )
             return 1
         return max(1, int(steps))
@@ -445,9 +350,9 @@ class GPTTask(pl.LightningModule):
         gradient_clip_algorithm: str | None = None,
     ) -> None:
         # Overridden because Lightning's built-in norm clipping raises under FSDP; the sharded module clips itself.
-        max_norm = gradient_clip_val or self.hparams.gradient_clip
+        max_norm = gradient_clip_val or self.optim.gradient_clip
         if not max_norm or is_deepspeed(self.trainer.strategy):
-            return  # DeepSpeed clips inside its engine (lit_llm.distributed.registry hands it model.gradient_clip)
+            return  # DeepSpeed clips inside its engine (lit_llm's DeepSpeed strategy hands it the clipping value)
         if is_fsdp1(self.trainer.strategy):
             norm = self.trainer.strategy.model.clip_grad_norm_(max_norm)
         else:  # DTensor parameters (FSDP2) clip here too; their norm is a DTensor to make whole

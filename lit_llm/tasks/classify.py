@@ -129,11 +129,12 @@ class ClassifyTask(GPTTask):
         if lora is not None and trainable != "lora":
             problems.append(f"model.lora is set but model.trainable={trainable!r} would freeze the adapters; set "
                             "model.trainable: lora")
+        speed = kwargs.get("speed")
         for key in ("fused_loss", "chunked_loss"):
-            if kwargs.get(key):
-                problems.append(f"model.{key} computes the next-token loss of the language-model head; the "
+            if (speed.get(key) if isinstance(speed, dict) else getattr(speed, key, None)):
+                problems.append(f"model.speed.{key} computes the next-token loss of the language-model head; the "
                                 "classification task trains a class head with its own cross-entropy and does not "
-                                f"use it: remove model.{key}")
+                                f"use it: remove model.speed.{key}")
         if class_weights is not None:
             if any(w < 0 for w in class_weights) or not any(w > 0 for w in class_weights):
                 problems.append(f"model.class_weights={list(class_weights)} must be >= 0 with at least one > 0")

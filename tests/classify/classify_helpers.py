@@ -12,7 +12,7 @@ TINY_MODEL = [
     "--model.init_args.model.n_layers=2",
     "--model.init_args.model.emb_dim=32",
     "--model.init_args.model.n_heads=2",
-    "--model.init_args.compile=false",
+    "--model.init_args.speed.compile=false",
 ]
 
 _HAM = [

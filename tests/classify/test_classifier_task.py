@@ -70,16 +70,16 @@ def test_lora_policy_needs_lora_and_lora_needs_the_policy() -> None:
 def test_next_token_loss_options_are_refused(option) -> None:
     """They only change how the language-model head's loss is computed, which classification does not use."""
     (key,) = option
-    with pytest.raises(ConfigError, match=f"model.{key} computes the next-token loss.*remove model.{key}"):
-        ClassifyTask(model=tiny_config(), **option)
+    with pytest.raises(ConfigError, match=f"model.speed.{key} computes the next-token loss.*remove model.speed.{key}"):
+        ClassifyTask(model=tiny_config(), speed=option)
 
 
 def test_config_errors_collected_in_one_message() -> None:
     with pytest.raises(ConfigError) as err:
-        ClassifyTask(model=tiny_config(), learning_rate=-1, pooling="first", trainable="last_n_blocks:0",
+        ClassifyTask(model=tiny_config(), optim={"learning_rate": -1}, pooling="first", trainable="last_n_blocks:0",
                          num_classes=1, class_weights=[1.0, -1.0])
     msg = str(err.value)
-    for needle in ("model.learning_rate=-1", "model.pooling='first'", "model.trainable='last_n_blocks:0'",
+    for needle in ("model.optim.learning_rate=-1", "model.pooling='first'", "model.trainable='last_n_blocks:0'",
                    "model.num_classes=1", "model.class_weights=[1.0, -1.0]"):
         assert needle in msg
     with pytest.raises(ConfigError, match="asks for 5 blocks but the model has 2"):

@@ -133,7 +133,7 @@ def test_spam_workflow_end_to_end(http_root: tuple[str, Path], tmp_path: Path, i
     config = ROOT / "configs/classify/sms_spam.yaml"
     run = tmp_path / "run"
     common = [*TINY_MODEL, "--model.init_args.model.context_length=64", "--model.init_args.init_weights=null",
-              "--model.init_args.trainable=all", "--model.init_args.learning_rate=3e-3",
+              "--model.init_args.trainable=all", "--model.init_args.optim.learning_rate=3e-3",
               f"--data.init_args.source={base}/sms+spam+collection.zip", f"--data.init_args.sha256={sha}",
               "--data.init_args.tokenizer=train", "--data.init_args.tokenizer_vocab_size=300",
               f"--data.init_args.cache_dir={tmp_path / 'cache'}", f"--trainer.default_root_dir={run}",

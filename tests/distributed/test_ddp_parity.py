@@ -41,7 +41,8 @@ DEADLINE_S = 180
 TINY = [
     "--model.init_args.model.n_layers=2", "--model.init_args.model.emb_dim=32", "--model.init_args.model.n_heads=2",
     "--model.init_args.model.context_length=16", "--model.init_args.model.drop_rate=0.0",
-    "--model.init_args.compile=false", "--data.init_args.tokenizer_vocab_size=300", "--data.init_args.num_workers=0",
+    "--model.init_args.speed.compile=false", "--data.init_args.tokenizer_vocab_size=300",
+    "--data.init_args.num_workers=0",
     "--trainer.accelerator=cpu", "--trainer.precision=32-true",
 ]
 DDP = ["--trainer.devices=2", "--trainer.strategy=lit_ddp"]  # the preset: bucket views, a compiled model in one graph
@@ -75,7 +76,8 @@ def _training(batch_size: int, accumulate: int = 1) -> list[str]:
     """``STEPS`` optimizer steps without validation, logging or progress bar, dropout off (in ``TINY``)."""
     return [LEAN_CALLBACKS, f"--data.init_args.batch_size={batch_size}", f"--trainer.max_steps={STEPS}",
             f"--trainer.accumulate_grad_batches={accumulate}", "--trainer.deterministic=true",
-            "--model.init_args.warmup_steps=1", "--model.init_args.schedule_steps=8", "--trainer.logger=false",
+            "--model.init_args.optim.warmup_steps=1", "--model.init_args.optim.schedule_steps=8",
+            "--trainer.logger=false",
             "--trainer.enable_progress_bar=false", "--trainer.limit_val_batches=0", "--trainer.num_sanity_val_steps=0"]
 
 

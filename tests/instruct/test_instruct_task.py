@@ -20,7 +20,7 @@ INSTRUCT_CONFIGS = sorted((ROOT / "configs" / "instruct").glob("*.yaml"))
 TINY = dict(context_length=64, emb_dim=32, n_heads=2, n_layers=2, drop_rate=0.0, vocab_size=400)
 TINY_ARGS = [
     "--model.init_args.model.n_layers=2", "--model.init_args.model.emb_dim=32", "--model.init_args.model.n_heads=2",
-    "--model.init_args.model.context_length=64", "--model.init_args.compile=false",
+    "--model.init_args.model.context_length=64", "--model.init_args.speed.compile=false",
     "--trainer.accelerator=cpu", "--trainer.devices=1", "--trainer.precision=32-true",
     "--trainer.enable_progress_bar=false", "--data.init_args.num_workers=0",
 ]
@@ -231,7 +231,8 @@ def test_a_small_model_learns_the_builtin_tasks(tmp_path):
                                mask_prompt=True, cache_dir=str(tmp_path / "cache"))
     module = InstructTask(
         model=dict(context_length=64, emb_dim=64, n_heads=4, n_layers=2, drop_rate=0.0, tie_weights=True),
-        vocab_size=dm.vocab_size, learning_rate=3e-3, betas=(0.9, 0.95), warmup_steps=30, generate_after_fit=False,
+        vocab_size=dm.vocab_size, optim={"learning_rate": 3e-3, "betas": (0.9, 0.95), "warmup_steps": 30},
+        generate_after_fit=False,
     )
     trainer = pl.Trainer(max_steps=80, accelerator="cpu", logger=False, enable_checkpointing=False,
                          enable_progress_bar=False, enable_model_summary=False, default_root_dir=str(tmp_path),

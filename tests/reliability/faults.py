@@ -205,7 +205,8 @@ class FewSamples(pl.LightningDataModule):
 TINY = [
     "--model.init_args.model.n_layers=2", "--model.init_args.model.emb_dim=32", "--model.init_args.model.n_heads=2",
     "--model.init_args.model.context_length=16", "--model.init_args.model.drop_rate=0.2",
-    "--model.init_args.compile=false", "--model.init_args.warmup_steps=2", "--model.init_args.schedule_steps=20",
+    "--model.init_args.speed.compile=false", "--model.init_args.optim.warmup_steps=2",
+    "--model.init_args.optim.schedule_steps=20",
 ]
 
 

@@ -51,21 +51,22 @@ def test_a_loader_without_a_batch_is_a_data_error(tmp_path, in_repo_root, capsys
 
 @pytest.mark.parametrize("extra,where", [
     (["--trainer.max_steps=3"], "the 3 optimizer steps of the schedule (trainer.max_steps=3)"),
-    (["--trainer.max_steps=3", "--model.init_args.schedule_steps=8", "--model.init_args.warmup_steps=8"],
-     "the 8 optimizer steps of the schedule (model.schedule_steps=8)"),
+    (["--trainer.max_steps=3", "--model.init_args.optim.schedule_steps=8", "--model.init_args.optim.warmup_steps=8"],
+     "the 8 optimizer steps of the schedule (model.optim.schedule_steps=8)"),
     # Bounded by epochs: known once the data is loaded, warned when the optimizer is built.
     (["--trainer.max_steps=-1", "--trainer.max_epochs=1", "--trainer.limit_train_batches=4",
-      "--model.init_args.warmup_steps=10"], "the 4 optimizer steps of trainer.max_epochs=1"),
+      "--model.init_args.optim.warmup_steps=10"], "the 4 optimizer steps of trainer.max_epochs=1"),
 ])
 def test_warmup_as_long_as_the_schedule_warns(extra, where, corpus, tmp_path, in_repo_root):
     """A warning, not an error (docs/decisions.md): shortening a shipped config to a few steps is a legitimate trial."""
-    args = fit_args(tmp_path, corpus, 3, [], "--model.init_args.warmup_steps=5", *extra)
-    args.remove("--model.init_args.schedule_steps=20")
+    args = fit_args(tmp_path, corpus, 3, [], "--model.init_args.optim.warmup_steps=5", *extra)
+    args.remove("--model.init_args.optim.schedule_steps=20")
     with pytest.warns(UserWarning, match="is not shorter than") as caught:
         main(args)
     messages = [str(w.message) for w in caught if "is not shorter than" in str(w.message)]
     assert len(messages) == 1 and where in messages[0]
-    assert "never reaches model.learning_rate=0.003" in messages[0] and "Lower model.warmup_steps" in messages[0]
+    assert "never reaches model.optim.learning_rate=0.003" in messages[0]
+    assert "Lower model.optim.warmup_steps" in messages[0]
     assert (tmp_path / "last.ckpt").is_file()  # the run itself went ahead
 
 
@@ -80,7 +81,8 @@ def test_run_command_turns_user_errors_into_one_line_and_exit_codes(capsys, monk
     from lit_llm.errors import ConfigError, run_command
 
     def bad() -> None:
-        raise ConfigError("Invalid task config:\n  - model.learning_rate=0 must be > 0\n  - model.warmup_steps=-1")
+        raise ConfigError("Invalid task config:\n  - model.optim.learning_rate=0 must be > 0\n"
+                          "  - model.optim.warmup_steps=-1")
 
     def interrupted() -> None:
         raise KeyboardInterrupt
@@ -91,8 +93,8 @@ def test_run_command_turns_user_errors_into_one_line_and_exit_codes(capsys, monk
     monkeypatch.delenv("LIT_LLM_DEBUG", raising=False)
     assert run_command(lambda: None) == 0
     assert run_command(bad, single_line=True) == 1
-    assert capsys.readouterr().err == ("error: Invalid task config: model.learning_rate=0 must be > 0; "
-                                       "model.warmup_steps=-1\n")
+    assert capsys.readouterr().err == ("error: Invalid task config: model.optim.learning_rate=0 must be > 0; "
+                                       "model.optim.warmup_steps=-1\n")
     assert run_command(interrupted) == 130
     with pytest.raises(KeyError):  # a bug keeps its traceback
         run_command(bug)

@@ -36,8 +36,8 @@ def build(corpus: Path, root: Path, *extra: str) -> object:
         "--config", QUICK,
         "--model.init_args.model.n_layers=2", "--model.init_args.model.emb_dim=32",
         "--model.init_args.model.n_heads=2", "--model.init_args.model.context_length=32",
-        "--model.init_args.model.drop_rate=0.0", "--model.init_args.compile=false",
-        "--model.init_args.warmup_steps=2",
+        "--model.init_args.model.drop_rate=0.0", "--model.init_args.speed.compile=false",
+        "--model.init_args.optim.warmup_steps=2",
         f"--trainer.default_root_dir={root}", "--trainer.accelerator=cpu", "--trainer.devices=1",
         "--trainer.precision=32-true", "--trainer.enable_progress_bar=false", "--trainer.limit_val_batches=0",
         "--trainer.logger=false",
@@ -214,7 +214,7 @@ def test_huge_gradient_is_clipped_and_its_norm_logged(corpus, tmp_path, in_repo_
             trainer.optimizers[0].register_step_post_hook(after_step)
 
     fit(c, Hook(), InfGrad(2, scale=1e6), Record())
-    clip = c.model.hparams.gradient_clip
+    clip = c.model.optim.gradient_clip
     assert seen["logged"] > 1e3 * clip  # the pre-clip norm is what is logged
     assert seen["applied"] <= clip * (1 + 1e-4)  # ... and the optimizer saw the clipped gradients
 

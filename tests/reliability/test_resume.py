@@ -56,7 +56,7 @@ def run(root: Path, corpus: Path, max_steps: int, rng: bool = True, resume: str 
     args = [
         "fit", "--config", str(QUICKSTART), *TINY_MODEL,
         "--model.init_args.model.context_length=16", "--model.init_args.model.drop_rate=0.2",
-        "--model.init_args.warmup_steps=2", "--model.init_args.schedule_steps=20",
+        "--model.init_args.optim.warmup_steps=2", "--model.init_args.optim.schedule_steps=20",
         f"--trainer.default_root_dir={root}", f"--trainer.max_steps={max_steps}", "--trainer.deterministic=true",
         "--trainer.logger=false", "--trainer.enable_progress_bar=false", "--trainer.limit_val_batches=0",
         "--trainer.num_sanity_val_steps=0", callbacks(rng),
