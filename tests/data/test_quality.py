@@ -393,3 +393,30 @@ def test_word_hashes_are_those_of_the_words() -> None:
     a = word_hashes("the cat sat on the mat")
     assert len(a) == 6 and a[0] == a[4] and len(set(a.tolist())) == 5
     assert np.array_equal(word_hashes("cat"), a[1:2])
+
+
+def test_streaming_pretrain_corpus_is_cleaned_once(tmp_path: Path, tokenizer_file: str) -> None:
+    from lit_llm.data import PretrainDataModule
+
+    rng = random.Random(6)
+    vocab = _vocabulary(rng, 200)
+    docs = [_prose(rng, vocab, 150) for _ in range(8)]
+    path = tmp_path / "docs.jsonl"
+    _jsonl(path, [{"text": d} for d in docs + [docs[1], docs[3].upper()]])
+    common = {"source": str(path), "tokenizer": tokenizer_file, "context_length": 16, "batch_size": 2,
+              "cache_dir": str(tmp_path / "cache"), "streaming": True, "split_by": "tokens"}
+    streamed = PretrainDataModule(**common, quality=QualityConfig())
+    streamed.setup()
+    assert streamed.quality.reports["source"].removed == {"exact_duplicate": 2}
+    mapped = PretrainDataModule(**{**common, "streaming": False}, quality=QualityConfig())
+    mapped.setup()
+    assert streamed.train_dataset.n_tokens == mapped.train_dataset.n_tokens
+
+
+def test_console_script_runs_clean(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    from lit_llm.console import main
+
+    source = _jsonl(tmp_path / "d.jsonl", [{"text": "one two three"}, {"text": "One  two three"}])
+    assert main(["clean", source, str(tmp_path / "out")]) == 0
+    assert json.loads((tmp_path / "out" / "report.json").read_text())["removed"] == {"exact_duplicate": 1}
+    assert main(["nope"]) == 1 and "unknown command 'nope'" in capsys.readouterr().err
