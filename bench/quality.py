@@ -101,9 +101,10 @@ def main() -> None:
     print(f"corpus {corpus}: {size / 1e6:.0f} MB ({time.perf_counter() - t:.0f} s to generate or find)", flush=True)
     runs = []
     for procs in args.procs:
+        load = os.getloadavg()[0]  # other work on the machine shows here: the figures are only as good as it is low
         result = run_one(corpus, procs, work / f"out-{procs}")
         report = result.pop("report")
-        row = {"procs": procs, "mb_per_s": size / 1e6 / result["wall_s"], **result,
+        row = {"procs": procs, "mb_per_s": size / 1e6 / result["wall_s"], "load_average_before": load, **result,
                "records_in": report["records_in"], "records_out": report["records_out"], "removed": report["removed"]}
         runs.append(row)
         print(json.dumps(row), flush=True)

@@ -34,7 +34,7 @@ import torch
 from pytorch_lightning.utilities import rank_zero_info
 from torch.utils.data import DataLoader, Dataset
 
-from lit_llm.data.quality import QualityConfig, QualityGate
+from lit_llm.data.quality import QualityConfig, QualityGate, quality_hparams
 from lit_llm.data.sampler import CountsConsumedBatches, ResumableLoader, ResumableSampler
 from lit_llm.data.sources import FileFormat, default_cache_dir, load_records
 from lit_llm.data.tokenizing import (
@@ -209,7 +209,7 @@ class ClassificationDataModule(CountsConsumedBatches, StoresTokenizer, pl.Lightn
     ) -> None:
         super().__init__()
         self._validate(locals())
-        self.save_hyperparameters()
+        self.save_hyperparameters(ignore=["quality"])
         self.source = source
         self.text_column = text_column
         self.label_column = label_column
@@ -237,6 +237,8 @@ class ClassificationDataModule(CountsConsumedBatches, StoresTokenizer, pl.Lightn
         self.archive_member = archive_member
         self.cache_dir = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
         self.quality = QualityGate(quality, self.cache_dir) if quality is not None else None
+        # Plain data in checkpoints: weights-only loading refuses a dataclass.
+        self.hparams["quality"] = quality_hparams(self.quality)
         self._rows: dict[str, _Rows] | None = None
         self._label_names: list[str] | None = None
         self._tokenizer: Tokenizer | None = None

@@ -25,7 +25,7 @@ from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
 from torch.utils.data import DataLoader, Dataset
 
 from lit_llm.data.collate import InstructionCollate, LengthGroupedSampler
-from lit_llm.data.quality import QualityConfig, QualityGate
+from lit_llm.data.quality import QualityConfig, QualityGate, quality_hparams
 from lit_llm.data.sampler import CountsConsumedBatches, ResumableLoader, ResumableSampler
 from lit_llm.data.sources import default_cache_dir, load_records
 from lit_llm.data.tokenizing import (
@@ -162,7 +162,7 @@ class InstructionDataModule(CountsConsumedBatches, StoresTokenizer, pl.Lightning
     ) -> None:
         super().__init__()
         _validate(locals())
-        self.save_hyperparameters()
+        self.save_hyperparameters(ignore=["quality"])
         self.source = source
         self.sha256 = sha256
         self.hf_split = hf_split
@@ -188,6 +188,8 @@ class InstructionDataModule(CountsConsumedBatches, StoresTokenizer, pl.Lightning
         self.seed = seed
         self.cache_dir = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
         self.quality = QualityGate(quality, self.cache_dir) if quality is not None else None
+        # Plain data in checkpoints: weights-only loading refuses a dataclass.
+        self.hparams["quality"] = quality_hparams(self.quality)
         self._tokenizer: Tokenizer | None = None
         self._records: dict[Split, list[dict[str, Any]]] | None = None
         self._rows: dict[Split, list[tuple[str, str, str]]] = {}

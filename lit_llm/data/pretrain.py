@@ -24,7 +24,7 @@ import torch
 from torch.utils.data import DataLoader, Subset
 
 from lit_llm.data.packing import ROWS_PER_BATCH, Piece, Rows, TokenWindows, write_npy
-from lit_llm.data.quality import QualityConfig, QualityGate
+from lit_llm.data.quality import QualityConfig, QualityGate, quality_hparams
 from lit_llm.data.sampler import CountsConsumedBatches, ResumableLoader, ResumableSampler
 from lit_llm.data.sources import default_cache_dir, load_documents
 from lit_llm.data.tokenizing import (
@@ -109,7 +109,7 @@ class PretrainDataModule(CountsConsumedBatches, StoresTokenizer, pl.LightningDat
     ) -> None:
         super().__init__()
         self._validate(locals())
-        self.save_hyperparameters()
+        self.save_hyperparameters(ignore=["quality"])
         self.source = source
         self.tokenizer_source = tokenizer
         self.tokenizer_vocab_size = tokenizer_vocab_size
@@ -131,6 +131,8 @@ class PretrainDataModule(CountsConsumedBatches, StoresTokenizer, pl.LightningDat
         self.cache_dir = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
         self.eval_train_batches = eval_train_batches
         self.quality = QualityGate(quality, self.cache_dir) if quality is not None else None
+        # Plain data in checkpoints: weights-only loading refuses a dataclass.
+        self.hparams["quality"] = quality_hparams(self.quality)
         self._tokenizer: Tokenizer | None = None
         self._docs: dict[str, datasets.Dataset | datasets.IterableDataset] = {}
         self.train_dataset: TokenWindows | None = None

@@ -1052,6 +1052,11 @@ class QualityGate:
         return path
 
 
+def quality_hparams(gate: QualityGate | None) -> dict[str, Any] | None:
+    """``data.quality`` as plain data for a DataModule's hyperparameters (checkpoints load weights-only)."""
+    return None if gate is None else asdict(gate.config)
+
+
 def _identity(records: Iterable[Mapping[str, Any]]) -> str:
     """A ``datasets`` fingerprint when there is one, else a hash of the records."""
     fingerprint = getattr(records, "_fingerprint", None)

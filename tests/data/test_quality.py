@@ -420,3 +420,19 @@ def test_console_script_runs_clean(tmp_path: Path, capsys: pytest.CaptureFixture
     assert main(["clean", source, str(tmp_path / "out")]) == 0
     assert json.loads((tmp_path / "out" / "report.json").read_text())["removed"] == {"exact_duplicate": 1}
     assert main(["nope"]) == 1 and "unknown command 'nope'" in capsys.readouterr().err
+
+
+def test_hyperparameters_stay_plain_data(tmp_path: Path, tokenizer_file: str) -> None:
+    import io
+
+    import torch
+
+    from lit_llm.data import ClassificationDataModule, InstructionDataModule, PretrainDataModule
+
+    for kind in (PretrainDataModule, ClassificationDataModule, InstructionDataModule):
+        dm = kind(tokenizer=tokenizer_file, cache_dir=str(tmp_path), quality=QualityConfig.from_dict({"num_proc": 2}))
+        buffer = io.BytesIO()
+        torch.save(dict(dm.hparams), buffer)
+        buffer.seek(0)
+        loaded = torch.load(buffer, weights_only=True)
+        assert loaded["quality"]["num_proc"] == 2 and loaded["quality"]["near"]["threshold"] == THRESHOLD
