@@ -40,7 +40,7 @@ import unicodedata
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor
-from dataclasses import asdict, dataclass, field, fields, is_dataclass
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal
 
@@ -1061,13 +1061,3 @@ def _identity(records: Iterable[Mapping[str, Any]]) -> str:
     """A ``datasets`` fingerprint when there is one, else a hash of the records."""
     fingerprint = getattr(records, "_fingerprint", None)
     return fingerprint if isinstance(fingerprint, str) else content_key(records)
-
-
-def as_config(value: QualityConfig | Mapping[str, Any] | None) -> QualityConfig | None:
-    """``data.quality`` as given (a :class:`QualityConfig`, a mapping, or None), checked."""
-    if value is None:
-        return None
-    if is_dataclass(value) and isinstance(value, QualityConfig):
-        value.check()
-        return value
-    return QualityConfig.from_dict(value)
