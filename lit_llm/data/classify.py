@@ -34,6 +34,7 @@ import torch
 from pytorch_lightning.utilities import rank_zero_info
 from torch.utils.data import DataLoader, Dataset
 
+from lit_llm.data.quality import QualityConfig, QualityGate, quality_hparams
 from lit_llm.data.sampler import CountsConsumedBatches, ResumableLoader, ResumableSampler
 from lit_llm.data.sources import FileFormat, default_cache_dir, load_records
 from lit_llm.data.tokenizer import Tokenizer
@@ -167,6 +168,9 @@ class ClassifyDataModule(CountsConsumedBatches, StoresTokenizer, pl.LightningDat
         archive_member: The file to read from a zip archive ``source``, e.g. ``SMSSpamCollection``.
         cache_dir: Where downloads and trained tokenizers go; ``None`` means ``$LIT_LLM_CACHE`` or
             ``~/.cache/lit_llm``.
+        quality: The data-quality stage (see docs/data.md): deduplicates, filters and redacts ``source`` before it is
+            balanced and split, then checks the training split for leakage into the validation and test splits;
+            the report goes to ``data_quality.json`` in the run folder. ``null``: off.
     """
 
     def __init__(
@@ -197,10 +201,11 @@ class ClassifyDataModule(CountsConsumedBatches, StoresTokenizer, pl.LightningDat
         column_names: list[str] | None = None,
         archive_member: str | None = None,
         cache_dir: str | None = None,
+        quality: QualityConfig | None = None,
     ) -> None:
         super().__init__()
         self._validate(locals())
-        self.save_hyperparameters()
+        self.save_hyperparameters(ignore=["quality"])
         self.source = source
         self.text_column = text_column
         self.label_column = label_column
@@ -227,6 +232,9 @@ class ClassifyDataModule(CountsConsumedBatches, StoresTokenizer, pl.LightningDat
         self.column_names = column_names
         self.archive_member = archive_member
         self.cache_dir = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
+        self.quality = QualityGate(quality, self.cache_dir) if quality is not None else None
+        # Plain data in checkpoints: weights-only loading refuses a dataclass.
+        self.hparams["quality"] = quality_hparams(self.quality)
         self._rows: dict[str, _Rows] | None = None
         self._label_names: list[str] | None = None
         self._tokenizer: Tokenizer | None = None
@@ -360,6 +368,8 @@ class ClassifyDataModule(CountsConsumedBatches, StoresTokenizer, pl.LightningDat
         if self._rows is not None:
             return self._rows
         rows = self._read(self.source, "data.source", self.hf_split)
+        if self.quality is not None:
+            rows = self._cleaned("source", rows, dedup_only=True)
         if self.balance:
             present = sorted(set(rows.labels), key=_sort_key(rows.labels))
             # Classes in id order; labels the list lacks are kept too, so that the label check reports them.
@@ -369,11 +379,24 @@ class ClassifyDataModule(CountsConsumedBatches, StoresTokenizer, pl.LightningDat
         for name, spec in (("val", self.val_source), ("test", self.test_source)):
             if spec is not None:
                 splits[name] = self._read(spec, f"data.{name}_source", _HF_SPLITS[name])
+        if self.quality is not None:
+            splits["train"] = self._cleaned("train", splits["train"], against={s: splits[s] for s in ("val", "test")})
         if not splits["train"].texts:
             raise DataError(f"data.source={self.source} leaves no training text after the split; add data.")
         self._rows = splits
         self._label_names = self._check_labels(splits)
         return splits
+
+    def _cleaned(self, name: str, rows: _Rows, against: dict[str, _Rows] | None = None,
+                 dedup_only: bool = False) -> _Rows:
+        """``rows`` through data.quality: every rule but leakage (``dedup_only``), or leakage against ``against``."""
+        assert self.quality is not None
+        kept = self.quality.rows(name, [{"text": t} for t in rows.texts], ["text"], dedup_only=dedup_only,
+                                 leakage_only=not dedup_only,
+                                 against={k: [{"text": t} for t in v.texts] for k, v in (against or {}).items()})
+        cleaned = _select(rows, [i for i, _ in kept])
+        cleaned.texts = [record["text"] for _, record in kept]  # redaction may have changed them
+        return cleaned
 
     def _check_labels(self, splits: dict[str, _Rows]) -> list[str]:
         train = splits["train"]
@@ -490,6 +513,8 @@ class ClassifyDataModule(CountsConsumedBatches, StoresTokenizer, pl.LightningDat
         trainer = self.trainer
         if trainer is not None and trainer.is_global_zero:
             self.tokenizer.save(trainer.default_root_dir)
+            if self.quality is not None:
+                self.quality.save(trainer.default_root_dir)
 
     def _tokenize_splits(self) -> None:
         rows = self._records()

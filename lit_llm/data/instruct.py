@@ -26,6 +26,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from lit_llm.data.collate import InstructionCollate, LengthGroupedSampler
 from lit_llm.data.prompts import format_prompt, get_template
+from lit_llm.data.quality import QualityConfig, QualityGate, quality_hparams
 from lit_llm.data.sampler import CountsConsumedBatches, ResumableLoader, ResumableSampler
 from lit_llm.data.sources import default_cache_dir, load_records
 from lit_llm.data.tokenizer import Tokenizer
@@ -120,6 +121,9 @@ class InstructDataModule(CountsConsumedBatches, StoresTokenizer, pl.LightningDat
         pin_memory: Pin batches in page-locked memory; ``null`` means when CUDA is available.
         seed: Seed of the training order and of ``split: shuffle``.
         cache_dir: Downloads and trained tokenizers; ``null`` means ``$LIT_LLM_CACHE`` or ``~/.cache/lit_llm``.
+        quality: The data-quality stage (see docs/data.md): deduplicates, filters and redacts ``source`` before it is
+            split, then checks the training split for leakage into the validation and test splits; the report goes
+            to ``data_quality.json`` in the run folder. ``null``: off.
     """
 
     def __init__(
@@ -150,10 +154,11 @@ class InstructDataModule(CountsConsumedBatches, StoresTokenizer, pl.LightningDat
         pin_memory: bool | None = None,
         seed: int = 123,
         cache_dir: str | None = None,
+        quality: QualityConfig | None = None,
     ) -> None:
         super().__init__()
         _validate(locals())
-        self.save_hyperparameters()
+        self.save_hyperparameters(ignore=["quality"])
         self.source = source
         self.sha256 = sha256
         self.hf_split = hf_split
@@ -178,6 +183,9 @@ class InstructDataModule(CountsConsumedBatches, StoresTokenizer, pl.LightningDat
         self.pin_memory = torch.cuda.is_available() if pin_memory is None else pin_memory
         self.seed = seed
         self.cache_dir = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
+        self.quality = QualityGate(quality, self.cache_dir) if quality is not None else None
+        # Plain data in checkpoints: weights-only loading refuses a dataclass.
+        self.hparams["quality"] = quality_hparams(self.quality)
         self._tokenizer: Tokenizer | None = None
         self._records: dict[Split, list[dict[str, Any]]] | None = None
         self._rows: dict[Split, list[tuple[str, str, str]]] = {}
@@ -202,6 +210,9 @@ class InstructDataModule(CountsConsumedBatches, StoresTokenizer, pl.LightningDat
 
     def _split_records(self) -> dict[Split, list[dict[str, Any]]]:
         source = self._load(self.source, "data.source")
+        text_fields = [f for f in self.fields.values() if f is not None]
+        if self.quality is not None:
+            source = [r for _, r in self.quality.rows("source", source, text_fields, dedup_only=True)]
         checked = [self._row(r, i, "data.source") for i, r in enumerate(source)]
         order = np.arange(len(source))
         if self.split == "shuffle":
@@ -243,6 +254,11 @@ class InstructDataModule(CountsConsumedBatches, StoresTokenizer, pl.LightningDat
                 indices = [i for i in indices if i not in dropped]
             splits[name] = [records[i] for i in indices]
             self._rows[name] = [rows[i] for i in indices]
+        if self.quality is not None:
+            kept = [i for i, _ in self.quality.rows("train", splits["train"], text_fields, leakage_only=True,
+                                                    against={"val": splits["val"], "test": splits["test"]})]
+            splits["train"], self._rows["train"] = [splits["train"][i] for i in kept], [self._rows["train"][i]
+                                                                                        for i in kept]
         if not splits["train"]:
             raise DataError(
                 f"data.source={self.source}: the training split is empty ({len(source)} records, split_fractions "
@@ -346,6 +362,8 @@ class InstructDataModule(CountsConsumedBatches, StoresTokenizer, pl.LightningDat
         trainer = self.trainer
         if trainer is not None and trainer.is_global_zero:
             tok.save(trainer.default_root_dir)
+            if self.quality is not None:
+                self.quality.save(trainer.default_root_dir)
 
     def _apply_overlong(self, name: Split, ids: list[list[int]], lens: list[int]) -> Examples:
         limit = self.allowed_max_length

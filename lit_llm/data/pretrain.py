@@ -24,6 +24,7 @@ import torch
 from torch.utils.data import DataLoader, Subset
 
 from lit_llm.data.packing import ROWS_PER_BATCH, Piece, Rows, TokenWindows, write_npy
+from lit_llm.data.quality import QualityConfig, QualityGate, quality_hparams
 from lit_llm.data.sampler import CountsConsumedBatches, ResumableLoader, ResumableSampler
 from lit_llm.data.sources import default_cache_dir, load_documents
 from lit_llm.data.tokenizer import Tokenizer
@@ -73,6 +74,9 @@ class PretrainDataModule(CountsConsumedBatches, StoresTokenizer, pl.LightningDat
         eval_train_batches: Also evaluate this many training batches (the first ones, in order) at every
             validation, in eval mode without dropout, logged as ``train_eval/loss``: the book's "train loss".
             0 turns it off; -1 evaluates the whole training split.
+        quality: The data-quality stage (deduplication, filters, redaction, leakage; see docs/data.md), run on
+            ``source`` before tokenization, with leakage checked against ``val_source``; the report goes to
+            ``data_quality.json`` in the run folder. ``null``: off.
     """
 
     def __init__(
@@ -97,10 +101,11 @@ class PretrainDataModule(CountsConsumedBatches, StoresTokenizer, pl.LightningDat
         seed: int = 0,
         cache_dir: str | None = None,
         eval_train_batches: int = 0,
+        quality: QualityConfig | None = None,
     ) -> None:
         super().__init__()
         self._validate(locals())
-        self.save_hyperparameters()
+        self.save_hyperparameters(ignore=["quality"])
         self.source = source
         self.tokenizer_source = tokenizer
         self.tokenizer_vocab_size = tokenizer_vocab_size
@@ -121,6 +126,9 @@ class PretrainDataModule(CountsConsumedBatches, StoresTokenizer, pl.LightningDat
         self.seed = seed
         self.cache_dir = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
         self.eval_train_batches = eval_train_batches
+        self.quality = QualityGate(quality, self.cache_dir) if quality is not None else None
+        # Plain data in checkpoints: weights-only loading refuses a dataclass.
+        self.hparams["quality"] = quality_hparams(self.quality)
         self._tokenizer: Tokenizer | None = None
         self._docs: dict[str, datasets.Dataset | datasets.IterableDataset] = {}
         self.train_dataset: TokenWindows | None = None
@@ -229,6 +237,10 @@ class PretrainDataModule(CountsConsumedBatches, StoresTokenizer, pl.LightningDat
                 streaming=self.streaming,
                 key=f"data.{which}",
             )
+            if self.quality is not None and which == "source":  # cleaned before anything reads it
+                against = {"val_source": self._documents("val_source")} if self.val_source is not None else {}
+                self._docs[which] = self.quality.documents(self._docs[which], self._corpus_id(which), which,
+                                                           streaming=self.streaming, against=against)
         return self._docs[which]
 
     def _corpus_id(self, which: Literal["source", "val_source"]) -> str:
@@ -237,7 +249,8 @@ class PretrainDataModule(CountsConsumedBatches, StoresTokenizer, pl.LightningDat
             return docs._fingerprint  # content-derived by `datasets` (file paths + mtimes, or hashed data)
         # A stream has no fingerprint; identify it by its configuration.
         spec = self.source if which == "source" else self.val_source
-        return cache_key("stream", spec, self.text_column, self.hf_split, self.sha256)
+        quality = self.quality.config.settings() if self.quality is not None and which == "source" else None
+        return cache_key("stream", spec, self.text_column, self.hf_split, self.sha256, *([quality] if quality else []))
 
     def _split_settings(self) -> dict[str, Any]:
         if self.val_source is not None:
@@ -415,6 +428,8 @@ class PretrainDataModule(CountsConsumedBatches, StoresTokenizer, pl.LightningDat
         trainer = self.trainer
         if trainer is not None and trainer.is_global_zero:
             self.tokenizer.save(trainer.default_root_dir)
+            if self.quality is not None:
+                self.quality.save(trainer.default_root_dir)
 
     def _loader(self, dataset: TokenWindows, train: bool) -> DataLoader:
         common: dict[str, Any] = {
