@@ -4,17 +4,7 @@ import tempfile
 from pathlib import Path
 
 import pytest
-
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def cuda_visible(gpus: list[int], count: int) -> str:
-    """The CUDA_VISIBLE_DEVICES value for a child process that should use these indices among the ``count`` GPUs
-    this process sees (which may themselves be a CUDA_VISIBLE_DEVICES selection)."""
-    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
-    ids = visible.split(",") if visible else [str(i) for i in range(count)]
-    return ",".join(ids[i] for i in gpus)
-SHARED_DATA = ROOT.parent / "shared" / "data"
+from support import ROOT  # noqa: E402 - shared constants and helpers live in tests/support.py
 
 # Set before any test module imports `datasets` (which reads its cache location at import time): keep lit_llm's
 # and Hugging Face's caches out of the user's home, and never reach for the Hub by accident.

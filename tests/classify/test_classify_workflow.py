@@ -16,7 +16,7 @@ import pytest
 import torch
 import yaml
 from classify_helpers import TINY_MODEL, sms_rows, write_sms_collection, write_sms_zip
-from conftest import ROOT
+from support import ROOT
 
 from lit_llm.classify import classify, load_classifier, main
 from lit_llm.data import ClassifyDataModule

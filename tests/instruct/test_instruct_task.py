@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT, SHARED_DATA
+from support import ROOT, SHARED_DATA
 
 from lit_llm.data import InstructDataModule
 from lit_llm.data.prompts import format_prompt

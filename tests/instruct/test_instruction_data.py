@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import SHARED_DATA
+from support import SHARED_DATA
 
 from lit_llm.data import InstructDataModule
 from lit_llm.data.builtin.instruct import KINDS, generate_tasks

@@ -98,3 +98,24 @@ def test_no_command_imports_another_command() -> None:
 def test_every_console_command_runs_its_modules_main(command: str) -> None:
     module = importlib.import_module(COMMANDS[command])
     assert callable(getattr(module, "main", None)), f"{COMMANDS[command]} has no main()"
+
+
+def test_no_test_module_imports_another() -> None:
+    """Shared fixtures live in a ``conftest.py`` and shared helpers in a helper module (``support.py``,
+    ``faults.py``, ...): a test module never imports another test module."""
+    tests = Path(__file__).resolve().parents[1]
+    offenders = []
+    for path in sorted(tests.rglob("test_*.py")):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else (
+                [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            offenders += [f"{path.relative_to(tests)} imports {n}" for n in names
+                          if n.split(".")[-1].startswith("test_")]
+    assert not offenders, "; ".join(offenders)
+
+
+def test_the_tests_mirror_the_package() -> None:
+    """Each package folder of lit_llm has its test folder of the same name."""
+    tests = Path(__file__).resolve().parents[1]
+    for folder in sorted(p for p in PACKAGE.iterdir() if (p / "__init__.py").is_file()):
+        assert (tests / folder.name).is_dir(), f"lit_llm/{folder.name}/ has no tests/{folder.name}/"

@@ -21,6 +21,7 @@ import pytorch_lightning as pl
 import torch
 
 from lit_llm.callbacks.checkpoint import AtomicCheckpointIO
+from lit_llm.train import cli
 
 ROOT = Path(__file__).resolve().parents[2]
 QUICKSTART = ROOT / "configs" / "pretrain" / "quickstart.yaml"
@@ -267,3 +268,37 @@ def training_state(ckpt_path: Path) -> dict[str, Any]:
     ckpt = torch.load(ckpt_path, weights_only=True)
     return {"state_dict": ckpt["state_dict"], "optimizer_states": ckpt["optimizer_states"],
             "lr_schedulers": ckpt["lr_schedulers"], "global_step": ckpt["global_step"]}
+
+
+QUICK = "configs/pretrain/quickstart.yaml"
+
+
+GUARD = "lit_llm.callbacks.guard.NonFiniteGuard"
+
+
+def build(corpus: Path, root: Path, *extra: str) -> object:
+    """The quickstart run shrunk to a 2-layer, 32-wide GPT on CPU; built but not run."""
+    return cli([
+        "--config", QUICK,
+        "--model.init_args.model.n_layers=2", "--model.init_args.model.emb_dim=32",
+        "--model.init_args.model.n_heads=2", "--model.init_args.model.context_length=32",
+        "--model.init_args.model.drop_rate=0.0", "--model.init_args.speed.compile=false",
+        "--model.init_args.optim.warmup_steps=2",
+        f"--trainer.default_root_dir={root}", "--trainer.accelerator=cpu", "--trainer.devices=1",
+        "--trainer.precision=32-true", "--trainer.enable_progress_bar=false", "--trainer.limit_val_batches=0",
+        "--trainer.logger=false",
+        f"--data.init_args.source={corpus}", "--data.init_args.sha256=null", "--data.init_args.num_workers=0",
+        "--data.init_args.tokenizer_vocab_size=300", "--data.init_args.batch_size=4",
+        # The quickstart's checkpoint callback alone; each test adds the guard it needs.
+        '--trainer.callbacks=[{"class_path": "lit_llm.callbacks.Checkpoint", "init_args": {'
+        '"filename": "step={step:06d}", "auto_insert_metric_name": false, "every_n_train_steps": 300, '
+        '"save_top_k": -1, "save_last": true}}]',
+        *extra,
+    ], run=False)
+
+
+def fit(c: object, *callbacks: pl.Callback) -> None:
+    # Test callbacks go first, so that they act before the guard in on_before_optimizer_step.
+    c.trainer.checkpoint_callback._every_n_train_steps = 2  # the quickstart's Checkpoint, saving more often
+    c.trainer.callbacks[:0] = list(callbacks)
+    c.trainer.fit(c.model, datamodule=c.datamodule)

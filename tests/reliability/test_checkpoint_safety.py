@@ -7,15 +7,14 @@ import os
 
 import pytest
 import torch
-from faults import fit_args
-from test_numerical import GUARD, build, corpus, fit  # noqa: F401 - corpus is a fixture
+from faults import build, fit, fit_args
 
 from lit_llm.callbacks.checkpoint import AtomicCheckpointIO
 from lit_llm.errors import CheckpointError
 from lit_llm.train import cli, main
 
 
-def test_a_failed_save_leaves_the_previous_checkpoint(corpus, tmp_path, in_repo_root, monkeypatch):  # noqa: F811
+def test_a_failed_save_leaves_the_previous_checkpoint(corpus, tmp_path, in_repo_root, monkeypatch):
     c = build(corpus, tmp_path, "--trainer.max_steps=4")
     fit(c)
     last = tmp_path / "last.ckpt"
@@ -36,7 +35,7 @@ def test_a_failed_save_leaves_the_previous_checkpoint(corpus, tmp_path, in_repo_
     assert not list(tmp_path.glob("*.tmp"))
 
 
-def test_partial_leftovers_are_removed_with_a_log_line(corpus, tmp_path, in_repo_root, caplog):  # noqa: F811
+def test_partial_leftovers_are_removed_with_a_log_line(corpus, tmp_path, in_repo_root, caplog):
     leftover = tmp_path / "last.ckpt.tmp"
     leftover.write_bytes(b"half a checkpoint")
     other = tmp_path / "notes.tmp"  # not ours: left alone
@@ -51,7 +50,7 @@ def test_partial_leftovers_are_removed_with_a_log_line(corpus, tmp_path, in_repo
 
 @pytest.mark.filterwarnings("ignore:Checkpoint directory")
 @pytest.mark.parametrize("damage", ["truncated", "garbage"])
-def test_unreadable_checkpoint_is_named(damage, corpus, tmp_path, in_repo_root):  # noqa: F811
+def test_unreadable_checkpoint_is_named(damage, corpus, tmp_path, in_repo_root):
     c = build(corpus, tmp_path, "--trainer.max_steps=2")
     fit(c)
     bad = tmp_path / "broken.ckpt"
@@ -66,7 +65,7 @@ def test_unreadable_checkpoint_is_named(damage, corpus, tmp_path, in_repo_root):
     assert f"Previous good checkpoint in its folder: {last}; resume from it with --ckpt_path {last}" in message
 
 
-def test_unreadable_checkpoint_through_the_cli_is_one_line(corpus, tmp_path, in_repo_root, capsys):  # noqa: F811
+def test_unreadable_checkpoint_through_the_cli_is_one_line(corpus, tmp_path, in_repo_root, capsys):
     """``python -m lit_llm.train fit --ckpt_path <garbage>``: one ``error:`` line naming the file and the previous good
     checkpoint; "none" when the folder holds no intact one."""
     main(fit_args(tmp_path, corpus, 2, []))
@@ -91,7 +90,7 @@ def test_unreadable_checkpoint_through_the_cli_is_one_line(corpus, tmp_path, in_
 
 
 @pytest.mark.parametrize("failing", ["step=000006.ckpt", "last.ckpt"])
-def test_retention_never_deletes_the_last_good_checkpoint(failing, corpus, tmp_path, in_repo_root,  # noqa: F811
+def test_retention_never_deletes_the_last_good_checkpoint(failing, corpus, tmp_path, in_repo_root,
                                                           monkeypatch):
     """Keep the 2 newest (``monitor: step, mode: max, save_top_k: 2``), saving every 2 steps: the save at step 6
     prunes step 2. When the step-6 file (or then last.ckpt) cannot be written, the run stops with the error, and only

@@ -11,51 +11,18 @@ from pathlib import Path
 import pytest
 import pytorch_lightning as pl
 import torch
+from faults import GUARD, build, fit
 
 from lit_llm.callbacks.guard import NonFiniteGuard
 from lit_llm.errors import ConfigError, NonFiniteLossError
-from lit_llm.train import cli
 
 ROOT = Path(__file__).resolve().parents[2]
-QUICK = "configs/pretrain/quickstart.yaml"
-GUARD = "lit_llm.callbacks.guard.NonFiniteGuard"
 
 
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory) -> Path:
-    from lit_llm.data.builtin import load_builtin
-
-    path = tmp_path_factory.mktemp("corpus") / "corpus.txt"
-    path.write_text("\n\n".join(load_builtin("pydoc")["text"])[:30_000], encoding="utf-8")
-    return path
 
 
-def build(corpus: Path, root: Path, *extra: str) -> object:
-    """The quickstart run shrunk to a 2-layer, 32-wide GPT on CPU; built but not run."""
-    return cli([
-        "--config", QUICK,
-        "--model.init_args.model.n_layers=2", "--model.init_args.model.emb_dim=32",
-        "--model.init_args.model.n_heads=2", "--model.init_args.model.context_length=32",
-        "--model.init_args.model.drop_rate=0.0", "--model.init_args.speed.compile=false",
-        "--model.init_args.optim.warmup_steps=2",
-        f"--trainer.default_root_dir={root}", "--trainer.accelerator=cpu", "--trainer.devices=1",
-        "--trainer.precision=32-true", "--trainer.enable_progress_bar=false", "--trainer.limit_val_batches=0",
-        "--trainer.logger=false",
-        f"--data.init_args.source={corpus}", "--data.init_args.sha256=null", "--data.init_args.num_workers=0",
-        "--data.init_args.tokenizer_vocab_size=300", "--data.init_args.batch_size=4",
-        # The quickstart's checkpoint callback alone; each test adds the guard it needs.
-        '--trainer.callbacks=[{"class_path": "lit_llm.callbacks.Checkpoint", "init_args": {'
-        '"filename": "step={step:06d}", "auto_insert_metric_name": false, "every_n_train_steps": 300, '
-        '"save_top_k": -1, "save_last": true}}]',
-        *extra,
-    ], run=False)
 
 
-def fit(c: object, *callbacks: pl.Callback) -> None:
-    # Test callbacks go first, so that they act before the guard in on_before_optimizer_step.
-    c.trainer.checkpoint_callback._every_n_train_steps = 2  # the quickstart's Checkpoint, saving more often
-    c.trainer.callbacks[:0] = list(callbacks)
-    c.trainer.fit(c.model, datamodule=c.datamodule)
 
 
 def nan_loss_at(c: object, steps: set[int]) -> None:
@@ -294,7 +261,7 @@ DDP_SCRIPT = '''
 import sys
 import torch
 sys.path.insert(0, {here!r})
-from test_numerical import build
+from faults import build
 from lit_llm.errors import NonFiniteLossError
 
 root, corpus, init_args = sys.argv[1:4]

@@ -10,8 +10,7 @@ from pathlib import Path
 import pytest
 import pytorch_lightning as pl
 import torch
-from conftest import ROOT
-from test_cli import TINY_MODEL
+from support import ROOT, TINY_MODEL
 
 from lit_llm.data.sampler import ResumableSampler
 from lit_llm.train import cli

@@ -15,7 +15,7 @@ For each strategy, at the same global batch as one GPU (16 sequences: 8 per GPU 
 
 Every run is its own process; they run side by side, spread over the GPUs (several small runs share a GPU).
 
-    python -m pytest -m gpu tests/test_gpu_strategies.py -v -s
+    python -m pytest -m gpu tests/distributed/test_gpu_strategies.py -v -s
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT, cuda_visible
+from support import ROOT, cuda_visible
 
 pytestmark = [pytest.mark.gpu, pytest.mark.distributed]
 
@@ -75,7 +75,7 @@ def _callbacks_yaml(folder: Path, save: bool) -> Path:
 
 def _env(gpus: list[int]) -> dict[str, str]:
     env = dict(os.environ, CUDA_VISIBLE_DEVICES=cuda_visible(gpus, GPUS),
-               PYTHONPATH=os.pathsep.join([str(ROOT / "tests"), str(ROOT), os.environ.get("PYTHONPATH", "")]))
+               PYTHONPATH=os.pathsep.join([str(Path(__file__).parent), str(ROOT), os.environ.get("PYTHONPATH", "")]))
     env.setdefault("LIT_LLM_CACHE", str(ROOT / ".pytest_cache" / "lit_llm_gpu"))
     return env
 

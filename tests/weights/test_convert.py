@@ -8,8 +8,8 @@ import sys
 
 import pytest
 import torch
-from conftest import ROOT
-from test_weights import _logits, _randomize, hf_dir, tokenizer  # noqa: F401 - fixtures shared with test_weights
+from support import ROOT
+from weights_helpers import logits, lora_models, randomize, save_lora_checkpoint
 
 from lit_llm.convert import main
 from lit_llm.errors import CheckpointError
@@ -35,7 +35,7 @@ def test_from_hf_then_to_hf(hf_dir, tokenizer, tmp_path, capsys):  # noqa: F811
     original = transformers.GPT2LMHeadModel.from_pretrained(hf_dir)
     exported = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf")
     ids = torch.randint(0, tokenizer.vocab_size, (2, 30))
-    assert (_logits(exported, ids) - _logits(original, ids)).abs().max().item() <= 1e-4
+    assert (logits(exported, ids) - logits(original, ids)).abs().max().item() <= 1e-4
     text = "by those who never understood it <|endoftext|> The donkey"
     assert transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")(text)["input_ids"] == tokenizer.encode(text)
 
@@ -45,14 +45,14 @@ def test_from_book(tmp_path, capsys):
     cfg = {"vocab_size": 300, "context_length": 32, "emb_dim": 64, "n_heads": 4, "n_layers": 2, "drop_rate": 0.0,
            "qkv_bias": True}
     book = ch04.GPTModel(cfg)
-    _randomize(book)
+    randomize(book)
     torch.save(book.state_dict(), tmp_path / "book.pth")
     main(["from-book", str(tmp_path / "book.pth"), str(tmp_path / "out"), "--n-heads", "4"])
     assert "4 heads" in capsys.readouterr().out
     model, tok, meta = load_model_for_inference(str(tmp_path / "out"))
     assert meta["format"] == "lit" and tok is None and not model.config.tie_weights
     ids = torch.randint(0, 300, (2, 32))
-    assert (_logits(model, ids) - _logits(book, ids)).abs().max().item() <= 1e-5
+    assert (logits(model, ids) - logits(book, ids)).abs().max().item() <= 1e-5
 
 
 def test_bad_input_is_one_error_line():
@@ -101,13 +101,11 @@ def test_help_lists_the_subcommands(capsys):
 
 
 def test_merge_lora_then_generate_and_to_hf(tokenizer, tmp_path, capsys):  # noqa: F811
-    from test_weights import lora_models, save_lora_checkpoint
-
     transformers = pytest.importorskip("transformers")
     _, adapted = lora_models(tie=True)
     ckpt = save_lora_checkpoint(adapted, tmp_path / "lora.ckpt", tokenizer)
     ids = torch.randint(0, 300, (2, 16))
-    expected = _logits(adapted, ids)[..., :300]
+    expected = logits(adapted, ids)[..., :300]
 
     main(["merge-lora", str(ckpt), str(tmp_path / "merged")])
     out = capsys.readouterr().out
@@ -116,7 +114,7 @@ def test_merge_lora_then_generate_and_to_hf(tokenizer, tmp_path, capsys):  # noq
     assert saved["tie_weights"] is False  # the head's adapter gave it a weight of its own
     model, tok, meta = load_model_for_inference(str(tmp_path / "merged"))
     assert tok is not None and "lora_merged" not in meta and not any("lora" in k for k in model.state_dict())
-    assert (_logits(model, ids)[..., :300] - expected).abs().max().item() <= 1e-5
+    assert (logits(model, ids)[..., :300] - expected).abs().max().item() <= 1e-5
 
     from lit_llm.generate import main as generate
 
@@ -126,12 +124,10 @@ def test_merge_lora_then_generate_and_to_hf(tokenizer, tmp_path, capsys):  # noq
 
     main(["to-hf", str(tmp_path / "merged"), str(tmp_path / "hf")])
     exported = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf")
-    assert (_logits(exported, ids) - expected).abs().max().item() <= 1e-4
+    assert (logits(exported, ids) - expected).abs().max().item() <= 1e-4
 
 
 def test_extract_lora_then_load_onto_the_base(tmp_path, capsys):
-    from test_weights import lora_models, save_lora_checkpoint
-
     from lit_llm.model.lora import load_lora
 
     base, adapted = lora_models(tie=False)
@@ -147,12 +143,10 @@ def test_extract_lora_then_load_onto_the_base(tmp_path, capsys):
     assert meta["source"] == str(ckpt)
     load_lora(base, tmp_path / "adapters.safetensors")
     ids = torch.randint(0, 300, (2, 16))
-    assert torch.equal(_logits(base, ids), _logits(adapted, ids))
+    assert torch.equal(logits(base, ids), logits(adapted, ids))
 
 
 def test_lora_subcommands_refuse_a_checkpoint_without_adapters(tmp_path, capsys):
-    from test_weights import lora_models, save_lora_checkpoint
-
     base, _ = lora_models(tie=False)
     ckpt = save_lora_checkpoint(base, tmp_path / "plain.ckpt")
     for command, expected in (("merge-lora", "holds no LoRA adapters"), ("extract-lora", "holds no LoRA adapters")):

@@ -14,7 +14,7 @@ import torch
 from lit_llm.data.tokenizer import Tokenizer, load_tokenizer, train_bpe
 from lit_llm.errors import ConfigError, DataError
 
-SHARED = Path(__file__).resolve().parents[1] / ".." / "shared" / "data"
+SHARED = Path(__file__).resolve().parents[2] / ".." / "shared" / "data"
 GPT2 = SHARED / "gpt2"
 VERDICT = SHARED / "the-verdict.txt"
 needs_gpt2 = pytest.mark.skipif(

@@ -7,7 +7,7 @@ import json
 import sys
 
 import pytest
-from conftest import ROOT
+from support import ROOT
 
 
 def _bench(name: str):

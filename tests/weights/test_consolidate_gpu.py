@@ -1,7 +1,7 @@
 """Consolidating real FSDP and DeepSpeed checkpoints of 2-GPU ``python -m lit_llm.train fit`` runs.
 
 Each strategy trains a tiny GPT for a few steps on 2 GPUs (bf16-mixed) and saves ``last.ckpt`` as a directory; a
-callback (``tests/consolidate_helpers.py``) records what the live model computes at the end of training: the logits
+callback (``consolidate_helpers.py``) records what the live model computes at the end of training: the logits
 of a fixed prompt and its greedy continuation. ``python -m lit_llm.convert consolidate`` then makes one file of the
 directory, and the tests check that
 
@@ -13,7 +13,7 @@ directory, and the tests check that
 Lightning's own strategies are used (``FSDPStrategy`` with sharded checkpoints, ``deepspeed_stage_2``,
 ``deepspeed_stage_3``), two at a time on separate GPU pairs when the machine has four GPUs.
 
-    python -m pytest -m gpu tests/test_consolidate_gpu.py -v
+    python -m pytest -m gpu tests/weights/test_consolidate_gpu.py -v
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT, cuda_visible
+from support import ROOT, cuda_visible
 
 pytestmark = pytest.mark.gpu
 
@@ -50,7 +50,7 @@ LOGITS_TOL = 2e-2
 
 def _env(gpus: list[int]) -> dict[str, str]:
     env = dict(os.environ, CUDA_VISIBLE_DEVICES=cuda_visible(gpus, GPUS), PYTHONUNBUFFERED="1",
-               PYTHONPATH=os.pathsep.join([str(ROOT / "tests"), str(ROOT), os.environ.get("PYTHONPATH", "")]))
+               PYTHONPATH=os.pathsep.join([str(Path(__file__).parent), str(ROOT), os.environ.get("PYTHONPATH", "")]))
     # DeepSpeed's op builder reads TORCH_CUDA_ARCH_LIST as plain major.minor numbers ("9.0a" fails).
     if env.get("TORCH_CUDA_ARCH_LIST"):
         env["TORCH_CUDA_ARCH_LIST"] = re.sub(r"(\d+\.\d+)[a-zA-Z]+", r"\1", env["TORCH_CUDA_ARCH_LIST"])

@@ -13,8 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import ROOT
-from test_cli import TINY_MODEL
+from support import ROOT, TINY_MODEL
 
 from lit_llm.errors import CheckpointError, ConfigError, find_user_error
 from lit_llm.model.config import GPTConfig

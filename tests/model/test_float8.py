@@ -9,7 +9,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import ROOT
+from support import ROOT
 
 from lit_llm.tasks.options import grouped
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import ROOT, SHARED_DATA
+from support import ROOT, SHARED_DATA, TINY_MODEL
 
 from lit_llm.callbacks import Checkpoint, LossPlot, ProgressBar, SampleGeneration, Throughput
 from lit_llm.data import PretrainDataModule
@@ -24,12 +24,6 @@ TRAINER_CONFIGS = sorted((ROOT / "configs" / "trainer").glob("*.yaml"))
 CALLBACK_PRESETS = sorted((ROOT / "callbacks").glob("*.yaml"))
 ALL_YAML = sorted(set((ROOT / "configs").rglob("*.yaml")) | set(CALLBACK_PRESETS))
 
-TINY_MODEL = [
-    "--model.init_args.model.n_layers=2",
-    "--model.init_args.model.emb_dim=32",
-    "--model.init_args.model.n_heads=2",
-    "--model.init_args.speed.compile=false",
-]
 
 
 @pytest.fixture(scope="module")

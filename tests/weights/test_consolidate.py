@@ -6,7 +6,7 @@ function and in the same layout as ``FSDPStrategy.save_checkpoint(state_dict_typ
 shards of ``{"model": ..., "optimizer_0": ...}`` plus ``meta.pt`` with the rest), from the checkpoint of a real tiny
 ``fit``; the optimizer state is keyed by parameter name, as ``FSDP.optim_state_dict`` keys it. DCP needs no process
 group for this in one process. DeepSpeed directories need DeepSpeed and GPUs to be made: the real ones are tested in
-``tests/test_consolidate_gpu.py``; here a stand-in for DeepSpeed's ``zero_to_fp32`` exercises everything around it.
+``test_consolidate_gpu.py``; here a stand-in for DeepSpeed's ``zero_to_fp32`` exercises everything around it.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT
+from support import ROOT
 
 from lit_llm.convert import main as convert_main
 from lit_llm.errors import CheckpointError

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT
 from pytorch_lightning.strategies import FSDPStrategy, StrategyRegistry
+from support import ROOT
 
 from lit_llm.callbacks.checkpoint import Checkpoint
 from lit_llm.distributed import common as dist_common

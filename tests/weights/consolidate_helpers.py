@@ -1,4 +1,4 @@
-"""A callback that ``tests/test_consolidate_gpu.py`` adds to multi-GPU runs: it records what the live model does.
+"""A callback that ``test_consolidate_gpu.py`` adds to multi-GPU runs: it records what the live model does.
 
 At the end of training every rank takes part (sharded weights are gathered collectively, inside the strategy's
 outermost wrapper, as Lightning runs a training step) while the model reads a fixed prompt; rank 0 saves the prompt's

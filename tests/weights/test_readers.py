@@ -9,9 +9,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT, SHARED_DATA
+from support import ROOT, SHARED_DATA
+from weights_helpers import TEXT, logits, lora_models, randomize, save_lora_checkpoint
 
-from lit_llm.data.tokenizer import Tokenizer, load_tokenizer, train_bpe
+from lit_llm.data.tokenizer import Tokenizer, load_tokenizer
 from lit_llm.errors import CheckpointError
 from lit_llm.model.config import GPTConfig
 from lit_llm.model.gpt import GPTModel
@@ -26,50 +27,21 @@ from lit_llm.weights.readers import (
     load_weights,
 )
 
-TEXT = (
-    "It had always been his fate to have his judgement questioned, and his work admired by those who never "
-    "understood it. The sketch of the donkey was the last thing he painted before he gave it up. "
-)
 SAMPLE = "The sketch of the donkey,  questioned\n\nby those who never <|endoftext|> understood 123 it!"
 
 
-def _randomize(model: torch.nn.Module, std: float = 0.1) -> None:
-    """Non-trivial values everywhere (biases, LayerNorms), so a swapped or untransposed tensor shows."""
-    torch.manual_seed(0)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(0.0, std)
 
 
-def _logits(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
-    with torch.no_grad():
-        out = model.eval()(ids)
-    return getattr(out, "logits", out)
 
 
-@pytest.fixture(scope="module")
-def tokenizer() -> Tokenizer:
-    return train_bpe([TEXT * 20], vocab_size=300)
 
 
-@pytest.fixture(scope="module")
-def hf_dir(tmp_path_factory, tokenizer) -> Path:
-    """A small random transformers GPT2LMHeadModel saved with save_pretrained, plus our tokenizer beside it."""
-    transformers = pytest.importorskip("transformers")
-    config = transformers.GPT2Config(n_embd=64, n_layer=2, n_head=4, n_positions=64, vocab_size=tokenizer.vocab_size,
-                                     bos_token_id=tokenizer.eos_id, eos_token_id=tokenizer.eos_id)
-    model = transformers.GPT2LMHeadModel(config)
-    _randomize(model)
-    path = tmp_path_factory.mktemp("hf_gpt2")
-    model.save_pretrained(path)
-    tokenizer.save(path)
-    return path
 
 
 @pytest.fixture(scope="module")
 def lit_run(tmp_path_factory) -> Path:
     """A run directory from a two-step `lit_llm.train fit` of a tiny GPT (last.ckpt + tokenizer.json)."""
-    from test_cli import TINY_MODEL
+    from support import TINY_MODEL
 
     from lit_llm.train import cli
 
@@ -108,14 +80,14 @@ def test_hf_import_gives_transformers_logits(hf_dir, tokenizer):
     assert (cfg.emb_dim, cfg.n_layers, cfg.n_heads, cfg.context_length) == (64, 2, 4, 64)
     assert cfg.qkv_bias and cfg.bias and cfg.tie_weights and cfg.vocab_size == tokenizer.vocab_size
     assert model.out_head.weight is model.tok_emb.weight
-    assert (_logits(model, ids) - _logits(reference, ids)).abs().max().item() <= 1e-4
+    assert (logits(model, ids) - logits(reference, ids)).abs().max().item() <= 1e-4
 
     # Into a padded model (a finetuning config): same logits on the real vocabulary, zero padding rows.
     config, state = load_hf_gpt2(hf_dir)
     padded = GPTModel(config.replace(pad_vocab_multiple=64))
     load_into(padded, state)
     assert padded.tok_emb.weight.shape[0] == 320 and padded.tok_emb.weight[tokenizer.vocab_size:].abs().sum() == 0
-    diff = _logits(padded, ids)[..., : tokenizer.vocab_size] - _logits(reference, ids)
+    diff = logits(padded, ids)[..., : tokenizer.vocab_size] - logits(reference, ids)
     assert diff.abs().max().item() <= 1e-4
 
 
@@ -130,7 +102,7 @@ def test_hf_export_roundtrip_through_transformers(hf_dir, tokenizer, tmp_path):
     assert config["eos_token_id"] == tokenizer.eos_id
     reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path)
     ids = torch.randint(0, tokenizer.vocab_size, (2, 40))
-    assert (_logits(reloaded, ids) - _logits(model, ids)).abs().max().item() <= 1e-4
+    assert (logits(reloaded, ids) - logits(model, ids)).abs().max().item() <= 1e-4
     hf_tok = transformers.AutoTokenizer.from_pretrained(tmp_path)
     assert hf_tok(SAMPLE)["input_ids"] == tokenizer.encode(SAMPLE)
     assert hf_tok.eos_token_id == tokenizer.eos_id
@@ -142,7 +114,7 @@ def test_export_untied_biasless_padded_model(tmp_path):
     cfg = GPTConfig(vocab_size=200, context_length=32, emb_dim=32, n_heads=2, n_layers=2, bias=False,
                     qkv_bias=False, tie_weights=False, pad_vocab_multiple=64)
     model = GPTModel(cfg)
-    _randomize(model)
+    randomize(model)
     with pytest.warns(UserWarning, match="no tokenizer"):
         export_hf(model, tmp_path)
     config = json.loads((tmp_path / "config.json").read_text())
@@ -150,7 +122,7 @@ def test_export_untied_biasless_padded_model(tmp_path):
     reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path)
     assert reloaded.lm_head.weight.shape == (200, 32)
     ids = torch.randint(0, 200, (2, 32))
-    assert (_logits(reloaded, ids) - _logits(model, ids)[..., :200]).abs().max().item() <= 1e-4
+    assert (logits(reloaded, ids) - logits(model, ids)[..., :200]).abs().max().item() <= 1e-4
 
 
 @pytest.mark.skipif(not (SHARED_DATA / "gpt2" / "encoder.json").is_file(), reason="GPT-2 BPE files not present")
@@ -178,14 +150,14 @@ def test_book_model_gives_same_logits(cls_name, qkv_bias, tmp_path):
     if not hasattr(ch04, cls_name):
         pytest.skip(f"llms_from_scratch.ch04 has no {cls_name}")
     book = getattr(ch04, cls_name)({**BOOK_CFG, "qkv_bias": qkv_bias})
-    _randomize(book)
+    randomize(book)
     ids = torch.randint(0, 300, (2, 32))
     config, state = load_book_state_dict(book.state_dict(), n_heads=4)
     assert (config.emb_dim, config.n_layers, config.vocab_size, config.context_length) == (64, 2, 300, 32)
     assert config.qkv_bias is qkv_bias and not config.tie_weights
     model = GPTModel(config)
     load_into(model, state)
-    assert (_logits(model, ids) - _logits(book, ids)).abs().max().item() <= 1e-5
+    assert (logits(model, ids) - logits(book, ids)).abs().max().item() <= 1e-5
 
     # The same weights as files: a wrapped .pth and a .safetensors, through load_weights, into a padded model.
     from safetensors.torch import save_file
@@ -196,7 +168,7 @@ def test_book_model_gives_same_logits(cls_name, qkv_bias, tmp_path):
         config, state = load_weights(tmp_path / name, GPTConfig(**{**BOOK_CFG, "qkv_bias": qkv_bias}))
         model = GPTModel(config)  # pad_vocab_multiple=64 -> 320 rows
         load_into(model, state)
-        assert (_logits(model, ids)[..., :300] - _logits(book, ids)).abs().max().item() <= 1e-5
+        assert (logits(model, ids)[..., :300] - logits(book, ids)).abs().max().item() <= 1e-5
 
 
 def test_book_gpt2_shapes_take_n_heads_from_the_preset():
@@ -223,25 +195,25 @@ def test_book_unknown_n_heads_says_how_to_fix():
 def test_lit_checkpoint_roundtrip(lit_run, tmp_path):
     reference, ckpt = _ckpt_model(lit_run)
     ids = torch.randint(0, 300, (2, 16))
-    expected = _logits(reference, ids)
+    expected = logits(reference, ids)
     stored_tok = Tokenizer.from_json(ckpt["PretrainDataModule"]["tokenizer_json"])
     for source in (lit_run / "last.ckpt", lit_run):  # the file, and the run directory
         model, tok, meta = load_model_for_inference(str(source))
         assert meta["format"] == "lit" and meta["global_step"] == 2 and meta["config"] == ckpt["model_config"]
         assert tok.fingerprint == stored_tok.fingerprint
-        assert torch.equal(_logits(model, ids)[..., :300], expected[..., :300])
+        assert torch.equal(logits(model, ids)[..., :300], expected[..., :300])
     # Converted weights directory (what `lit_llm.convert from-*` writes) and back.
     config, state = load_lit_checkpoint(lit_run / "last.ckpt")
     assert "out_head.weight" not in state and state["tok_emb.weight"].shape[0] == 300  # tied, unpadded
     save_weights(config, state, tmp_path / "converted", stored_tok)
     model, tok, meta = load_model_for_inference(str(tmp_path / "converted"))
     assert meta["format"] == "lit" and tok.fingerprint == stored_tok.fingerprint
-    assert torch.equal(_logits(model, ids)[..., :300], expected[..., :300])
+    assert torch.equal(logits(model, ids)[..., :300], expected[..., :300])
     # Export to Hugging Face straight from the checkpoint: padding dropped, tokenizer included.
     transformers = pytest.importorskip("transformers")
     export_hf(lit_run / "last.ckpt", tmp_path / "hf")
     reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf")
-    assert (_logits(reloaded, ids) - expected[..., :300]).abs().max().item() <= 1e-4
+    assert (logits(reloaded, ids) - expected[..., :300]).abs().max().item() <= 1e-4
     assert transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")(SAMPLE)["input_ids"] == stored_tok.encode(SAMPLE)
 
 
@@ -258,15 +230,15 @@ def test_built_model_survives_its_checkpoint_being_overwritten(lit_run, tmp_path
     shutil.copy(lit_run / "last.ckpt", ckpt)
     model, _ = build_model(ckpt)
     ids = torch.randint(0, 300, (2, 16))
-    before = _logits(model, ids)
+    before = logits(model, ids)
     with ckpt.open("r+b") as f:  # in place, as a cross-filesystem save does (a crash here would be a bus error)
         f.truncate(0)
         f.write(b"\0" * 4096)
-    assert torch.equal(_logits(model, ids), before)
+    assert torch.equal(logits(model, ids), before)
 
 
 def test_init_weights_through_the_cli(lit_run, tmp_path):
-    from test_cli import TINY_MODEL
+    from support import TINY_MODEL
 
     from lit_llm.train import cli
 
@@ -381,41 +353,16 @@ def test_not_gpt2_and_sharded_directories_are_refused(hf_dir, tmp_path):
 # ---- LoRA ------------------------------------------------------------------------------------------------------
 
 
-def lora_models(tie: bool) -> tuple[GPTModel, GPTModel]:
-    """A tiny GPT (300 tokens padded to 320 rows) and a copy with random LoRA adapters on all five targets."""
-    from lit_llm.model.lora import LoRAConfig, LoRALinear, apply_lora
-
-    torch.manual_seed(0)
-    base = GPTModel(GPTConfig(vocab_size=300, context_length=16, emb_dim=32, n_heads=2, n_layers=2, drop_rate=0.0,
-                              qkv_bias=True, tie_weights=tie)).eval()
-    adapted = GPTModel(base.config).eval()
-    adapted.load_state_dict(base.state_dict())
-    apply_lora(adapted, LoRAConfig(rank=4, alpha=8, targets=["all"]))
-    with torch.no_grad():
-        for m in adapted.modules():
-            if isinstance(m, LoRALinear):
-                m.lora_B.normal_(0.0, 0.05)
-    return base, adapted
 
 
-def save_lora_checkpoint(model: GPTModel, path: Path, tokenizer: Tokenizer | None = None) -> Path:
-    """What lit_llm.train writes for a LoRA run, reduced to the entries the readers use."""
-    ckpt = {"state_dict": {f"model.{k}": v for k, v in model.state_dict().items()},
-            "model_config": model.config.to_dict(),
-            "hyper_parameters": {"model": model.config.to_dict(),
-                                 "lora": {"rank": 4, "alpha": 8.0, "dropout": 0.0, "targets": ["all"]}}}
-    if tokenizer is not None:
-        ckpt["PretrainDataModule"] = {"tokenizer_json": tokenizer.to_json()}
-    torch.save(ckpt, path)
-    return path
 
 
 @pytest.mark.parametrize("tie", [False, True])
 def test_lora_weights_are_merged_wherever_they_are_read(tie, tmp_path):
     base, adapted = lora_models(tie)
     ids = torch.randint(0, 300, (2, 16))
-    expected = _logits(adapted, ids)[..., :300]
-    assert (expected - _logits(base, ids)[..., :300]).abs().max() > 1e-3  # the adapters matter
+    expected = logits(adapted, ids)[..., :300]
+    assert (expected - logits(base, ids)[..., :300]).abs().max() > 1e-3  # the adapters matter
     state = adapted.state_dict()
     lit_layout = {k: v for k, v in state.items() if not (tie and k == "out_head.weight")}  # a tied head listed once
     sources = {
@@ -432,10 +379,10 @@ def test_lora_weights_are_merged_wherever_they_are_read(tie, tmp_path):
         assert torch.equal(loaded["tok_emb.weight"][:300], base.tok_emb.weight[:300]), name
         plain = GPTModel(config)
         load_into(plain, loaded, source=str(source))
-        assert (_logits(plain, ids)[..., :300] - expected).abs().max().item() <= 1e-5, name
+        assert (logits(plain, ids)[..., :300] - expected).abs().max().item() <= 1e-5, name
         model, _, meta = load_model_for_inference(str(source))
         assert len(meta["lora_merged"]) == 2 * 4 + 1 and "out_head" in meta["lora_merged"], name
-        assert (_logits(model, ids)[..., :300] - expected).abs().max().item() <= 1e-5, name
+        assert (logits(model, ids)[..., :300] - expected).abs().max().item() <= 1e-5, name
 
 
 def test_lora_reading_errors_are_named(tmp_path):
@@ -459,7 +406,7 @@ def test_load_into_across_lora_and_plain_models():
     # An adapted model's own state dict into a plain model: merged on the way in.
     plain = GPTModel(base.config)
     load_into(plain, adapted.state_dict())
-    assert (_logits(plain, ids) - _logits(adapted, ids)).abs().max().item() <= 1e-5
+    assert (logits(plain, ids) - logits(adapted, ids)).abs().max().item() <= 1e-5
     # Base weights into an adapted model: the base changes, the adapters keep their values.
     adapters = {k: v.clone() for k, v in adapted.state_dict().items() if "lora_" in k}
     fresh = GPTModel(base.config)

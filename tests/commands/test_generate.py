@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT
+from support import ROOT
 
 from lit_llm import generate as gen_cli
 from lit_llm.data.prompts import extract_response, format_prompt
