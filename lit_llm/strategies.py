@@ -568,3 +568,7 @@ NAMES = tuple(name for name, *_ in _ENTRIES)
 # Idempotent: re-importing the module registers the same entries again.
 for _name, _cls, _description, _init in _ENTRIES:
     StrategyRegistry.register(_name, _cls, description=_description, override=True, **_init)
+
+# Tensor and pipeline parallelism live in lit_llm.distributed (one module per family) and register their names too.
+from lit_llm.distributed import pipeline as _pipeline  # noqa: E402, F401
+from lit_llm.distributed import tensor as _tensor  # noqa: E402, F401
