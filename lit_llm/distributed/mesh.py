@@ -20,7 +20,6 @@ from pytorch_lightning.strategies.parallel import ParallelStrategy
 from pytorch_lightning.utilities import rank_zero_warn
 
 from lit_llm.errors import CheckpointError, ConfigError
-from lit_llm.strategies import _AtomicDirectorySave
 from lit_llm.tensor_files import torch_load
 
 #: The key of the checkpoint entry (in ``meta.pt``) that says how the model was split when it was saved.
@@ -28,7 +27,7 @@ SPLIT_KEY = "model_parallel"
 _META_FILE = "meta.pt"
 
 
-class MeshStrategy(_AtomicDirectorySave, ModelParallelStrategy):
+class MeshStrategy(ModelParallelStrategy):
     """Base of ``lit_tp``/``lit_tp_fsdp`` and ``lit_pipeline``: a ``(data_parallel, <model dim>)`` mesh over every rank.
 
     Subclasses name the model dimension (``model_dim``), decide its size from the world size
@@ -135,8 +134,13 @@ class MeshStrategy(_AtomicDirectorySave, ModelParallelStrategy):
         """Raise a CheckpointError when the saved split cannot be resumed by this run (overridden)."""
 
     def save_checkpoint(self, checkpoint: dict, filepath: Any, storage_options: Any | None = None) -> None:
+        # Imported here: lit_llm.strategies imports this package to register its names.
+        from lit_llm.strategies import _AtomicDirectorySave
+
         checkpoint[SPLIT_KEY] = self.split_record()
-        super().save_checkpoint(checkpoint, filepath, storage_options)
+        # Written into <path>.tmp and renamed once every rank has finished, as lit_llm's other directory checkpoints.
+        _AtomicDirectorySave._atomic_directory_save(self, super().save_checkpoint, checkpoint, filepath,
+                                                    storage_options)
 
     def load_checkpoint(self, checkpoint_path: Any, weights_only: bool | None = None) -> dict[str, Any]:
         """Read this rank's part of a checkpoint directory written by the same kind of split.
@@ -164,10 +168,24 @@ class MeshStrategy(_AtomicDirectorySave, ModelParallelStrategy):
         set_model_state_dict(self.model, state["state_dict"])
         for index, optimizer in enumerate(self.optimizers):
             key = f"optimizer_{index}"
-            optim_state = {key: get_optimizer_state_dict(self.model, optimizer)}
+            optim_state = {key: self.optimizer_entry(get_optimizer_state_dict(self.model, optimizer))}
             dcp.load(optim_state, checkpoint_id=path)
-            set_optimizer_state_dict(self.model, optimizer, optim_state_dict=optim_state[key])
+            set_optimizer_state_dict(self.model, optimizer,
+                                     optim_state_dict=self.from_optimizer_entry(optim_state[key]))
         return metadata
+
+    def optimizer_state(self, optimizer: Any) -> dict[str, Any]:
+        return self.optimizer_entry(super().optimizer_state(optimizer))
+
+    def optimizer_entry(self, state: dict[str, Any]) -> dict[str, Any]:
+        """How this rank's optimizer state is stored in the checkpoint (overridden where ranks hold different
+        parameters: the distributed checkpoint takes an entry saved under the same name by several ranks for one
+        replicated value)."""
+        return state
+
+    def from_optimizer_entry(self, entry: dict[str, Any]) -> dict[str, Any]:
+        """The inverse of :meth:`optimizer_entry`."""
+        return entry
 
     @property
     def strategy_label(self) -> str:

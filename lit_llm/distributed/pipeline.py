@@ -269,8 +269,9 @@ class GPTPipelineStrategy(MeshStrategy):
             materialize(stage, self.root_device)
         if self.data_parallel == "shard" and self.data_mesh.size() > 1:
             self._shard_stages(task)
+        blocks = ", ".join(f"block {a}" if b - a == 1 else f"blocks {a}-{b - 1}" for a, b in self.ranges)
         rank_zero_info(f"Pipeline: {self.n_stages} stages over {self.model_mesh.size()} processes "
-                       f"({', '.join(f'layers {a}-{b - 1}' for a, b in self.ranges)}), schedule {self.schedule}, "
+                       f"({blocks}), schedule {self.schedule}, "
                        f"{self.data_mesh.size()} pipeline(s) side by side ({self.data_parallel})")
         if task.hparams.get("compile"):
             for stage in self._stage_modules:
@@ -487,6 +488,13 @@ class GPTPipelineStrategy(MeshStrategy):
         return total
 
     # ---- checkpoints -----------------------------------------------------------------------------------------------
+    def optimizer_entry(self, state: dict[str, Any]) -> dict[str, Any]:
+        # Each stage's optimizer lists other parameters in its param_groups: one entry per position in the pipeline.
+        return {f"pipeline_rank_{self.model_mesh.get_local_rank()}": state}
+
+    def from_optimizer_entry(self, entry: dict[str, Any]) -> dict[str, Any]:
+        return entry[f"pipeline_rank_{self.model_mesh.get_local_rank()}"]
+
     def split_record(self) -> dict[str, Any]:
         return {"kind": "pipeline", "stages": [list(r) for r in self.ranges],
                 "pipeline_parallel_size": self.model_mesh.size(), "stages_per_rank": self.stages_per_rank}
