@@ -145,7 +145,7 @@ def plain_loop(model_name: str, v: Variant, batch: int, accumulate: int, steps: 
         model = model.to(torch.bfloat16)
     model.autocast_residual = v.residual == "autocast"
     model.loss_chunk = v.loss_chunk or None
-    model.speed.fused_loss = v.fused_loss
+    model.fused_loss = v.fused_loss
     if v.float8:
         convert_to_float8(model, v.float8, head=v.float8_head)
     model.train()

@@ -192,6 +192,13 @@ class SampleGeneration(pl.Callback):
                 self._warned = True
             return
         self._last_step = step
+        if not getattr(trainer.strategy, "supports_generation", True):  # a model split by layers or by heads
+            if not self._warned:
+                rank_zero_warn(f"SampleGeneration: no samples under {type(trainer.strategy).__name__}, whose split "
+                               "model has no one-device forward to generate with; consolidate a checkpoint "
+                               "(python -m lit_llm.convert consolidate) and run python -m lit_llm.generate on it")
+                self._warned = True
+            return
         sharded = params_are_sharded(trainer.strategy)
         # Under FSDP / DeepSpeed ZeRO-3 each rank holds a shard of the weights and every forward gathers them
         # collectively, so all ranks must generate together (rank 0 alone would hang); otherwise only rank 0 works.

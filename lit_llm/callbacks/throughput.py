@@ -242,18 +242,20 @@ class Throughput(pl.Callback):
         seq_len: int,
     ) -> None:
         world = max(trainer.world_size, 1)
-        per_device = tokens / elapsed
+        # Under tensor / pipeline parallelism the ranks of one model replica share a batch: count the replicas' data.
+        replicas = getattr(trainer.strategy, "data_parallel_size", world)
+        per_device = tokens * replicas / world / elapsed
         metrics = {
             "perf/tokens_per_sec": per_device * world,
             "perf/tokens_per_sec_per_device": per_device,
-            "perf/samples_per_sec": samples * world / elapsed,
+            "perf/samples_per_sec": samples * replicas / elapsed,
             "perf/sec_per_step": elapsed / steps,
         }
         flops = self._flops_per_token(pl_module, seq_len)
         if self._peak is not None and flops is not None:
             metrics["perf/mfu"] = flops * per_device / self._peak
         self.history.append({**metrics, "step": float(trainer.global_step), "seconds": elapsed,
-                             "tokens": float(tokens * world)})
+                             "tokens": float(tokens * replicas)})
         # Progress bar only (logger=False): the loggers get every metric below at this exact step, whereas
         # pl_module.log would hand them over only on multiples of log_every_n_steps.
         pl_module.log(

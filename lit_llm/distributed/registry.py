@@ -32,6 +32,8 @@ from pytorch_lightning.strategies import (
 from lit_llm.distributed.ddp import GPTDDPStrategy
 from lit_llm.distributed.deepspeed import GPTDeepSpeedStrategy
 from lit_llm.distributed.fsdp import GPTFSDP2Strategy, GPTFSDPStrategy
+from lit_llm.distributed.pipeline import GPTPipelineStrategy
+from lit_llm.distributed.tensor import GPTTensorParallelStrategy
 
 _FSDP = "FSDP, a unit per TransformerBlock (one for a model under 2 % of the GPU), sharded checkpoints"
 _ZERO = "DeepSpeed ZeRO stage {}, lazily imported"
@@ -50,6 +52,11 @@ _ENTRIES: list[tuple[str, type, str, dict[str, Any]]] = [
     ("lit_deepspeed_zero3", GPTDeepSpeedStrategy, _ZERO.format(3), {"stage": 3}),
     ("lit_deepspeed_zero3_offload", GPTDeepSpeedStrategy, _ZERO.format(3) + ", parameters and optimizer on the CPU",
      {"stage": 3, "offload_optimizer": True, "offload_parameters": True}),
+    ("lit_tp", GPTTensorParallelStrategy,
+     "Tensor parallelism (DTensor) over the processes of a node, sequence-parallel", {}),
+    ("lit_tp_fsdp", GPTTensorParallelStrategy,
+     "2-D: tensor parallelism over pairs of processes, FSDP2 across the pairs", {"tensor_parallel_size": 2}),
+    ("lit_pipeline", GPTPipelineStrategy, "Pipeline parallelism: stages by layer ranges, 1F1B micro-batches", {}),
 ]
 #: The names this module registers.
 NAMES = tuple(name for name, *_ in _ENTRIES)

@@ -166,7 +166,8 @@ class MultiHeadAttention(nn.Module):
                 context = F.scaled_dot_product_attention(q, k, v, attn_mask=visible, dropout_p=p)
         else:
             context = self._reference_attention(q, k, v)
-        return self.out_proj(context.transpose(1, 2).reshape(B, T, C))
+        # -1, not C: under tensor parallelism this process holds n_heads * head_dim < C of the heads' outputs.
+        return self.out_proj(context.transpose(1, 2).reshape(B, T, -1))
 
     def _reference_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """The book's attention (chapter 3): scores, causal mask with -inf, scaled softmax, dropout, weighted sum.

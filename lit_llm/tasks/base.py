@@ -23,6 +23,7 @@ from lit_llm.distributed import (
     is_zero3,
     params_are_sharded,
     shard_with_fsdp2,
+    splits_model,
 )
 from lit_llm.errors import ConfigError
 from lit_llm.model.config import GPTConfig
@@ -101,7 +102,8 @@ class GPTTask(pl.LightningModule):
             check_ddp_options(strategy, getattr(self._trainer, "accumulate_grad_batches", 1))
         loads_weights = bool(self.hparams.get("init_weights")) and not self._resuming()
         self.model = None
-        if is_fsdp(strategy) and not loads_weights:
+        builds_split = splits_model(strategy)  # tensor / pipeline parallel
+        if (is_fsdp(strategy) or builds_split) and not loads_weights:
             # A model that fits on one device is built there whole, as a one-device run builds it (Lightning builds
             # on the GPU), so its initial weights are exactly that run's with the same seed; FSDP then shards it. A
             # larger one is built without memory, and FSDP materialises each unit on its GPU (reset_parameters runs
@@ -168,6 +170,10 @@ class GPTTask(pl.LightningModule):
             how = {"options": dict(self.speed.compile_options)}
         object.__setattr__(self, "_forward", torch.compile(model, **how) if compile_ else model)
         object.__setattr__(self, "_model_loss", torch.compile(model_loss, **how) if compile_ else model_loss)
+        if builds_split:
+            # lit_llm.distributed's tensor- and pipeline-parallel strategies split the GPT and may reroute the loss
+            # and forward above (a pipeline runs them through its schedule).
+            strategy.parallelize_task(self)
 
     def _use_fused_loss(self, strategy: Any, zero3: bool) -> bool:
         if not self.speed.fused_loss:
@@ -353,7 +359,10 @@ class GPTTask(pl.LightningModule):
         max_norm = gradient_clip_val or self.optim.gradient_clip
         if not max_norm or is_deepspeed(self.trainer.strategy):
             return  # DeepSpeed clips inside its engine (lit_llm's DeepSpeed strategy hands it the clipping value)
-        if is_fsdp1(self.trainer.strategy):
+        clip = getattr(self.trainer.strategy, "clip_grad_norm_", None)
+        if callable(clip):  # a pipeline's stages: the norm of the whole model is summed over the stages
+            norm = clip(self.parameters(), max_norm)
+        elif is_fsdp1(self.trainer.strategy):
             norm = self.trainer.strategy.model.clip_grad_norm_(max_norm)
         else:  # DTensor parameters (FSDP2) clip here too; their norm is a DTensor to make whole
             norm = nn.utils.clip_grad_norm_(self.parameters(), max_norm)
@@ -362,7 +371,9 @@ class GPTTask(pl.LightningModule):
 
     def count_tokens(self, input_ids: torch.Tensor) -> None:
         """Add a training batch's tokens, over all ranks, to ``tokens_seen`` and log it."""
-        world = self.trainer.world_size if self._trainer is not None else 1
+        trainer = self._trainer
+        # Under tensor / pipeline parallelism the ranks of one model replica share a batch: count the replicas.
+        world = getattr(trainer.strategy, "data_parallel_size", trainer.world_size) if trainer is not None else 1
         self.tokens_seen += input_ids.numel() * world
         self.log_host_value("train/tokens_seen", self.tokens_seen)
 

@@ -222,6 +222,11 @@ def _read_fsdp(path: Path, keep_optimizer: bool) -> tuple[dict[str, Any], str]:
         raise CheckpointError(f"could not read the shards of {path} ({error_reason(err)}); a *.distcp file is missing, "
                               "truncated or from another save: use an earlier checkpoint") from err
     checkpoint = dict(meta)
+    split = checkpoint.pop("model_parallel", None)  # written by lit_llm.distributed's tensor / pipeline strategies
+    if split:
+        from lit_llm.distributed.tensor import canonical_state  # a tensor-parallel run's qkv rows back in order
+
+        loaded = canonical_state(loaded, split)
     checkpoint["state_dict"] = {_plain_name(k): v for k, v in loaded.pop(model_key).items()}
     if not keep_optimizer:
         return checkpoint, "dropped"

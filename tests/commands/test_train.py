@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import importlib.util
 import math
 import subprocess
@@ -17,7 +18,7 @@ from lit_llm.callbacks import Checkpoint, LossPlot, ProgressBar, SampleGeneratio
 from lit_llm.data import PretrainDataModule
 from lit_llm.errors import ConfigError
 from lit_llm.tasks import PretrainTask
-from lit_llm.train import cli
+from lit_llm.train import cli, main
 
 RUN_CONFIGS = sorted((ROOT / "configs" / "pretrain").glob("*.yaml"))
 TRAINER_CONFIGS = sorted((ROOT / "configs" / "trainer").glob("*.yaml"))
@@ -98,8 +99,9 @@ def test_verdict_is_the_books_run():
     assert cfg["seed_everything"] == 123
     assert m["model"] == {"context_length": 256, "emb_dim": 768, "n_heads": 12, "n_layers": 12, "drop_rate": 0.1,
                           "qkv_bias": False, "tie_weights": False, "pad_vocab_multiple": 1, "init": "pytorch"}
-    assert (m["learning_rate"], m["weight_decay"], m["decay_all"], m["lr_schedule"]) == (4e-4, 0.1, True, "constant")
-    assert m["gradient_clip"] is None and m["betas"] == [0.9, 0.999]
+    o = m["optim"]
+    assert (o["learning_rate"], o["weight_decay"], o["decay_all"], o["lr_schedule"]) == (4e-4, 0.1, True, "constant")
+    assert o["gradient_clip"] is None and o["betas"] == [0.9, 0.999]
     assert (d["batch_size"], d["stride"], d["val_split"], d["split_by"]) == (2, 256, 0.1, "characters")
     assert d["tokenizer"] == "gpt2" and d["sha256"].startswith("b41e41a6")
     assert t["max_epochs"] == 10
@@ -145,18 +147,39 @@ def test_callback_presets_replace_the_list(preset, corpus, tmp_path, in_repo_roo
     assert c.trainer.state.finished
 
 
+def _usage_error(capsys, args: list[str]) -> str:
+    """``main(args)`` ends with exit status 2 and one ``error: UsageError`` line, no traceback; returns that line."""
+    with pytest.raises(SystemExit) as exit_:
+        main(args)
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.startswith("error:")]
+    assert exit_.value.code == 2 and len(lines) == 1 and "Traceback" not in err, err
+    assert lines[0].startswith("error: UsageError: ")
+    return lines[0]
+
+
 def test_unknown_key_is_named(in_repo_root, capsys):
-    with pytest.raises(SystemExit):
-        cli(["--config", "configs/pretrain/quickstart.yaml", "--model.init_args.learnin_rate=1"], run=False)
-    assert "learnin_rate" in capsys.readouterr().err
+    assert "learnin_rate" in _usage_error(capsys, ["fit", "--config", "configs/pretrain/quickstart.yaml",
+                                                   "--model.init_args.optim.learnin_rate=1"])
+
+
+def test_an_abbreviated_flag_is_refused_with_the_full_name(in_repo_root, capsys):
+    """argparse would take ``--trainer.max_step`` for ``--trainer.max_steps``; lit_llm refuses and names it."""
+    line = _usage_error(capsys, ["fit", "--config", "configs/pretrain/quickstart.yaml", "--trainer.max_step", "10"])
+    assert "--trainer.max_step " in line + " " and "did you mean --trainer.max_steps?" in line
+
+
+def test_a_renamed_class_is_named_with_its_new_path(in_repo_root, capsys):
+    line = _usage_error(capsys, ["fit", "--config", "configs/pretrain/quickstart.yaml",
+                                 "--model.class_path=lit_llm.tasks.ClassifierModule"])
+    assert "ClassifierModule is now lit_llm.tasks.ClassifyTask" in line
 
 
 def test_unknown_key_in_yaml_is_named(in_repo_root, tmp_path, capsys):
     bad = tmp_path / "bad.yaml"
     bad.write_text("model:\n  init_args:\n    model:\n      n_layrs: 3\n")
-    with pytest.raises(SystemExit):
-        cli(["--config", "configs/pretrain/quickstart.yaml", "--config", str(bad)], run=False)
-    assert "n_layrs" in capsys.readouterr().err
+    assert "n_layrs" in _usage_error(capsys, ["fit", "--config", "configs/pretrain/quickstart.yaml",
+                                              "--config", str(bad)])
 
 
 def test_print_config(in_repo_root):
@@ -289,7 +312,8 @@ def test_bad_values_are_one_message(override, needle, in_repo_root, capsys):
 
 def test_omegaconf_interpolation_within_a_file(tmp_path, in_repo_root):
     extra = tmp_path / "interp.yaml"
-    extra.write_text("trainer:\n  max_steps: 7\nmodel:\n  init_args:\n    schedule_steps: ${trainer.max_steps}\n")
+    extra.write_text("trainer:\n  max_steps: 7\nmodel:\n  init_args:\n    optim:\n"
+                     "      schedule_steps: ${trainer.max_steps}\n")
     c = cli(["--config", "configs/pretrain/quickstart.yaml", "--config", str(extra),
              "--data.init_args.tokenizer_vocab_size=300", "--trainer.logger=false"], run=False)
     assert c.model.optim.schedule_steps == 7 == c.trainer.max_steps
@@ -311,7 +335,7 @@ def test_speed_options_parse_and_run(corpus, tmp_path, in_repo_root):
     assert all(isinstance(v, torch.Tensor) and v.device.type == "cpu" for v in logged.values())
     c = cli(["--config", str(quick), "--model.init_args.speed.compile=max-autotune"], run=False)
     assert c.config.model.init_args.speed.compile == "max-autotune"
-    with pytest.raises(SystemExit):
+    with pytest.raises(argparse.ArgumentError, match="fastest"):
         cli(["--config", str(quick), "--model.init_args.speed.sdpa_backend=fastest"], run=False)
 
 

@@ -234,7 +234,7 @@ def test_activation_checkpointing_gives_the_same_gradients():
     grads = []
     for recompute in (False, True):
         model.zero_grad()
-        model.speed.activation_checkpointing = recompute
+        model.activation_checkpointing = recompute
         model(ids).float().logsumexp(-1).mean().backward()
         grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
     for name in grads[0]:

@@ -123,7 +123,7 @@ def test_torchao_missing_is_one_clear_error(monkeypatch):
 ])
 def test_bad_combinations_are_config_errors(kwargs, message):
     with pytest.raises(ConfigError, match=message):
-        PretrainTask(model=dict(SHAPE), **kwargs)
+        PretrainTask(model=dict(SHAPE), **grouped(kwargs))
 
 
 def test_the_converter_refuses_an_unknown_recipe_with_the_tasks_message():

@@ -194,7 +194,7 @@ def test_under_zero3_the_plain_head_is_used():
     from lit_llm.tasks import PretrainTask
 
     task = PretrainTask(model=dict(vocab_size=97, context_length=16, emb_dim=32, n_heads=2, n_layers=1),
-                        chunked_loss=64)
+                        speed={"chunked_loss": 64})
     task._trainer = SimpleNamespace(strategy=SimpleNamespace(zero_stage_3=True), ckpt_path=None,
                                     accumulate_grad_batches=1)
     task.configure_model()

@@ -78,7 +78,8 @@ def test_warmup_shorter_than_the_schedule_is_quiet(corpus, tmp_path, in_repo_roo
 
 
 def test_run_command_turns_user_errors_into_one_line_and_exit_codes(capsys, monkeypatch):
-    from lit_llm.errors import ConfigError, run_command
+    from lit_llm.cli import run_command
+    from lit_llm.errors import ConfigError, UsageError
 
     def bad() -> None:
         raise ConfigError("Invalid task config:\n  - model.optim.learning_rate=0 must be > 0\n"
@@ -92,10 +93,13 @@ def test_run_command_turns_user_errors_into_one_line_and_exit_codes(capsys, monk
 
     monkeypatch.delenv("LIT_LLM_DEBUG", raising=False)
     assert run_command(lambda: None) == 0
-    assert run_command(bad, single_line=True) == 1
-    assert capsys.readouterr().err == ("error: Invalid task config: model.optim.learning_rate=0 must be > 0; "
+    assert run_command(bad) == 1
+    assert capsys.readouterr().err == ("error: ConfigError: Invalid task config: "
+                                       "model.optim.learning_rate=0 must be > 0; "
                                        "model.optim.warmup_steps=-1\n")
     assert run_command(interrupted) == 130
+    assert run_command(lambda: (_ for _ in ()).throw(UsageError("unrecognized arguments: --x"))) == 2
+    assert capsys.readouterr().err.endswith("error: UsageError: unrecognized arguments: --x\n")
     with pytest.raises(KeyError):  # a bug keeps its traceback
         run_command(bug)
     monkeypatch.setenv("LIT_LLM_DEBUG", "1")
