@@ -1,5 +1,5 @@
 """What ``PeriodicEval`` costs a training run: the quickstart (``configs/pretrain/quickstart.yaml``) with the callback
-at its defaults (every 500 steps, 200 questions, 2 % budget) scoring a multiple-choice cloze built from the
+at its defaults (every 500 steps, 100 questions, 2 % budget) scoring a multiple-choice cloze built from the
 quickstart's own corpus. Prints one JSON object (docs/evaluation.md) and writes it under bench/results/:
 
     python bench/periodic_eval_cost.py                       # the quickstart as configured (CPU, 600 steps)
@@ -47,7 +47,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--max-steps", type=int, default=None, help="default: the config's (600)")
     parser.add_argument("--every-n-steps", type=int, default=500)
-    parser.add_argument("--limit", type=int, default=200)
+    parser.add_argument("--limit", type=int, default=100)
     parser.add_argument("--max-overhead", type=float, default=0.02)
     parser.add_argument("--out", default=None, help="default: bench/results/periodic-eval-cost-<date>.json")
     args = parser.parse_args()

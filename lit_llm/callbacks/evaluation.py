@@ -45,7 +45,7 @@ class PeriodicEval(pl.Callback):
         tasks: list[str] | None = None,
         include_path: str | None = None,
         every_n_steps: int | None = 500,
-        limit: int | None = 200,
+        limit: int | None = 100,
         batch_size: int = 16,
         max_overhead: float | None = 0.02,
         at_fit_end: bool = True,
