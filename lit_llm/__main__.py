@@ -1,14 +1,15 @@
 """``lit-llm COMMAND ...`` (and ``python -m lit_llm COMMAND ...``): one entry point for every lit_llm command.
 
-=====================================  ==========================================================================
+=====================================  ===========================================================================
 ``lit-llm fit|validate|test|predict``  train or evaluate with a config (``python -m lit_llm.train``)
 ``lit-llm generate``                   continue prompts or chat with a model (``python -m lit_llm.generate``)
 ``lit-llm classify``                   label texts with a trained classifier (``python -m lit_llm.classify``)
 ``lit-llm convert``                    import, export, merge and consolidate weights (``python -m lit_llm.convert``)
 ``lit-llm judge``                      score instruction responses with an LLM judge (``python -m lit_llm.judge``)
 ``lit-llm clean``                      deduplicate, filter and check data for leakage (``python -m lit_llm.clean``)
+``lit-llm evaluate``                   score a checkpoint on harness benchmarks (``python -m lit_llm.evaluate``)
 ``lit-llm configs [NAME]``             list the shipped configs, or print where one is
-=====================================  ==========================================================================
+=====================================  ===========================================================================
 
 Each command is imported only when it is run, so ``lit-llm generate`` does not load Lightning's trainer.
 """
@@ -19,7 +20,7 @@ import importlib
 import sys
 from collections.abc import Sequence
 
-from lit_llm.cli import EXIT_OK, EXIT_USAGE, print_error, run_command
+from lit_llm.cli import EXIT_OK, EXIT_USAGE, entry_point, print_error, run_command
 from lit_llm.errors import UsageError
 from lit_llm.shipped import resolve_config, shipped_configs
 
@@ -34,6 +35,7 @@ COMMANDS: dict[str, str] = {
     "convert": "lit_llm.convert",
     "judge": "lit_llm.judge",
     "clean": "lit_llm.clean",
+    "evaluate": "lit_llm.evaluate",
 }
 TRAINER_SUBCOMMANDS = ("fit", "validate", "test", "predict")
 
@@ -75,4 +77,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    entry_point(main)

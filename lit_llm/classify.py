@@ -30,7 +30,7 @@ from typing import Any, TextIO
 
 import torch
 
-from lit_llm.cli import CommandParser, read_text_file, resolve_device, run_command
+from lit_llm.cli import CommandParser, entry_point, read_text_file, resolve_device, run_command
 from lit_llm.data.tokenizer import Tokenizer
 from lit_llm.errors import CheckpointError, ConfigError, LitLLMError
 from lit_llm.tasks.base import GPTTask
@@ -210,4 +210,4 @@ def main(argv: Iterable[str] | None = None, stdin: TextIO | None = None, stdout:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    entry_point(main)

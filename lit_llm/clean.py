@@ -20,7 +20,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from lit_llm.cli import CommandParser, run_command
+from lit_llm.cli import CommandParser, entry_point, run_command
 from lit_llm.errors import ConfigError, DataError
 
 
@@ -155,4 +155,4 @@ def main(argv: Iterable[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    entry_point(main)

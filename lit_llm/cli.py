@@ -15,13 +15,12 @@ Every command (``train``, ``generate``, ``classify``, ``convert``, ``judge``, ..
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import sys
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any, NoReturn, TextIO
 
 from lit_llm.errors import ConfigError, LitLLMError, UsageError, debugging, one_line
 
@@ -58,15 +57,11 @@ def warn(message: str) -> None:
     print(f"warning: {message}", file=sys.stderr)
 
 
-@contextlib.contextmanager
-def warnings_as_lines() -> Iterator[None]:
-    """Show Python warnings as :func:`warn` lines: a terminal user needs the warning, not the source line."""
-    previous = warnings.showwarning
+def entry_point(main: Callable[[], int | None]) -> NoReturn:
+    """What ``python -m lit_llm.<command>`` runs: Python warnings shown as one ``warning:`` line each (a terminal user
+    needs the warning, not the source line that raised it), then exit with ``main()``'s status."""
     warnings.showwarning = lambda message, *args, **kwargs: warn(str(message))
-    try:
-        yield
-    finally:
-        warnings.showwarning = previous
+    sys.exit(main())
 
 
 def run_command(action: Callable[[], object],
@@ -78,8 +73,7 @@ def run_command(action: Callable[[], object],
         errors: What counts as a user mistake (printed as one line); anything else is a bug and keeps its traceback.
     """
     try:
-        with warnings_as_lines():
-            action()
+        action()
     except UsageError as err:
         if debugging():
             raise
@@ -94,6 +88,25 @@ def run_command(action: Callable[[], object],
         print(file=sys.stderr)
         return EXIT_INTERRUPTED
     return EXIT_OK
+
+
+#: The ``--dtype`` values of the commands that load weights: ``auto`` keeps the stored dtype.
+DTYPE_NAMES = ("auto", "float32", "bfloat16", "float16")
+
+
+def dtype_from_name(name: str | None) -> Any:
+    """The ``torch.dtype`` a ``--dtype`` value names; ``None`` for ``auto`` (or no value): as stored.
+
+    Raises:
+        ConfigError: ``name`` is none of :data:`DTYPE_NAMES`.
+    """
+    if name in (None, "auto"):
+        return None
+    if name not in DTYPE_NAMES:
+        raise ConfigError(f"--dtype {name!r} must be one of {', '.join(DTYPE_NAMES)}")
+    import torch
+
+    return getattr(torch, name)
 
 
 def resolve_device(device: str) -> Any:

@@ -24,9 +24,7 @@ import sys
 import warnings
 from pathlib import Path
 
-import torch
-
-from lit_llm.cli import CommandParser, run_command
+from lit_llm.cli import DTYPE_NAMES, CommandParser, dtype_from_name, entry_point, run_command
 from lit_llm.data.tokenizer import Tokenizer, load_tokenizer
 from lit_llm.errors import CheckpointError, ConfigError, LitLLMError
 from lit_llm.model.config import PRESETS, GPTConfig
@@ -34,8 +32,6 @@ from lit_llm.model.lora import read_lora, write_lora_file
 from lit_llm.weights.consolidate import _consolidate
 from lit_llm.weights.export import export_hf, save_weights
 from lit_llm.weights.readers import load_book_state_dict, load_model_for_inference
-
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def _from_hf(args: argparse.Namespace) -> str:
@@ -45,7 +41,7 @@ def _from_hf(args: argparse.Namespace) -> str:
                               "for the book's .pth/.safetensors files use from-book, and lit_llm checkpoints need no "
                               "import")
     # Building the model costs no extra memory (meta device + assign) and gives the source's tokenizer too.
-    model, tokenizer, _ = load_model_for_inference(args.source, dtype=_DTYPES.get(args.dtype))
+    model, tokenizer, _ = load_model_for_inference(args.source, dtype=dtype_from_name(args.dtype))
     if args.tokenizer:
         tokenizer = load_tokenizer(args.tokenizer)
     state = model.state_dict()
@@ -59,7 +55,7 @@ def _from_book(args: argparse.Namespace) -> str:
         if args.preset not in PRESETS:
             raise ConfigError(f"unknown preset {args.preset!r}; choose one of {', '.join(PRESETS)}")
         n_heads = n_heads or PRESETS[args.preset]["n_heads"]
-    config, state = load_book_state_dict(args.path, n_heads=n_heads, dtype=_DTYPES.get(args.dtype))
+    config, state = load_book_state_dict(args.path, n_heads=n_heads, dtype=dtype_from_name(args.dtype))
     assert config is not None  # load_book_state_dict raises when it cannot build one from a file
     tokenizer = load_tokenizer(args.tokenizer) if args.tokenizer else _tokenizer_beside(Path(args.path))
     out = save_weights(config, state, args.out, tokenizer)
@@ -67,7 +63,7 @@ def _from_book(args: argparse.Namespace) -> str:
 
 
 def _to_hf(args: argparse.Namespace) -> str:
-    model, tokenizer, meta = load_model_for_inference(args.checkpoint, dtype=_DTYPES.get(args.dtype))
+    model, tokenizer, meta = load_model_for_inference(args.checkpoint, dtype=dtype_from_name(args.dtype))
     if args.tokenizer:
         tokenizer = load_tokenizer(args.tokenizer)
     with warnings.catch_warnings():
@@ -81,7 +77,7 @@ def _to_hf(args: argparse.Namespace) -> str:
 
 def _merge_lora(args: argparse.Namespace) -> str:
     # The readers merge LoRA adapters into their weights; this refuses a checkpoint with nothing to merge.
-    model, tokenizer, meta = load_model_for_inference(args.checkpoint, dtype=_DTYPES.get(args.dtype))
+    model, tokenizer, meta = load_model_for_inference(args.checkpoint, dtype=dtype_from_name(args.dtype))
     merged = meta.get("lora_merged") or []
     if not merged:
         raise CheckpointError(f"{args.checkpoint} holds no LoRA adapters (no lora_A/lora_B entries), so there is "
@@ -133,7 +129,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="Bad input ends with one 'error: ...' line and exit status 1; LIT_LLM_DEBUG=1 shows the traceback.",
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    dtype = dict(choices=sorted(_DTYPES), default=None, help="cast the weights to this dtype (default: as stored)")
+    dtype = dict(choices=DTYPE_NAMES[1:], default=None, help="cast the weights to this dtype (default: as stored)")
     tok_help = "tokenizer to store with the weights: a directory or tokenizer.json, or a Hub id such as gpt2"
 
     p = sub.add_parser(
@@ -230,4 +226,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    entry_point(main)

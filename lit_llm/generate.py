@@ -31,20 +31,22 @@ from typing import Any, TextIO
 
 import torch
 
-from lit_llm.cli import CommandParser, read_text_file, resolve_device, run_command, warn
+from lit_llm.cli import (
+    DTYPE_NAMES,
+    CommandParser,
+    dtype_from_name,
+    entry_point,
+    read_text_file,
+    resolve_device,
+    run_command,
+    warn,
+)
 from lit_llm.data.prompts import TEMPLATES, extract_response, format_prompt, get_template
 from lit_llm.data.tokenizer import Tokenizer, load_tokenizer
 from lit_llm.errors import ConfigError, LitLLMError
 from lit_llm.model.gpt import GPTModel
 from lit_llm.model.sampling import check_sampling_args, generate_tokens
 from lit_llm.weights.readers import load_model_for_inference
-
-DTYPES: dict[str, torch.dtype | None] = {
-    "auto": None,
-    "float32": torch.float32,
-    "bfloat16": torch.bfloat16,
-    "float16": torch.float16,
-}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -69,7 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="nucleus sampling: keep the most likely tokens up to this probability mass, (0, 1]")
     p.add_argument("--seed", type=int, default=123, help="seed of the sampling generator (default: %(default)s)")
     p.add_argument("--device", default="auto", help="auto (cuda when available, else cpu), cpu, cuda, cuda:1, ...")
-    p.add_argument("--dtype", choices=list(DTYPES), default="auto",
+    p.add_argument("--dtype", choices=DTYPE_NAMES, default="auto",
                    help="weights' dtype; auto keeps the checkpoint's choice")
     p.add_argument("--no-cache", action="store_true", help="re-run the whole sequence every step (the book's loop)")
     p.add_argument("--stream", action=argparse.BooleanOptionalAction, default=None,
@@ -301,7 +303,7 @@ def run(args: argparse.Namespace, stdin: TextIO, stdout: TextIO) -> None:
         get_template(args.template)  # refuse an unknown name before loading weights
     prompts = [] if args.chat else read_prompts(args.prompt, args.prompt_file)
     device = resolve_device(args.device)
-    model, tokenizer, meta = load(args.checkpoint, device, DTYPES[args.dtype], args.tokenizer)
+    model, tokenizer, meta = load(args.checkpoint, device, dtype_from_name(args.dtype), args.tokenizer)
     gen = dict(
         max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
         seed=args.seed, use_cache=not args.no_cache,
@@ -346,4 +348,4 @@ def main(argv: Iterable[str] | None = None, stdin: TextIO | None = None, stdout:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    entry_point(main)

@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from lit_llm.cli import CommandParser, run_command, warn
+from lit_llm.cli import CommandParser, entry_point, run_command, warn
 from lit_llm.data.prompts import TEMPLATES
 from lit_llm.errors import ConfigError, DataError, LitLLMError
 
@@ -288,4 +288,4 @@ def main(argv: Iterable[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    entry_point(main)

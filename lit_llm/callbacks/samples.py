@@ -23,7 +23,7 @@ from lit_llm.model.sampling import generate
 _T = TypeVar("_T")
 
 
-def _call_inside_root(trainer: pl.Trainer, pl_module: pl.LightningModule, fn: Callable[[], _T]) -> _T:
+def call_inside_root(trainer: pl.Trainer, pl_module: pl.LightningModule, fn: Callable[[], _T]) -> _T:
     """Run ``fn`` from inside the forward of the strategy's outermost wrapper (FSDP, DeepSpeed engine).
 
     FSDP wraps the LightningModule itself and gathers the weights that live outside the wrapped blocks (embeddings,
@@ -55,7 +55,7 @@ def _restore_forward(module: torch.nn.Module, own_forward: Any) -> None:
         module.forward = own_forward  # type: ignore[method-assign]
 
 
-def _eager() -> contextlib.AbstractContextManager:
+def eager() -> contextlib.AbstractContextManager:
     """Run a ``compile()``d model eagerly: it would otherwise recompile for eval mode and for new sequence lengths."""
     if "torch._dynamo" not in sys.modules:
         return contextlib.nullcontext()  # nothing can be compiled, and importing the compiler takes a second
@@ -168,7 +168,7 @@ class SampleGeneration(pl.Callback):
         was_training = model.training
         model.eval()
         try:
-            with torch.no_grad(), _eager():
+            with torch.no_grad(), eager():
                 out = generate(
                     model, idx, self.max_new_tokens, temperature=self.temperature, top_k=self.top_k,
                     top_p=self.top_p, eos_id=eos_id, generator=generator,
@@ -215,7 +215,7 @@ class SampleGeneration(pl.Callback):
                 return self.generate_sample(model, tokenizer, pl_module.device)
 
         with torch.no_grad():
-            text = _call_inside_root(trainer, pl_module, run) if sharded else run()
+            text = call_inside_root(trainer, pl_module, run) if sharded else run()
         self.throughput_excluded_seconds += time.perf_counter() - start  # decode() read the ids back: no sync needed
         if trainer.is_global_zero:
             self._emit(trainer, pl_module, step, text)

@@ -23,22 +23,20 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
-import pytorch_lightning as pl
 import torch
 from pytorch_lightning.utilities import rank_zero_info
 from torch.utils.data import DataLoader, Dataset
 
-from lit_llm.data.quality import QualityConfig, QualityGate, quality_hparams
-from lit_llm.data.sampler import CountsConsumedBatches, ResumableLoader, ResumableSampler
-from lit_llm.data.sources import FileFormat, default_cache_dir, load_records
-from lit_llm.data.tokenizer import Tokenizer
-from lit_llm.data.tokenizer_source import StoresTokenizer, resolve_tokenizer, texts_key
+from lit_llm.data.base import GPTDataModule
+from lit_llm.data.quality import QualityConfig
+from lit_llm.data.sampler import ResumableLoader, ResumableSampler
+from lit_llm.data.sources import FileFormat, load_records
 from lit_llm.errors import ConfigError, DataError
 
 Label = str | int
@@ -122,7 +120,7 @@ class PadCollate:
         return batch
 
 
-class ClassifyDataModule(CountsConsumedBatches, StoresTokenizer, pl.LightningDataModule):
+class ClassifyDataModule(GPTDataModule):
     """Labelled texts for a classifier: split, label-mapped, tokenized and padded like the book's spam data.
 
     Args:
@@ -206,6 +204,9 @@ class ClassifyDataModule(CountsConsumedBatches, StoresTokenizer, pl.LightningDat
         super().__init__()
         self._validate(locals())
         self.save_hyperparameters(ignore=["quality"])
+        self.set_common(tokenizer=tokenizer, tokenizer_vocab_size=tokenizer_vocab_size, batch_size=batch_size,
+                        shuffle=shuffle, drop_last=drop_last, num_workers=num_workers, pin_memory=pin_memory,
+                        seed=seed, cache_dir=cache_dir, quality=quality)
         self.source = source
         self.text_column = text_column
         self.label_column = label_column
@@ -215,29 +216,16 @@ class ClassifyDataModule(CountsConsumedBatches, StoresTokenizer, pl.LightningDat
         self.predict_source = predict_source
         self.split = tuple(float(f) for f in split)
         self.balance = balance
-        self.seed = seed
         self.pad_to = pad_to
         self.max_length = max_length if max_length is not None else context_length
         self.context_length = context_length
-        self.tokenizer_source = tokenizer
-        self.tokenizer_vocab_size = tokenizer_vocab_size
-        self.batch_size = batch_size
-        self.shuffle = shuffle
-        self.drop_last = drop_last
-        self.num_workers = num_workers
-        self.pin_memory = torch.cuda.is_available() if pin_memory is None else pin_memory
         self.sha256 = sha256
         self.hf_split = hf_split
         self.file_format = file_format
         self.column_names = column_names
         self.archive_member = archive_member
-        self.cache_dir = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
-        self.quality = QualityGate(quality, self.cache_dir) if quality is not None else None
-        # Plain data in checkpoints: weights-only loading refuses a dataclass.
-        self.hparams["quality"] = quality_hparams(self.quality)
         self._rows: dict[str, _Rows] | None = None
         self._label_names: list[str] | None = None
-        self._tokenizer: Tokenizer | None = None
         self.datasets: dict[str, EncodedTexts] = {}
         self.pad_length: int | None = None
         self.truncation: dict[str, Truncation] = {}
@@ -460,23 +448,9 @@ class ClassifyDataModule(CountsConsumedBatches, StoresTokenizer, pl.LightningDat
         """Number of classes (the classifier head's outputs)."""
         return len(self.label_names)
 
-    @property
-    def tokenizer(self) -> Tokenizer:
-        """The tokenizer, loaded (or trained on the training texts and cached) on first access."""
-        if self._tokenizer is None:
-            self._tokenizer = resolve_tokenizer(
-                self.tokenizer_source,
-                train_texts=lambda: iter(self._records()["train"].texts),
-                vocab_size=self.tokenizer_vocab_size,
-                cache_dir=self.cache_dir,
-                key=lambda: texts_key(self._records()["train"].texts),
-            )
-        return self._tokenizer
-
-    @property
-    def vocab_size(self) -> int:
-        """Number of token ids (the model's vocabulary size)."""
-        return self.tokenizer.vocab_size
+    def tokenizer_texts(self) -> Iterator[str]:
+        """The training split's texts."""
+        return iter(self._records()["train"].texts)
 
     @property
     def pad_id(self) -> int:

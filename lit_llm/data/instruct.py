@@ -15,22 +15,19 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Iterator, Sequence
-from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
-import pytorch_lightning as pl
 import torch
 from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
 from torch.utils.data import DataLoader, Dataset
 
+from lit_llm.data.base import GPTDataModule
 from lit_llm.data.collate import InstructionCollate, LengthGroupedSampler
 from lit_llm.data.prompts import format_prompt, get_template
-from lit_llm.data.quality import QualityConfig, QualityGate, quality_hparams
-from lit_llm.data.sampler import CountsConsumedBatches, ResumableLoader, ResumableSampler
-from lit_llm.data.sources import default_cache_dir, load_records
-from lit_llm.data.tokenizer import Tokenizer
-from lit_llm.data.tokenizer_source import StoresTokenizer, resolve_tokenizer, texts_key
+from lit_llm.data.quality import QualityConfig
+from lit_llm.data.sampler import ResumableLoader, ResumableSampler
+from lit_llm.data.sources import load_records
 from lit_llm.errors import ConfigError, DataError
 
 Split = Literal["train", "val", "test"]
@@ -79,7 +76,7 @@ class PromptBatches(Dataset):
         }
 
 
-class InstructDataModule(CountsConsumedBatches, StoresTokenizer, pl.LightningDataModule):
+class InstructDataModule(GPTDataModule):
     """Instruction records from any source, formatted with a prompt template and batched with the book's collate.
 
     Batches are ``(inputs, targets)`` for training, validation and ``test`` (loss); ``predict`` yields the test
@@ -159,6 +156,9 @@ class InstructDataModule(CountsConsumedBatches, StoresTokenizer, pl.LightningDat
         super().__init__()
         _validate(locals())
         self.save_hyperparameters(ignore=["quality"])
+        self.set_common(tokenizer=tokenizer, tokenizer_vocab_size=tokenizer_vocab_size, batch_size=batch_size,
+                        shuffle=shuffle, drop_last=drop_last, num_workers=num_workers, pin_memory=pin_memory,
+                        seed=seed, cache_dir=cache_dir, quality=quality)
         self.source = source
         self.sha256 = sha256
         self.hf_split = hf_split
@@ -168,25 +168,12 @@ class InstructDataModule(CountsConsumedBatches, StoresTokenizer, pl.LightningDat
         self.prompt_template = prompt_template
         self.split = split
         self.split_fractions = tuple(float(f) for f in split_fractions)
-        self.tokenizer_source = tokenizer
-        self.tokenizer_vocab_size = tokenizer_vocab_size
         self.context_length = context_length
         self.allowed_max_length = allowed_max_length if allowed_max_length is not None else context_length
         self.mask_prompt = mask_prompt
         self.overlong = overlong
         self.empty_output = empty_output
         self.group_by_length = group_by_length
-        self.batch_size = batch_size
-        self.shuffle = shuffle
-        self.drop_last = drop_last
-        self.num_workers = num_workers
-        self.pin_memory = torch.cuda.is_available() if pin_memory is None else pin_memory
-        self.seed = seed
-        self.cache_dir = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
-        self.quality = QualityGate(quality, self.cache_dir) if quality is not None else None
-        # Plain data in checkpoints: weights-only loading refuses a dataclass.
-        self.hparams["quality"] = quality_hparams(self.quality)
-        self._tokenizer: Tokenizer | None = None
         self._records: dict[Split, list[dict[str, Any]]] | None = None
         self._rows: dict[Split, list[tuple[str, str, str]]] = {}
         self.datasets: dict[Split, Examples] = {}
@@ -307,31 +294,11 @@ class InstructDataModule(CountsConsumedBatches, StoresTokenizer, pl.LightningDat
 
     # ---- tokenizer -------------------------------------------------------------------------------------------
 
-    @property
-    def tokenizer(self) -> Tokenizer:
-        """The tokenizer, loaded (or trained on the training split and cached) on first access."""
-        if self._tokenizer is None:
-            self._tokenizer = resolve_tokenizer(
-                self.tokenizer_source, train_texts=self._tokenizer_texts, vocab_size=self.tokenizer_vocab_size,
-                cache_dir=self.cache_dir, key=lambda: texts_key(self._tokenizer_texts()),
-            )
-        return self._tokenizer
-
-    def _tokenizer_texts(self) -> Iterator[str]:
+    def tokenizer_texts(self) -> Iterator[str]:
         """The training split's prompts and outputs, so test and validation text never shape the vocabulary."""
         self.records()
         for instruction, input_, output in self._rows["train"]:
             yield format_prompt(self.prompt_template, instruction, input_) + output
-
-    @property
-    def vocab_size(self) -> int:
-        """Number of token ids (the model's vocabulary size)."""
-        return self.tokenizer.vocab_size
-
-    @property
-    def eos_id(self) -> int:
-        """Id of ``<|endoftext|>``: appended to every example, and the padding."""
-        return self.tokenizer.eos_id
 
     # ---- Lightning hooks -------------------------------------------------------------------------------------
 

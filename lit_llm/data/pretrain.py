@@ -19,16 +19,15 @@ from typing import Any, Literal
 import datasets
 import numpy as np
 import pyarrow.compute as pc
-import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader, Subset
 
+from lit_llm.data.base import GPTDataModule
 from lit_llm.data.packing import ROWS_PER_BATCH, Piece, Rows, TokenWindows, write_npy
-from lit_llm.data.quality import QualityConfig, QualityGate, quality_hparams
-from lit_llm.data.sampler import CountsConsumedBatches, ResumableLoader, ResumableSampler
-from lit_llm.data.sources import default_cache_dir, load_documents
-from lit_llm.data.tokenizer import Tokenizer
-from lit_llm.data.tokenizer_source import StoresTokenizer, cache_key, resolve_tokenizer
+from lit_llm.data.quality import QualityConfig
+from lit_llm.data.sampler import ResumableLoader, ResumableSampler
+from lit_llm.data.sources import load_documents
+from lit_llm.data.tokenizer_source import cache_key
 from lit_llm.errors import ConfigError, DataError
 
 # Bump when the packed layout changes so old cache entries are not reused.
@@ -39,7 +38,7 @@ _TOKENIZER_SAMPLE_CHARS = 200_000_000
 
 
 
-class PretrainDataModule(CountsConsumedBatches, StoresTokenizer, pl.LightningDataModule):
+class PretrainDataModule(GPTDataModule):
     """Packed next-token-prediction data from any text source.
 
     Args:
@@ -106,12 +105,12 @@ class PretrainDataModule(CountsConsumedBatches, StoresTokenizer, pl.LightningDat
         super().__init__()
         self._validate(locals())
         self.save_hyperparameters(ignore=["quality"])
+        self.set_common(tokenizer=tokenizer, tokenizer_vocab_size=tokenizer_vocab_size, batch_size=batch_size,
+                        shuffle=shuffle, drop_last=drop_last, num_workers=num_workers, pin_memory=pin_memory,
+                        seed=seed, cache_dir=cache_dir, quality=quality)
         self.source = source
-        self.tokenizer_source = tokenizer
-        self.tokenizer_vocab_size = tokenizer_vocab_size
         self.context_length = context_length
         self.stride = stride if stride is not None else context_length
-        self.batch_size = batch_size
         self.val_split = val_split
         self.split_by = split_by
         self.val_source = val_source
@@ -119,17 +118,7 @@ class PretrainDataModule(CountsConsumedBatches, StoresTokenizer, pl.LightningDat
         self.sha256 = sha256
         self.hf_split = hf_split
         self.streaming = streaming
-        self.shuffle = shuffle
-        self.drop_last = drop_last
-        self.num_workers = num_workers
-        self.pin_memory = torch.cuda.is_available() if pin_memory is None else pin_memory
-        self.seed = seed
-        self.cache_dir = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
         self.eval_train_batches = eval_train_batches
-        self.quality = QualityGate(quality, self.cache_dir) if quality is not None else None
-        # Plain data in checkpoints: weights-only loading refuses a dataclass.
-        self.hparams["quality"] = quality_hparams(self.quality)
-        self._tokenizer: Tokenizer | None = None
         self._docs: dict[str, datasets.Dataset | datasets.IterableDataset] = {}
         self.train_dataset: TokenWindows | None = None
         self.val_dataset: TokenWindows | None = None
@@ -176,29 +165,10 @@ class PretrainDataModule(CountsConsumedBatches, StoresTokenizer, pl.LightningDat
 
     # ---- tokenizer -------------------------------------------------------------------------------------------
 
-    @property
-    def tokenizer(self) -> Tokenizer:
-        """The tokenizer, loaded (or trained and cached) on first access; works before ``prepare_data``."""
-        if self._tokenizer is None:
-            self._tokenizer = resolve_tokenizer(
-                self.tokenizer_source, train_texts=self._tokenizer_texts, vocab_size=self.tokenizer_vocab_size,
-                cache_dir=self.cache_dir,
-                key=lambda: cache_key(_FORMAT_VERSION, self._corpus_id("source"), self._split_settings(),
-                                      self.tokenizer_vocab_size),
-            )
-        return self._tokenizer
+    def tokenizer_key(self) -> str:
+        return cache_key(_FORMAT_VERSION, self._corpus_id("source"), self._split_settings(), self.tokenizer_vocab_size)
 
-    @property
-    def vocab_size(self) -> int:
-        """Number of token ids (the model's vocabulary size)."""
-        return self.tokenizer.vocab_size
-
-    @property
-    def eos_id(self) -> int:
-        """Id of ``<|endoftext|>``, appended after every document."""
-        return self.tokenizer.eos_id
-
-    def _tokenizer_texts(self) -> Iterator[str]:
+    def tokenizer_texts(self) -> Iterator[str]:
         """The training side of the corpus (capped), so validation text never shapes the vocabulary."""
         docs = self._documents("source")
         budget = _TOKENIZER_SAMPLE_CHARS

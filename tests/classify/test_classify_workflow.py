@@ -88,8 +88,9 @@ def test_sms_spam_is_the_books_run() -> None:
                           "qkv_bias": True, "tie_weights": True, "pad_vocab_multiple": 1}
     assert m["init_weights"] == "openai-community/gpt2"
     assert (m["pooling"], m["trainable"]) == ("last", "last_block")
-    assert (m["learning_rate"], m["weight_decay"], m["decay_all"], m["betas"]) == (5e-5, 0.1, True, [0.9, 0.999])
-    assert (m["lr_schedule"], m["warmup_steps"], m["gradient_clip"]) == ("constant", 0, None)
+    o = m["optim"]
+    assert (o["learning_rate"], o["weight_decay"], o["decay_all"], o["betas"]) == (5e-5, 0.1, True, [0.9, 0.999])
+    assert (o["lr_schedule"], o["warmup_steps"], o["gradient_clip"]) == ("constant", 0, None)
     assert d["source"] == "https://archive.ics.uci.edu/static/public/228/sms+spam+collection.zip"
     assert d["sha256"] == "1587ea43e58e82b14ff1f5425c88e17f8496bfcdb67a583dbff9eefaf9963ce3"
     assert (d["archive_member"], d["file_format"], d["column_names"]) == ("SMSSpamCollection", "tsv",

@@ -17,7 +17,7 @@ from typing import Any
 import pytorch_lightning as pl
 import torch
 
-from lit_llm.callbacks.samples import _call_inside_root
+from lit_llm.callbacks.samples import call_inside_root
 from lit_llm.distributed import params_are_sharded
 from lit_llm.generate import complete
 
@@ -88,7 +88,7 @@ class StrategyProbe(pl.Callback):
                 model.train(was_training)
 
         # Sharded weights are gathered inside the outer wrapper's forward; DDP's wrapper would want inputs.
-        completion = _call_inside_root(trainer, pl_module, run) if params_are_sharded(trainer.strategy) else run()
+        completion = call_inside_root(trainer, pl_module, run) if params_are_sharded(trainer.strategy) else run()
         if trainer.is_global_zero:
             self.folder.mkdir(parents=True, exist_ok=True)
             record = {"losses": self.losses, "grad_norms": self.grad_norms, "generated": completion,

@@ -151,7 +151,7 @@ def test_refused_connection_names_the_url_and_ollama(responses, capsys):
         port = s.getsockname()[1]
     assert main([str(responses), "--url", f"http://127.0.0.1:{port}"]) == 1
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and err.startswith("error: could not reach the judge at ")
+    assert err.count("\n") == 1 and err.startswith("error: JudgeConnectionError: could not reach the judge at ")
     assert f"http://127.0.0.1:{port}/api/chat" in err and "ollama serve" in err
 
 

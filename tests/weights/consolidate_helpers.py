@@ -13,7 +13,7 @@ from pathlib import Path
 import pytorch_lightning as pl
 import torch
 
-from lit_llm.callbacks.samples import _call_inside_root
+from lit_llm.callbacks.samples import call_inside_root
 from lit_llm.model.sampling import generate
 
 
@@ -45,7 +45,7 @@ class LiveGreedy(pl.Callback):
             finally:
                 model.train(was_training)
 
-        logits, ids, dtype = _call_inside_root(trainer, pl_module, run)
+        logits, ids, dtype = call_inside_root(trainer, pl_module, run)
         if trainer.is_global_zero:
             self.out.parent.mkdir(parents=True, exist_ok=True)
             torch.save({"prompt_ids": prompt.cpu(), "ids": ids.cpu(), "logits": logits.cpu(),

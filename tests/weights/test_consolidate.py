@@ -62,7 +62,7 @@ def run(tmp_path_factory) -> Path:
 
 def _parameter_names(checkpoint: dict) -> list[str]:
     """The task's parameter names in the order of its optimizer's groups, the order the optimizer state indexes."""
-    hp = checkpoint["hyper_parameters"]
+    hp = checkpoint["hyper_parameters"]["optim"]
     task = torch.nn.Module()
     task.model = GPTModel(GPTConfig.from_dict(checkpoint["model_config"]))
     names = {id(p): name for name, p in task.named_parameters()}
