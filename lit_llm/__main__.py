@@ -6,6 +6,7 @@
 ``lit-llm classify``                   label texts with a trained classifier (``python -m lit_llm.classify``)
 ``lit-llm convert``                    import, export, merge and consolidate weights (``python -m lit_llm.convert``)
 ``lit-llm judge``                      score instruction responses with an LLM judge (``python -m lit_llm.judge``)
+``lit-llm serve``                      OpenAI-compatible server and chat page (``python -m lit_llm.serve``)
 ``lit-llm configs [NAME]``             list the shipped configs, or print where one is
 =====================================  ==========================================================================
 
@@ -32,6 +33,7 @@ COMMANDS: dict[str, str] = {
     "classify": "lit_llm.classify",
     "convert": "lit_llm.convert",
     "judge": "lit_llm.judge",
+    "serve": "lit_llm.serve.__main__",
 }
 TRAINER_SUBCOMMANDS = ("fit", "validate", "test", "predict")
 
