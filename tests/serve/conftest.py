@@ -74,7 +74,8 @@ class ServerProcess:
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = log
         self._log = open(log, "w")  # noqa: SIM115 - closed in stop()
-        env = {**os.environ, "PYTHONPATH": str(ROOT)}
+        # One thread: the tests' clients share the machine's cores with the server.
+        env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
         env.pop("LIT_LLM_API_KEY", None)
         self.process = subprocess.Popen(
             [sys.executable, "-m", "lit_llm.serve", "--checkpoint", str(checkpoint), "--port", str(self.port),
@@ -118,9 +119,10 @@ def serve_process(checkpoint: Path, *args: str, log: Path) -> Iterator[ServerPro
 
 @pytest.fixture(scope="session")
 def server(tiny_checkpoint, tmp_path_factory) -> Iterator[ServerProcess]:
-    """One ``lit-llm serve`` process for the tests that only talk to it: 4 slots, queue 64, max_tokens 60."""
+    """One ``lit-llm serve`` process for the tests that only talk to it: 16 slots, queue 64, max_tokens 60."""
     log = tmp_path_factory.mktemp("server") / "server.log"
-    with serve_process(tiny_checkpoint, "--max-concurrency", "4", "--max-tokens", "60", log=log) as s:
+    with serve_process(tiny_checkpoint, "--max-concurrency", "16", "--max-queue", "64", "--max-tokens", "60",
+                       log=log) as s:
         yield s
 
 

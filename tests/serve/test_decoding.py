@@ -117,3 +117,18 @@ def test_cuda_graph_decode_gives_the_same_tokens_on_gpu(mode):
     model = tiny(context=64).cuda()
     idx = torch.randint(0, 300, (3, 8), device="cuda")
     assert torch.equal(static(model, idx, 50, mode=mode), generate(model, idx, 50))
+
+
+def test_generate_command_fast_prints_the_same_text(tiny_checkpoint):
+    import io
+
+    from lit_llm.generate import main
+
+    outputs = []
+    for flag in ("--fast", "--no-fast"):
+        out = io.StringIO()
+        rc = main(["--checkpoint", str(tiny_checkpoint), "--prompt", "The import", "--prompt", "def f",
+                   "--max-new-tokens", "40", flag, "--device", "cpu"], stdout=out)
+        assert rc == 0
+        outputs.append(out.getvalue())
+    assert outputs[0] == outputs[1] and len(outputs[0]) > 20
