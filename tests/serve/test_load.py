@@ -69,10 +69,11 @@ def test_32_concurrent_streaming_clients(server, web):
     latencies = [r[0] for r in results]
     first = [r[1] for r in results]
     tokens = sum(r[2] for r in results)
-    print(f"\n{REQUESTS} streamed requests, {CLIENTS} concurrent clients: {elapsed:.1f} s, {tokens / elapsed:.0f} tokens/s;"
-          f" latency p50 {_percentile(latencies, 50):.3f} s p95 {_percentile(latencies, 95):.3f} s; first token p50 "
-          f"{_percentile(first, 50):.3f} s p95 {_percentile(first, 95):.3f} s; server RSS {before / 2**20:.0f} -> "
-          f"{after / 2**20:.0f} MiB")
+    p50, p95 = _percentile(latencies, 50), _percentile(latencies, 95)
+    f50, f95 = _percentile(first, 50), _percentile(first, 95)
+    print(f"\n{REQUESTS} streamed requests, {CLIENTS} concurrent clients: {elapsed:.1f} s, "
+          f"{tokens / elapsed:.0f} tokens/s; latency p50 {p50:.3f} s p95 {p95:.3f} s; "
+          f"first token p50 {f50:.3f} s p95 {f95:.3f} s; server RSS {before / 2**20:.0f} -> {after / 2**20:.0f} MiB")
     assert len(results) == REQUESTS
     assert all(r[2] >= 1 or r[3] == "stop" for r in results)
     assert health["active"] == 0 and health["queued"] == 0
