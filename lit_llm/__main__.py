@@ -8,6 +8,7 @@
 ``lit-llm judge``                      score instruction responses with an LLM judge (``python -m lit_llm.judge``)
 ``lit-llm clean``                      deduplicate, filter and check data for leakage (``python -m lit_llm.clean``)
 ``lit-llm evaluate``                   score a checkpoint on harness benchmarks (``python -m lit_llm.evaluate``)
+``lit-llm serve``                      OpenAI-compatible server and chat page (``python -m lit_llm.serve``)
 ``lit-llm configs [NAME]``             list the shipped configs, or print where one is
 =====================================  ===========================================================================
 
@@ -36,6 +37,7 @@ COMMANDS: dict[str, str] = {
     "judge": "lit_llm.judge",
     "clean": "lit_llm.clean",
     "evaluate": "lit_llm.evaluate",
+    "serve": "lit_llm.serve.__main__",
 }
 TRAINER_SUBCOMMANDS = ("fit", "validate", "test", "predict")
 

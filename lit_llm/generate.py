@@ -41,9 +41,10 @@ from lit_llm.cli import (
     run_command,
     warn,
 )
-from lit_llm.data.prompts import TEMPLATES, extract_response, format_prompt, get_template
+from lit_llm.data.prompts import TEMPLATES, checkpoint_template, extract_response, format_prompt, get_template
 from lit_llm.data.tokenizer import Tokenizer, load_tokenizer
 from lit_llm.errors import ConfigError, LitLLMError
+from lit_llm.model.decoding import DecodeMode, generate_tokens_static
 from lit_llm.model.gpt import GPTModel
 from lit_llm.model.sampling import check_sampling_args, generate_tokens
 from lit_llm.weights.readers import load_model_for_inference
@@ -74,6 +75,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=DTYPE_NAMES, default="auto",
                    help="weights' dtype; auto keeps the checkpoint's choice")
     p.add_argument("--no-cache", action="store_true", help="re-run the whole sequence every step (the book's loop)")
+    p.add_argument("--fast", action=argparse.BooleanOptionalAction, default=None,
+                   help="static KV cache and a decode step replayed as a CUDA graph (lit_llm.model.decoding); same "
+                   "tokens in fp32 greedy decoding (default: on for CUDA devices)")
+    p.add_argument("--compile", action="store_true",
+                   help="with --fast, compile the decode step with torch.compile (slow start, fastest steps)")
     p.add_argument("--stream", action=argparse.BooleanOptionalAction, default=None,
                    help="print tokens as they come (default: on for one prompt and for --chat)")
     p.add_argument("--format", choices=["text", "jsonl"], default="text", help="output of non-chat generation")
@@ -105,14 +111,6 @@ def load(
             f"{model.config.vocab_size}; pass the tokenizer the model was trained with (--tokenizer PATH)"
         )
     return model.eval(), tokenizer, dict(meta or {})
-
-
-def checkpoint_template(meta: dict[str, Any]) -> str | None:
-    """The ``prompt_template`` a finetuned checkpoint recorded, if any."""
-    for holder in (meta, meta.get("hyper_parameters") or {}):
-        if isinstance(holder, dict) and isinstance(holder.get("prompt_template"), str):
-            return holder["prompt_template"]
-    return None
 
 
 def read_prompts(prompts: Sequence[str] | None, prompt_file: str | None) -> list[str]:
@@ -173,6 +171,7 @@ def complete(
     seed: int | None = 123,
     use_cache: bool = True,
     on_text: Callable[[str], Any] | None = None,
+    fast: DecodeMode | None = None,
 ) -> list[str]:
     """Continue each prompt; returns the continuations (end-of-text and what follows it left out).
 
@@ -189,6 +188,8 @@ def complete(
         seed: Seed of the sampling generator (one generator for the whole call); None draws a random seed.
         use_cache: Use the KV cache.
         on_text: Called with each new piece of text as it is generated; only for a single prompt.
+        fast: Decode with :func:`lit_llm.model.decoding.generate_tokens_static` in this mode (``"auto"``,
+            ``"eager"``, ``"cuda-graph"``, ``"compile"``) instead of the model's growing cache; None: the model's.
     """
     if on_text is not None and len(prompts) != 1:
         raise ConfigError(f"streaming needs exactly one prompt, got {len(prompts)}")
@@ -207,10 +208,11 @@ def complete(
         idx = torch.tensor([encoded[i] for i in rows], dtype=torch.long, device=device)
         streams = [_TextStream(tokenizer, on_text if on_text is not None else _discard) for _ in rows]
         done = [False] * len(rows)
-        steps = generate_tokens(
-            model, idx, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, eos_id=tokenizer.eos_id,
-            generator=generator, use_cache=use_cache,
-        )
+        sampling = dict(temperature=temperature, top_k=top_k, top_p=top_p, eos_id=tokenizer.eos_id, generator=generator)
+        if fast is not None:
+            steps = generate_tokens_static(model, idx, max_new_tokens, mode=fast, **sampling)
+        else:
+            steps = generate_tokens(model, idx, max_new_tokens, use_cache=use_cache, **sampling)
         for nxt in steps:
             for r, token in enumerate(nxt[:, 0].tolist()):
                 if done[r]:
@@ -304,9 +306,14 @@ def run(args: argparse.Namespace, stdin: TextIO, stdout: TextIO) -> None:
     prompts = [] if args.chat else read_prompts(args.prompt, args.prompt_file)
     device = resolve_device(args.device)
     model, tokenizer, meta = load(args.checkpoint, device, dtype_from_name(args.dtype), args.tokenizer)
+    fast = args.fast if args.fast is not None else (device.type == "cuda" and not args.no_cache)
+    if args.fast and args.no_cache:
+        raise ConfigError("--fast decodes with a KV cache; leave out --no-cache (or pass --no-fast)")
+    if args.compile and not fast:
+        warn("--compile applies to --fast decoding, which is off; decoding without it")
     gen = dict(
         max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-        seed=args.seed, use_cache=not args.no_cache,
+        seed=args.seed, use_cache=not args.no_cache, fast=("compile" if args.compile else "auto") if fast else None,
     )
     if args.chat:
         if args.format != "text":

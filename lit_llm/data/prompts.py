@@ -12,6 +12,7 @@ two placeholders are replaced, so other braces in the string stay as they are.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from lit_llm.errors import ConfigError
 
@@ -134,3 +135,11 @@ def extract_response(template: str | PromptTemplate, generated_text: str, prompt
         if at >= 0:
             text = text[at + len(marker) :]
     return text.split(EOS_TOKEN, 1)[0].strip()
+
+
+def checkpoint_template(meta: dict[str, Any]) -> str | None:
+    """The ``prompt_template`` a finetuned checkpoint recorded, if any."""
+    for holder in (meta, meta.get("hyper_parameters") or {}):
+        if isinstance(holder, dict) and isinstance(holder.get("prompt_template"), str):
+            return holder["prompt_template"]
+    return None

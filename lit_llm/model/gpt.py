@@ -151,9 +151,18 @@ class MultiHeadAttention(nn.Module):
         B, T, C = x.shape
         # (B, T, 3C) -> 3 x (B, H, T, D)
         q, k, v = self.qkv(x).view(B, T, 3, self.n_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        visible = None
         if kv_cache is not None:
             k, v = kv_cache.update(k, v)  # (B, H, S, D): the cached tokens followed by these T
-        if self.attention == "sdpa":
+            # A batched static cache (lit_llm.model.decoding) holds rows of different lengths: it says which of its
+            # keys each row may see, (B, 1, T, S) booleans. The growing KVCache has no such attribute.
+            visible = getattr(kv_cache, "attn_mask", None)
+        if visible is not None:
+            if self.attention == "sdpa":
+                context = F.scaled_dot_product_attention(q, k, v, attn_mask=visible)
+            else:
+                context = self._reference_attention(q, k, v, visible)
+        elif self.attention == "sdpa":
             p = self.drop_rate if self.training else 0.0
             S = k.shape[-2]
             if S == T:  # no cached tokens before these: plain causal attention
@@ -169,13 +178,16 @@ class MultiHeadAttention(nn.Module):
         # -1, not C: under tensor parallelism this process holds n_heads * head_dim < C of the heads' outputs.
         return self.out_proj(context.transpose(1, 2).reshape(B, T, -1))
 
-    def _reference_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    def _reference_attention(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, visible: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """The book's attention (chapter 3): scores, causal mask with -inf, scaled softmax, dropout, weighted sum.
 
-        With a KV cache the T queries are the last T of the S keys' positions, so the mask is offset by S - T.
+        With a KV cache the T queries are the last T of the S keys' positions, so the mask is offset by S - T;
+        ``visible`` (a static cache's per-row mask) replaces the causal mask.
         """
         attn_scores = q @ k.transpose(-2, -1)  # (B, H, T, S)
-        mask = _future_mask(q.shape[-2], k.shape[-2], q.device)
+        mask = _future_mask(q.shape[-2], k.shape[-2], q.device) if visible is None else ~visible
         attn_scores = attn_scores.masked_fill(mask, float("-inf"))
         attn_weights = torch.softmax(attn_scores / self.head_dim**0.5, dim=-1)
         attn_weights = self.dropout(attn_weights)
