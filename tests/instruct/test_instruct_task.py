@@ -208,8 +208,9 @@ def test_alpaca_book_is_the_books_run():
     assert m["model"] == {"context_length": 1024, "emb_dim": 1024, "n_heads": 16, "n_layers": 24, "drop_rate": 0.0,
                           "qkv_bias": True, "tie_weights": True}
     assert m["init_weights"] == "openai-community/gpt2-medium"
-    assert (m["learning_rate"], m["weight_decay"], m["decay_all"], m["betas"]) == (5e-5, 0.1, True, [0.9, 0.999])
-    assert (m["lr_schedule"], m["warmup_steps"], m["temperature"]) == ("constant", 0, 0.0)
+    o = m["optim"]
+    assert (o["learning_rate"], o["weight_decay"], o["decay_all"], o["betas"]) == (5e-5, 0.1, True, [0.9, 0.999])
+    assert (o["lr_schedule"], o["warmup_steps"], m["temperature"]) == ("constant", 0, 0.0)
     assert d["source"].endswith("ch07/01_main-chapter-code/instruction-data.json")
     assert d["sha256"] == "7e09a9af353722ca15c18bc580f093f9c39d3178335a75177319cb1e1d163944"
     assert (d["tokenizer"], d["prompt_template"], d["split"], d["split_fractions"]) == (

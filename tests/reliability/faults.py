@@ -302,3 +302,12 @@ def fit(c: object, *callbacks: pl.Callback) -> None:
     c.trainer.checkpoint_callback._every_n_train_steps = 2  # the quickstart's Checkpoint, saving more often
     c.trainer.callbacks[:0] = list(callbacks)
     c.trainer.fit(c.model, datamodule=c.datamodule)
+
+
+def write_pydoc_corpus(folder: Path, chars: int) -> Path:
+    """The first ``chars`` characters of CPython's documentation (``builtin:pydoc``) as ``folder/corpus.txt``."""
+    from lit_llm.data.builtin import load_builtin
+
+    path = folder / "corpus.txt"
+    path.write_text("\n\n".join(load_builtin("pydoc")["text"])[:chars], encoding="utf-8")
+    return path

@@ -4,14 +4,22 @@ from __future__ import annotations
 
 import logging
 import os
+from pathlib import Path
 
 import pytest
 import torch
-from faults import build, fit, fit_args
+from faults import build, fit, fit_args, write_pydoc_corpus
 
 from lit_llm.callbacks.checkpoint import AtomicCheckpointIO
 from lit_llm.errors import CheckpointError
 from lit_llm.train import cli, main
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> Path:
+    """30,000 characters of CPython's docs: more than the shared 4,000, for runs of more steps per epoch."""
+    return write_pydoc_corpus(tmp_path_factory.mktemp("corpus"), 30_000)
+
 
 
 def test_a_failed_save_leaves_the_previous_checkpoint(corpus, tmp_path, in_repo_root, monkeypatch):

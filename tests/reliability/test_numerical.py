@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import pytorch_lightning as pl
 import torch
-from faults import GUARD, build, fit
+from faults import GUARD, build, fit, write_pydoc_corpus
 
 from lit_llm.callbacks.guard import NonFiniteGuard
 from lit_llm.errors import ConfigError, NonFiniteLossError
@@ -19,10 +19,10 @@ from lit_llm.errors import ConfigError, NonFiniteLossError
 ROOT = Path(__file__).resolve().parents[2]
 
 
-
-
-
-
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> Path:
+    """30,000 characters of CPython's docs: more than the shared 4,000, for runs of more steps per epoch."""
+    return write_pydoc_corpus(tmp_path_factory.mktemp("corpus"), 30_000)
 
 
 def nan_loss_at(c: object, steps: set[int]) -> None:
