@@ -18,10 +18,12 @@ book's model has three (``6 C r``). The scaling is ``alpha / rank`` (as in the L
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import re
 import warnings
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -41,6 +43,7 @@ __all__ = [
     "LoRALinear",
     "UntiedHeadWarning",
     "apply_lora",
+    "adapters_disabled",
     "count_trainable",
     "is_lora_key",
     "load_lora",
@@ -187,6 +190,7 @@ class LoRALinear(Linear):
         merged: The adapter is folded into ``weight`` (:meth:`merge`); forward then runs the plain layer.
         shares_weight: ``weight`` is also used by another module (set by :func:`apply_lora`); such a layer cannot
             :meth:`merge` in place, since that would change the other module too.
+        adapter_enabled: ``False`` makes forward run the base layer alone (see :func:`adapters_disabled`).
     """
 
     def __init__(
@@ -207,6 +211,7 @@ class LoRALinear(Linear):
             raise ConfigError(f"LoRA rank={rank} must be a positive integer")
         self.merged = False
         self.shares_weight = False
+        self.adapter_enabled = True
         self.lora_dropout: nn.Module = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.lora_A = nn.Parameter(torch.empty(in_features, rank, device=device, dtype=dtype))
         self.lora_B = nn.Parameter(torch.empty(rank, out_features, device=device, dtype=dtype))
@@ -259,7 +264,7 @@ class LoRALinear(Linear):
 
     def forward(self, x: Tensor) -> Tensor:
         out = F.linear(x, self.weight, self.bias)
-        if self.merged:
+        if self.merged or not self.adapter_enabled:
             return out
         return out + (self.lora_dropout(x) @ self.lora_A @ self.lora_B) * self.lora_scaling
 
@@ -441,6 +446,32 @@ def merge_lora_state(state: dict[str, Tensor]) -> dict[str, Tensor]:
 
 
 # ---- inspection ------------------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def adapters_disabled(model: nn.Module) -> Iterator[nn.Module]:
+    """Run ``model`` as its base model inside the block: every :class:`LoRALinear` skips its adapter.
+
+    The adapters' parameters are untouched; on exit each layer is as it was. DPO uses this to get the reference
+    model's outputs from the policy itself (no second copy of the weights).
+
+    Raises:
+        ConfigError: ``model`` has no LoRA layer, or one is merged (its adapter is inside ``weight``).
+    """
+    layers = [m for m in model.modules() if isinstance(m, LoRALinear)]
+    if not layers:
+        raise ConfigError("the model has no LoRA adapters to switch off; set model.lora (e.g. {rank: 8, alpha: 16})")
+    if any(m.merged for m in layers):
+        raise ConfigError("a LoRA layer is merged into its weight, so its adapter cannot be switched off; unmerge it "
+                          "(LoRALinear.unmerge) first")
+    previous = [m.adapter_enabled for m in layers]
+    for m in layers:
+        m.adapter_enabled = False
+    try:
+        yield model
+    finally:
+        for m, enabled in zip(layers, previous):
+            m.adapter_enabled = enabled
 
 
 def is_lora_key(name: str) -> bool:

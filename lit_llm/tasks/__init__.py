@@ -2,7 +2,8 @@
 
 from lit_llm.tasks.base import GPTTask
 from lit_llm.tasks.classify import ClassifyTask
+from lit_llm.tasks.dpo import DPOTask
 from lit_llm.tasks.instruct import InstructTask
 from lit_llm.tasks.pretrain import PretrainTask
 
-__all__ = ["ClassifyTask", "GPTTask", "InstructTask", "PretrainTask"]
+__all__ = ["ClassifyTask", "DPOTask", "GPTTask", "InstructTask", "PretrainTask"]

@@ -1,8 +1,9 @@
 """Data that needs no download, so defaults, quickstarts and tests work offline.
 
 A builtin source is named ``builtin:<name>`` wherever a data source is accepted: ``pydoc`` is a corpus that ships
-with Python itself; ``reviews`` (classification) and ``instruct`` (instruction following) are generated
-deterministically by lit_llm (``builtin_classify.py``, ``builtin_instruct.py``).
+with Python itself; ``reviews`` (classification), ``instruct`` (instruction following) and ``preference`` (pairs
+of a right and a wrong answer to ``instruct``'s tasks, for DPO) are generated deterministically by lit_llm
+(``reviews.py``, ``instruct.py``, ``preference.py`` here).
 """
 
 from __future__ import annotations
@@ -35,6 +36,12 @@ def _instruct() -> dict[str, list]:
     return generate_tasks()
 
 
+def _preference() -> dict[str, list]:
+    from lit_llm.data.builtin.preference import generate_preferences
+
+    return generate_preferences()
+
+
 _BUILTINS: dict[str, tuple[Callable[[], dict[str, list]], str]] = {
     "pydoc": (
         _pydoc_topics,
@@ -44,6 +51,10 @@ _BUILTINS: dict[str, tuple[Callable[[], dict[str, list]], str]] = {
     "instruct": (
         _instruct,
         "generated instruction-following tasks with exactly checkable answers (columns instruction, input, output)",
+    ),
+    "preference": (
+        _preference,
+        "builtin:instruct's tasks with a right (chosen) and a plausible wrong (rejected) answer, for DPO",
     ),
 }
 
