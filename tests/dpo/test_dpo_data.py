@@ -197,10 +197,12 @@ def test_the_quality_stage_removes_duplicate_pairs_and_names_a_leaked_one(tmp_pa
     name."""
     from lit_llm.data.quality import QualityConfig
 
-    records = book_records(40)
+    # distinct pairs (book_records repeats its eight words), so the only duplicates are the planted ones
+    records = [{**r, "instruction": f"{r['instruction']} (task {i})"} for i, r in enumerate(book_records(46))]
     copy = {k: v.upper() if isinstance(v, str) else v for k, v in records[5].items()}
     records.insert(6, {**copy, "instruction": "  " + copy["instruction"] + "  "})
-    test = write(tmp_path, [records[3], *book_records(43)[40:]], "test.json")
+    test = write(tmp_path, [records[3], *records[41:44]], "test.json")
+    records = records[:41]
     dm = module(write(tmp_path, records), tokenizer_file, quality=QualityConfig(), test_source=str(test),
                 cache_dir=str(tmp_path / "cache"))
     assert dm.quality.reports["source"].removed == {"exact_duplicate": 1}
