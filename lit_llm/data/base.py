@@ -20,15 +20,18 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from pathlib import Path
+from typing import Any
 
 import pytorch_lightning as pl
 import torch
 
+from lit_llm.data.prompts import get_template
 from lit_llm.data.quality import QualityConfig, QualityGate, quality_hparams
 from lit_llm.data.sampler import CountsConsumedBatches
 from lit_llm.data.sources import default_cache_dir
 from lit_llm.data.tokenizer import Tokenizer
 from lit_llm.data.tokenizer_source import StoresTokenizer, resolve_tokenizer, texts_key
+from lit_llm.errors import ConfigError
 
 
 class GPTDataModule(CountsConsumedBatches, StoresTokenizer, pl.LightningDataModule):
@@ -82,3 +85,27 @@ class GPTDataModule(CountsConsumedBatches, StoresTokenizer, pl.LightningDataModu
     def eos_id(self) -> int:
         """Id of ``<|endoftext|>``: the end of every document or example, and the book's padding."""
         return self.tokenizer.eos_id
+
+
+def record_source_problems(args: dict[str, Any]) -> list[str]:
+    """The setting problems every DataModule of prompted records shares (instructions, preference pairs): batch and
+    worker counts, a URL ``source`` without its ``sha256``, URLs where only local files are read, and the prompt
+    template. ``args`` are the DataModule's constructor arguments."""
+    problems = []
+    if args["batch_size"] < 1:
+        problems.append(f"data.batch_size={args['batch_size']} must be >= 1")
+    if args["num_workers"] < 0:
+        problems.append(f"data.num_workers={args['num_workers']} must be >= 0")
+    is_url = isinstance(args["source"], str) and args["source"].startswith(("http://", "https://"))
+    if is_url and not args["sha256"]:
+        problems.append("data.sha256 is required for a URL data.source; compute it with `sha256sum FILE`")
+    for key in ("val_source", "test_source"):
+        value = args[key]
+        specs = [value] if isinstance(value, str) else value or []
+        if any(str(v).startswith(("http://", "https://")) for v in specs):
+            problems.append(f"data.{key} cannot be a URL (data.sha256 covers data.source only); download it first")
+    try:
+        get_template(args["prompt_template"])
+    except ConfigError as err:
+        problems.append(f"data.prompt_template: {err}")
+    return problems

@@ -22,9 +22,9 @@ import torch
 from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
 from torch.utils.data import DataLoader, Dataset
 
-from lit_llm.data.base import GPTDataModule
+from lit_llm.data.base import GPTDataModule, record_source_problems
 from lit_llm.data.collate import InstructionCollate, LengthGroupedSampler
-from lit_llm.data.prompts import format_prompt, get_template
+from lit_llm.data.prompts import format_prompt
 from lit_llm.data.quality import QualityConfig
 from lit_llm.data.sampler import ResumableLoader, ResumableSampler
 from lit_llm.data.sources import load_records
@@ -447,22 +447,7 @@ def _validate(args: dict[str, Any]) -> None:
         problems.append(f"data.overlong={args['overlong']!r} must be 'truncate' or 'drop'")
     if args["empty_output"] not in ("error", "drop"):
         problems.append(f"data.empty_output={args['empty_output']!r} must be 'error' or 'drop'")
-    if args["batch_size"] < 1:
-        problems.append(f"data.batch_size={args['batch_size']} must be >= 1")
-    if args["num_workers"] < 0:
-        problems.append(f"data.num_workers={args['num_workers']} must be >= 0")
-    is_url = isinstance(args["source"], str) and args["source"].startswith(("http://", "https://"))
-    if is_url and not args["sha256"]:
-        problems.append("data.sha256 is required for a URL data.source; compute it with `sha256sum FILE`")
-    for key in ("val_source", "test_source"):
-        value = args[key]
-        specs = [value] if isinstance(value, str) else value or []
-        if any(str(v).startswith(("http://", "https://")) for v in specs):
-            problems.append(f"data.{key} cannot be a URL (data.sha256 covers data.source only); download it first")
-    try:
-        get_template(args["prompt_template"])
-    except ConfigError as err:
-        problems.append(f"data.prompt_template: {err}")
+    problems += record_source_problems(args)
     if problems:
         raise ConfigError("invalid data settings:\n  - " + "\n  - ".join(problems))
     if args["group_by_length"] and not args["shuffle"]:

@@ -22,7 +22,6 @@ requests join and leave its slots between steps.
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Iterator, Sequence
 from typing import Literal
 
@@ -30,7 +29,7 @@ import torch
 
 from lit_llm.errors import ConfigError
 from lit_llm.model.gpt import GPTModel
-from lit_llm.model.sampling import check_sampling_args, sample_next
+from lit_llm.model.sampling import checked_prompt, sample_next
 
 #: How the decode step runs: ``eager``; ``cuda-graph`` (recorded once per batch-size bucket, then replayed: no
 #: compilation, CUDA only); ``compile`` (``torch.compile(mode="reduce-overhead")``: fused kernels, plus CUDA graphs
@@ -289,17 +288,8 @@ def generate_tokens_static(
         generator: Random generator for reproducible sampling.
         mode: How decode steps run (see :data:`DecodeMode`).
     """
-    check_sampling_args(temperature=temperature, top_k=top_k, top_p=top_p, max_new_tokens=max_new_tokens)
-    if idx.dim() != 2 or idx.shape[1] == 0:
-        raise ConfigError(f"idx must hold token ids of shape (batch, tokens) with tokens >= 1, got {tuple(idx.shape)}")
-    ctx = model.config.context_length
-    if idx.shape[1] > ctx:
-        warnings.warn(
-            f"The prompt has {idx.shape[1]} tokens but the model's context_length is {ctx}; "
-            f"keeping its last {ctx} tokens",
-            stacklevel=2,
-        )
-        idx = idx[:, -ctx:]
+    idx = checked_prompt(model, idx, temperature=temperature, top_k=top_k, top_p=top_p,
+                         max_new_tokens=max_new_tokens)
     return _static_steps(model, idx, max_new_tokens, temperature, top_k, top_p, eos_id, generator, mode)
 
 

@@ -120,6 +120,15 @@ def generate_tokens(
     Raises:
         ConfigError: An argument out of range (see :func:`check_sampling_args`).
     """
+    idx = checked_prompt(model, idx, temperature=temperature, top_k=top_k, top_p=top_p,
+                         max_new_tokens=max_new_tokens)
+    return _steps(model, idx, max_new_tokens, temperature, top_k, top_p, eos_id, generator, use_cache)
+
+
+def checked_prompt(model: GPTModel, idx: torch.Tensor, *, temperature: float, top_k: int | None, top_p: float | None,
+                   max_new_tokens: int) -> torch.Tensor:
+    """``idx`` after the checks every decoder makes: sampling settings in range, ids of shape (batch, tokens >= 1),
+    and a prompt longer than the context cropped to its last ``context_length`` tokens with a warning."""
     check_sampling_args(temperature=temperature, top_k=top_k, top_p=top_p, max_new_tokens=max_new_tokens)
     if idx.dim() != 2 or idx.shape[1] == 0:
         raise ConfigError(f"idx must hold token ids of shape (batch, tokens) with tokens >= 1, got {tuple(idx.shape)}")
@@ -128,10 +137,10 @@ def generate_tokens(
         warnings.warn(
             f"The prompt has {idx.shape[1]} tokens but the model's context_length is {context_length}; "
             f"keeping its last {context_length} tokens",
-            stacklevel=2,
+            stacklevel=3,
         )
         idx = idx[:, -context_length:]
-    return _steps(model, idx, max_new_tokens, temperature, top_k, top_p, eos_id, generator, use_cache)
+    return idx
 
 
 @torch.no_grad()
