@@ -21,9 +21,6 @@ from pathlib import Path
 import pytest
 import torch
 
-pytest.importorskip("fastapi", reason="the server's tests need the serve extra: pip install -e '.[dev]'")
-pytest.importorskip("uvicorn", reason="the server's tests need the serve extra: pip install -e '.[dev]'")
-
 ROOT = Path(__file__).resolve().parents[2]
 CONTEXT = 128
 

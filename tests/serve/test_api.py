@@ -8,6 +8,9 @@ import time
 
 import pytest
 
+pytest.importorskip("fastapi", reason="the server's tests need the serve extra: pip install -e '.[dev]'")
+pytest.importorskip("uvicorn", reason="the server's tests need the serve extra: pip install -e '.[dev]'")
+
 openai = pytest.importorskip("openai", reason="the API tests use the openai client: pip install -e '.[dev]'")
 
 

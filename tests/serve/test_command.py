@@ -9,6 +9,9 @@ from lit_llm.data.prompts import format_prompt
 from lit_llm.serve.__main__ import is_loopback, model_name
 from lit_llm.serve.chat import ChatMessage, render_chat
 
+pytest.importorskip("fastapi", reason="the server's tests need the serve extra: pip install -e '.[dev]'")
+pytest.importorskip("uvicorn", reason="the server's tests need the serve extra: pip install -e '.[dev]'")
+
 
 def test_another_address_needs_an_api_key(capsys, monkeypatch):
     monkeypatch.delenv("LIT_LLM_API_KEY", raising=False)

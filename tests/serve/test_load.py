@@ -9,6 +9,9 @@ import time
 
 import pytest
 
+pytest.importorskip("fastapi", reason="the server's tests need the serve extra: pip install -e '.[dev]'")
+pytest.importorskip("uvicorn", reason="the server's tests need the serve extra: pip install -e '.[dev]'")
+
 openai = pytest.importorskip("openai", reason="the load test uses the openai client: pip install -e '.[dev]'")
 psutil = pytest.importorskip("psutil")
 

@@ -8,6 +8,9 @@ from pathlib import Path
 
 import pytest
 
+pytest.importorskip("fastapi", reason="the server's tests need the serve extra: pip install -e '.[dev]'")
+pytest.importorskip("uvicorn", reason="the server's tests need the serve extra: pip install -e '.[dev]'")
+
 CHROMIUM = Path(os.environ.get("LIT_LLM_CHROMIUM", "/usr/bin/chromium"))
 # The machine's network is closed: no background services, updates or sync.
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
