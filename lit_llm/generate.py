@@ -42,12 +42,12 @@ from lit_llm.cli import (
     warn,
 )
 from lit_llm.data.prompts import TEMPLATES, checkpoint_template, extract_response, format_prompt, get_template
-from lit_llm.data.tokenizer import Tokenizer, load_tokenizer
+from lit_llm.data.tokenizer import Tokenizer
 from lit_llm.errors import ConfigError, LitLLMError
 from lit_llm.model.decoding import DecodeMode, generate_tokens_static
 from lit_llm.model.gpt import GPTModel
 from lit_llm.model.sampling import check_sampling_args, generate_tokens
-from lit_llm.weights.readers import load_model_for_inference
+from lit_llm.weights.readers import load_for_generation
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -91,26 +91,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # --- loading -------------------------------------------------------------------------------------------------------
-
-
-def load(
-    source: str, device: torch.device, dtype: torch.dtype | None, tokenizer_source: str | None
-) -> tuple[GPTModel, Tokenizer, dict[str, Any]]:
-    """The eval-mode model, its tokenizer (``tokenizer_source`` wins over the checkpoint's) and metadata."""
-    model, tokenizer, meta = load_model_for_inference(source, device=str(device), dtype=dtype)
-    if tokenizer_source is not None:
-        tokenizer = load_tokenizer(tokenizer_source)
-    if tokenizer is None:
-        raise ConfigError(
-            f"no tokenizer is known for --checkpoint {source!r}; pass --tokenizer PATH (a tokenizer.json, a directory "
-            "with encoder.json + vocab.bpe or vocab.json + merges.txt, or a Hub name such as gpt2)"
-        )
-    if tokenizer.vocab_size > model.config.vocab_size:
-        raise ConfigError(
-            f"the tokenizer has {tokenizer.vocab_size} tokens but the model's vocab_size is "
-            f"{model.config.vocab_size}; pass the tokenizer the model was trained with (--tokenizer PATH)"
-        )
-    return model.eval(), tokenizer, dict(meta or {})
 
 
 def read_prompts(prompts: Sequence[str] | None, prompt_file: str | None) -> list[str]:
@@ -305,7 +285,8 @@ def run(args: argparse.Namespace, stdin: TextIO, stdout: TextIO) -> None:
         get_template(args.template)  # refuse an unknown name before loading weights
     prompts = [] if args.chat else read_prompts(args.prompt, args.prompt_file)
     device = resolve_device(args.device)
-    model, tokenizer, meta = load(args.checkpoint, device, dtype_from_name(args.dtype), args.tokenizer)
+    model, tokenizer, meta = load_for_generation(args.checkpoint, device=str(device),
+                                                 dtype=dtype_from_name(args.dtype), tokenizer=args.tokenizer)
     fast = args.fast if args.fast is not None else (device.type == "cuda" and not args.no_cache)
     if args.fast and args.no_cache:
         raise ConfigError("--fast decodes with a KV cache; leave out --no-cache (or pass --no-fast)")

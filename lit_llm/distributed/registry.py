@@ -12,11 +12,15 @@ Importing this module (``import lit_llm.distributed`` does) registers, in Lightn
 ``lit_deepspeed_zero2``           stage 2: optimizer state and gradients sharded
 ``lit_deepspeed_zero3``           stage 3: parameters sharded too (the model is built partitioned)
 ``lit_deepspeed_zero3_offload``   stage 3 with parameters and optimizer state in CPU memory (CPU Adam)
+``lit_tp``                        tensor parallelism (DTensor) over the processes of a node, sequence-parallel norms
+``lit_tp_fsdp``                   2-D: tensor parallelism over pairs of processes, FSDP2 across the pairs
+``lit_pipeline``                  pipeline parallelism: stages by layer ranges, GPipe / 1F1B micro-batches
 ================================  =====================================================================================
 
 Each family's module says why lit_llm has its own class rather than Lightning's ``ddp`` / ``fsdp`` /
 ``deepspeed_stage_N``: :mod:`~lit_llm.distributed.ddp`, :mod:`~lit_llm.distributed.fsdp`,
-:mod:`~lit_llm.distributed.deepspeed`. FSDP and DeepSpeed write directory checkpoints atomically and refuse to run on
+:mod:`~lit_llm.distributed.deepspeed`, :mod:`~lit_llm.distributed.tensor`, :mod:`~lit_llm.distributed.pipeline`.
+FSDP and DeepSpeed write directory checkpoints atomically and refuse to run on
 the CPU with one error. Activation checkpointing is a switch of the task
 (``model.init_args.speed.activation_checkpointing: true``); it works under every strategy.
 """

@@ -19,7 +19,6 @@ from typing import Any
 
 from lit_llm.cli import DTYPE_NAMES, CommandParser, dtype_from_name, entry_point, resolve_device, run_command
 from lit_llm.data.prompts import TEMPLATES, checkpoint_template, get_template
-from lit_llm.data.tokenizer import load_tokenizer
 from lit_llm.errors import ConfigError, LitLLMError
 
 log = logging.getLogger("lit_llm.serve")
@@ -100,20 +99,13 @@ def build_server(args: argparse.Namespace) -> Any:
     """Load the model, start the engine and return the ASGI application."""
     from lit_llm.serve.app import Limits, create_app
     from lit_llm.serve.engine import Engine
-    from lit_llm.weights.readers import load_model_for_inference
+    from lit_llm.weights.readers import load_for_generation
 
     if args.template is not None:
         get_template(args.template)
     device = resolve_device(args.device)
-    model, tokenizer, meta = load_model_for_inference(args.checkpoint, device=str(device),
-                                                      dtype=dtype_from_name(args.dtype))
-    if args.tokenizer is not None:
-        tokenizer = load_tokenizer(args.tokenizer)
-    if tokenizer is None:
-        raise ConfigError(f"no tokenizer is known for --checkpoint {args.checkpoint!r}; pass --tokenizer PATH")
-    if tokenizer.vocab_size > model.config.vocab_size:
-        raise ConfigError(f"the tokenizer has {tokenizer.vocab_size} tokens but the model's vocab_size is "
-                          f"{model.config.vocab_size}; pass the tokenizer the model was trained with (--tokenizer)")
+    model, tokenizer, meta = load_for_generation(args.checkpoint, device=str(device),
+                                                 dtype=dtype_from_name(args.dtype), tokenizer=args.tokenizer)
     template = args.template or checkpoint_template(meta or {})
     if template is None:
         log.warning("the checkpoint records no prompt template: chat messages are joined as plain text (pass "

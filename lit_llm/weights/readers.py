@@ -39,7 +39,7 @@ import torch
 from torch import Tensor
 
 from lit_llm.data.tokenizer import Tokenizer, load_tokenizer
-from lit_llm.errors import CheckpointError, LitLLMError
+from lit_llm.errors import CheckpointError, ConfigError, LitLLMError
 from lit_llm.model.config import PRESETS, GPTConfig
 from lit_llm.model.gpt import GPTModel
 from lit_llm.model.lora import is_lora_key
@@ -53,6 +53,7 @@ __all__ = [
     "load_hf_gpt2",
     "load_into",
     "load_lit_checkpoint",
+    "load_for_generation",
     "load_model_for_inference",
     "load_weights",
 ]
@@ -360,6 +361,31 @@ def load_model_for_inference(
 
 # ---- dispatch --------------------------------------------------------------------------------------------------
 
+
+
+def load_for_generation(
+    source: str | Path, *, device: str = "cpu", dtype: torch.dtype | None = None, tokenizer: str | None = None
+) -> tuple[GPTModel, Tokenizer, dict[str, Any]]:
+    """:func:`load_model_for_inference` for the commands that generate text (``generate``, ``serve``): the
+    eval-mode model, a tokenizer that is sure to exist and to fit it (``tokenizer`` wins over the checkpoint's), and
+    the metadata as a dict.
+
+    Raises:
+        ConfigError: No tokenizer is known for ``source`` and none is given, or it has more ids than the model.
+    """
+    model, stored, meta = load_model_for_inference(source, device=device, dtype=dtype)
+    tok = load_tokenizer(tokenizer) if tokenizer is not None else stored
+    if tok is None:
+        raise ConfigError(
+            f"no tokenizer is known for --checkpoint {str(source)!r}; pass --tokenizer PATH (a tokenizer.json, a "
+            "directory with encoder.json + vocab.bpe or vocab.json + merges.txt, or a Hub name such as gpt2)"
+        )
+    if tok.vocab_size > model.config.vocab_size:
+        raise ConfigError(
+            f"the tokenizer has {tok.vocab_size} tokens but the model's vocab_size is "
+            f"{model.config.vocab_size}; pass the tokenizer the model was trained with (--tokenizer PATH)"
+        )
+    return model.eval(), tok, dict(meta or {})
 
 @dataclass
 class _Loaded:

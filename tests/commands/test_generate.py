@@ -270,7 +270,9 @@ def test_bad_prompt_file(ckpt, tmp_path, capsys):
 
 def test_no_tokenizer_says_to_pass_one(ckpt, loaded, monkeypatch, capsys):
     model, tokenizer = loaded
-    monkeypatch.setattr(gen_cli, "load_model_for_inference", lambda source, device, dtype: (model, None, {}))
+    from lit_llm.weights import readers
+
+    monkeypatch.setattr(readers, "load_model_for_inference", lambda source, device, dtype: (model, None, {}))
     rc, _ = run_main("--checkpoint", "book.pth", "--prompt", "x")
     err = capsys.readouterr().err
     assert rc == 1 and "no tokenizer is known for --checkpoint 'book.pth'" in err and "--tokenizer PATH" in err
