@@ -182,16 +182,29 @@ def dense_document_mask(segments: torch.Tensor) -> torch.Tensor:
     return ((segments[:, :, None] == segments[:, None, :]) & causal)[:, None]
 
 
+_compiled_create_block_mask: Any = None
+
+
 def flex_document_mask(segments: torch.Tensor) -> Any:
     """The same mask as :func:`dense_document_mask` as a FlexAttention ``BlockMask`` (128 x 128 blocks; blocks no
-    query may see are skipped by the kernel)."""
+    query may see are skipped by the kernel).
+
+    On CUDA ``create_block_mask`` runs compiled (PyTorch's advice): eagerly it evaluates the mask through ``vmap`` at
+    a cost of tens of milliseconds per batch, compiled well under one. A new batch's mask reuses the compiled code.
+    """
     from torch.nn.attention.flex_attention import create_block_mask
 
     def same_document_causal(b: torch.Tensor, h: torch.Tensor, q: torch.Tensor, kv: torch.Tensor) -> torch.Tensor:
         return (segments[b, q] == segments[b, kv]) & (kv <= q)
 
+    build = create_block_mask
+    if segments.device.type == "cuda":
+        global _compiled_create_block_mask
+        if _compiled_create_block_mask is None:
+            _compiled_create_block_mask = torch.compile(create_block_mask)
+        build = _compiled_create_block_mask
     B, T = segments.shape
-    return create_block_mask(same_document_causal, B, None, T, T, device=segments.device)
+    return build(same_document_causal, B, None, T, T, device=segments.device)
 
 
 def flex_attention_available() -> bool:
