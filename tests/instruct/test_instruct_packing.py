@@ -164,6 +164,24 @@ def test_packed_loss_equals_the_padded_batchs_loss(tmp_path, records_file, tok_p
         torch.testing.assert_close(g, h, rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.slow
+def test_the_compiled_task_takes_packed_batches():
+    """``speed.compile`` with inductor on the CPU (about a minute of compilation): the mask built outside the
+    compiled model, new document layouts in every batch, the same losses as the eager model."""
+    torch.manual_seed(0)
+    task = InstructTask(model=dict(context_length=64, emb_dim=32, n_heads=2, n_layers=2, drop_rate=0.0,
+                                   vocab_size=100), speed={"compile": True}, generate_after_fit=False)
+    task.configure_model()
+    for shift in range(3):
+        ids, targets = torch.randint(0, 100, (2, 64)), torch.randint(0, 100, (2, 64))
+        docs = torch.repeat_interleave(torch.arange(4), torch.tensor([10 + shift, 20, 30 - shift, 4]))
+        docs = docs.repeat(2, 1)
+        compiled = task.loss(ids, targets, docs)
+        compiled.backward()
+        torch.testing.assert_close(compiled, task.model(ids, targets=targets, documents=docs), rtol=1e-5,
+                                   atol=1e-6)
+
+
 def test_tensor_and_pipeline_parallel_refuse_packing(monkeypatch):
     """Their split model has no per-document mask: one line names the setting and the way out."""
     import lit_llm.tasks.base as base
