@@ -163,7 +163,7 @@ class DocumentMask:
 def document_segments(documents: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``(segments, positions)`` of a ``(B, T)`` document index: a new segment starts wherever the index changes.
 
-    Segments number each row's runs of equal document ids ``0, 1, 2, ...``, so any ids work (padding may be ``-1``)
+    Segments number each row's runs of equal document ids ``1, 2, 3, ...``, so any ids work (padding may be ``-1``)
     and an id that comes back later in a row is a new document; positions count from 0 within each segment.
     """
     if documents.dim() != 2:
@@ -433,9 +433,9 @@ class GPTModel(nn.Module):
 
         ``documents`` ``(B, T)`` gives each token's document: any integers, a new document starting wherever the
         value changes along the row (padding may be ``-1``, or its own id). A token sees only the tokens of its own
-        document up to itself, and its position embedding is its index within its document. Built outside the
-        compiled model by the tasks (FlexAttention's block mask is made eagerly); called inside, it breaks the graph
-        there.
+        document up to itself, and its position embedding is its index within its document. The tasks build it
+        before calling the compiled model and pass it in; called inside a compiled model (``forward`` given the
+        tensor), it breaks the graph there.
         """
         return _build_document_mask(documents, self._uses_flex(documents.device))
 
