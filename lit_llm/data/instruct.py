@@ -24,6 +24,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from lit_llm.data.base import GPTDataModule, record_source_problems
 from lit_llm.data.collate import InstructionCollate, LengthGroupedSampler
+from lit_llm.data.packed import PackedCollate, PackedDataset, instruction_item
 from lit_llm.data.prompts import format_prompt
 from lit_llm.data.quality import QualityConfig
 from lit_llm.data.sampler import ResumableLoader, ResumableSampler
@@ -111,7 +112,12 @@ class InstructDataModule(GPTDataModule):
             does) or ``drop`` it. Either way the count and the longest length are logged.
         empty_output: A record whose output is empty: ``error`` (stop with its index) or ``drop`` (count, warn).
         group_by_length: Batch training examples of similar length together (less padding; seeded, resumable).
-        batch_size: Examples per batch; also the most test prompts generated together.
+        packing: Pack several training examples into each row of ``allowed_max_length`` tokens instead of padding
+            each to the batch's longest (see docs/instruction.md, "Packing"): batches are then ``(inputs, targets,
+            documents)``, and the model keeps the examples of a row from seeing each other and restarts their
+            positions, so each example is learnt as if alone. ``batch_size`` then counts rows, not examples.
+            Validation and test batches stay padded. Not with ``group_by_length``.
+        batch_size: Examples per batch (rows with ``packing``); also the most test prompts generated together.
         shuffle: Shuffle the training examples every epoch (seeded; exact mid-epoch resume).
         drop_last: Drop the last incomplete training batch (the book does); evaluation keeps every example.
         num_workers: DataLoader worker processes.
@@ -144,6 +150,7 @@ class InstructDataModule(GPTDataModule):
         overlong: Literal["truncate", "drop"] = "truncate",
         empty_output: Literal["error", "drop"] = "error",
         group_by_length: bool = False,
+        packing: bool = False,
         batch_size: int = 8,
         shuffle: bool = True,
         drop_last: bool = True,
@@ -174,6 +181,8 @@ class InstructDataModule(GPTDataModule):
         self.overlong = overlong
         self.empty_output = empty_output
         self.group_by_length = group_by_length
+        self.packing = packing
+        self.packed_train: PackedDataset | None = None
         self._records: dict[Split, list[dict[str, Any]]] | None = None
         self._rows: dict[Split, list[tuple[str, str, str]]] = {}
         self.datasets: dict[Split, Examples] = {}
@@ -325,6 +334,9 @@ class InstructDataModule(GPTDataModule):
         sizes = " / ".join(f"{len(self.datasets[n])} {n}" for n in ("train", "val", "test"))
         rank_zero_info(f"Instruction data: {sizes} examples; template {self.prompt_template!r}; "
                        f"rows of at most {self.allowed_max_length} tokens")
+        if self.packing:
+            self.packed_train = self.pack(self.datasets["train"])
+            rank_zero_info(f"Packing: {self.packed_train.summary()}")
         self._warn_long_prompts()
         trainer = self.trainer
         if trainer is not None and trainer.is_global_zero:
@@ -357,6 +369,13 @@ class InstructDataModule(GPTDataModule):
             raise DataError(f"no training example is left after data.overlong=drop (allowed_max_length={limit})")
         return Examples(ids, lens)
 
+    def pack(self, examples: Examples) -> PackedDataset:
+        """The examples as :func:`~lit_llm.data.packed.instruction_item` items, packed into rows of
+        ``allowed_max_length`` tokens (the labels the book's collate gives them, prompt masking included)."""
+        items = [instruction_item(ids, n, self.mask_prompt, self.eos_id, self.allowed_max_length)
+                 for ids, n in zip(examples.ids, examples.prompt_lens)]
+        return PackedDataset(items, self.allowed_max_length)
+
     def _warn_long_prompts(self) -> None:
         long = sum(1 for p in self.test_prompt_ids if len(p) >= self.context_length)
         if long:
@@ -368,25 +387,34 @@ class InstructDataModule(GPTDataModule):
     def _loader(self, dataset: Examples) -> DataLoader:
         return DataLoader(dataset, batch_size=self.batch_size, shuffle=False, drop_last=False, **self._common())
 
-    def _common(self) -> dict[str, Any]:
+    def _common(self, packed: bool = False) -> dict[str, Any]:
+        collate = (PackedCollate(self.eos_id, self.allowed_max_length) if packed
+                   else InstructionCollate(self.eos_id, self.allowed_max_length, self.mask_prompt))
         return {
             "num_workers": self.num_workers,
             "pin_memory": self.pin_memory,
             "persistent_workers": self.num_workers > 0,
-            "collate_fn": InstructionCollate(self.eos_id, self.allowed_max_length, self.mask_prompt),
+            "collate_fn": collate,
             # A private generator, so creating an iterator never draws from the global RNG that dropout uses.
             "generator": torch.Generator().manual_seed(self.seed),
         }
 
     def train_dataloader(self) -> DataLoader:
-        """Training ``(inputs, targets)`` batches in a seeded order that resumes exactly mid-epoch."""
+        """Training ``(inputs, targets)`` batches (``(inputs, targets, documents)`` with ``packing``) in a seeded order
+        that resumes exactly mid-epoch."""
         self.setup("fit")
-        dataset = self.datasets["train"]
+        dataset = self.packed_train if self.packing else self.datasets["train"]
         if self.drop_last and len(dataset) < self.batch_size:
+            unit = f"packed rows of {self.allowed_max_length} tokens" if self.packing else "examples"
             raise DataError(
-                f"the training split has {len(dataset)} examples, fewer than data.batch_size={self.batch_size}, so "
+                f"the training split has {len(dataset)} {unit}, fewer than data.batch_size={self.batch_size}, so "
                 "drop_last leaves no batch. Lower data.batch_size, set data.drop_last=false, or add records."
             )
+        if self.packing:
+            sampler = ResumableSampler(len(dataset), seed=self.seed, shuffle=self.shuffle)
+            self._train_loader = ResumableLoader(dataset, sampler, batch_size=self.batch_size,
+                                                 drop_last=self.drop_last, **self._common(packed=True))
+            return self._train_loader
         if self.group_by_length:
             sampler: ResumableSampler = LengthGroupedSampler([len(x) for x in dataset.ids], self.batch_size,
                                                              seed=self.seed)
@@ -447,6 +475,9 @@ def _validate(args: dict[str, Any]) -> None:
         problems.append(f"data.overlong={args['overlong']!r} must be 'truncate' or 'drop'")
     if args["empty_output"] not in ("error", "drop"):
         problems.append(f"data.empty_output={args['empty_output']!r} must be 'error' or 'drop'")
+    if args["packing"] and args["group_by_length"]:
+        problems.append("data.packing and data.group_by_length both remove padding, in ways that do not combine: "
+                        "set one of them to false")
     problems += record_source_problems(args)
     if problems:
         raise ConfigError("invalid data settings:\n  - " + "\n  - ".join(problems))

@@ -19,6 +19,13 @@ or a named helper and each held to the book's arithmetic by tests:
 7. **Options of the config**: ``bias`` (LayerNorm and Linear biases can be dropped), ``tie_weights`` (head tied to
    the token embedding, as OpenAI's GPT-2), ``pad_vocab_multiple`` (vocabulary rows padded for fast matmuls; the padded
    columns are never targets), ``init`` (GPT-2's ``normal(0, 0.02)`` initialisation or PyTorch's defaults).
+8. **Packed documents** (``forward(ids, documents=...)``): a row may hold several examples one after another
+   (instruction data packed into full rows). ``documents`` ``(B, T)`` numbers each token's example; every example
+   then gets the position embeddings ``0, 1, 2, ...`` it would get alone, and a token attends only to the earlier
+   tokens of its own example. The book's causal mask becomes a block-diagonal causal mask (:class:`DocumentMask`):
+   FlexAttention with a block-sparse mask on CUDA (compiled; blocks no example touches are skipped), otherwise
+   ``scaled_dot_product_attention`` or the reference attention with the same mask as a dense ``(B, 1, T, T)``
+   tensor. Each example's logits are the ones it gets alone in a row of its own.
 
 Shapes: B batch, T sequence length, C ``emb_dim``, H ``n_heads``, D head size (C // H), V padded vocabulary.
 """
@@ -26,6 +33,8 @@ Shapes: B batch, T sequence length, C ``emb_dim``, H ``n_heads``, D head size (C
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -133,6 +142,101 @@ class KVCache:
             layer.length = 0
 
 
+@dataclass
+class DocumentMask:
+    """Which keys each query of a packed batch may see, and each token's position within its own document.
+
+    Built once per batch by :meth:`GPTModel.document_mask` and shared by every layer. Exactly one of ``block`` (a
+    FlexAttention ``BlockMask``) and ``dense`` (``(B, 1, T, T)`` booleans, True where a query may see a key) is set.
+
+    Attributes:
+        positions: ``(B, T)`` position of each token within its document (0 at each document's first token).
+        dense: The mask for ``scaled_dot_product_attention`` and the reference attention, or ``None``.
+        block: The mask for ``flex_attention``, or ``None``.
+    """
+
+    positions: torch.Tensor
+    dense: torch.Tensor | None = None
+    block: Any | None = None  # torch.nn.attention.flex_attention.BlockMask (imported only when used)
+
+
+def document_segments(documents: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(segments, positions)`` of a ``(B, T)`` document index: a new segment starts wherever the index changes.
+
+    Segments number each row's runs of equal document ids ``1, 2, 3, ...``, so any ids work (padding may be ``-1``)
+    and an id that comes back later in a row is a new document; positions count from 0 within each segment.
+    """
+    if documents.dim() != 2:
+        raise ValueError(f"documents must be (batch, tokens), got shape {tuple(documents.shape)}")
+    starts = torch.ones_like(documents, dtype=torch.bool)
+    starts[:, 1:] = documents[:, 1:] != documents[:, :-1]
+    index = torch.arange(documents.shape[1], device=documents.device).expand_as(documents)
+    first = torch.where(starts, index, torch.zeros_like(index)).cummax(dim=1).values  # each token's segment start
+    return starts.cumsum(dim=1), index - first
+
+
+def dense_document_mask(segments: torch.Tensor) -> torch.Tensor:
+    """``(B, 1, T, T)`` booleans: query ``i`` may see key ``j`` when both are in one segment and ``j <= i``."""
+    T = segments.shape[1]
+    causal = torch.ones(T, T, dtype=torch.bool, device=segments.device).tril()
+    return ((segments[:, :, None] == segments[:, None, :]) & causal)[:, None]
+
+
+_compiled_create_block_mask: Any = None
+
+
+def flex_document_mask(segments: torch.Tensor) -> Any:
+    """The same mask as :func:`dense_document_mask` as a FlexAttention ``BlockMask`` (128 x 128 blocks; blocks no
+    query may see are skipped by the kernel).
+
+    On CUDA ``create_block_mask`` runs compiled (PyTorch's advice): eagerly it evaluates the mask through ``vmap`` at
+    a cost of tens of milliseconds per batch, compiled well under one. A new batch's mask reuses the compiled code.
+    """
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    def same_document_causal(b: torch.Tensor, h: torch.Tensor, q: torch.Tensor, kv: torch.Tensor) -> torch.Tensor:
+        return (segments[b, q] == segments[b, kv]) & (kv <= q)
+
+    build = create_block_mask
+    if segments.device.type == "cuda":
+        global _compiled_create_block_mask
+        if _compiled_create_block_mask is None:
+            _compiled_create_block_mask = torch.compile(create_block_mask)
+        build = _compiled_create_block_mask
+    B, T = segments.shape
+    return build(same_document_causal, B, None, T, T, device=segments.device)
+
+
+def flex_attention_available() -> bool:
+    """Whether this PyTorch has ``torch.nn.attention.flex_attention`` (2.5 and later)."""
+    try:
+        import torch.nn.attention.flex_attention  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+_compiled_flex: Any = None
+
+
+def _flex_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_mask: Any) -> torch.Tensor:
+    """``flex_attention``, compiled on its own unless it is already being traced into a compiled model.
+
+    Uncompiled, FlexAttention computes the whole score matrix (slow, and no backward pass on CPU); compiled, it is one
+    fused kernel that skips the masked blocks. Inside ``torch.compile`` of the whole model (``speed.compile``) the
+    call is traced into that graph; otherwise one module-wide compiled copy serves every layer (PyTorch's
+    recommended use).
+    """
+    from torch.nn.attention.flex_attention import flex_attention
+
+    if torch.compiler.is_compiling() or q.device.type != "cuda":
+        return flex_attention(q, k, v, block_mask=block_mask)
+    global _compiled_flex
+    if _compiled_flex is None:
+        _compiled_flex = torch.compile(flex_attention, dynamic=False)
+    return _compiled_flex(q, k, v, block_mask=block_mask)
+
+
 class MultiHeadAttention(nn.Module):
     """Causal multi-head self-attention with a fused query/key/value projection."""
 
@@ -147,10 +251,15 @@ class MultiHeadAttention(nn.Module):
         self.out_proj = Linear(config.emb_dim, config.emb_dim, bias=config.bias, std=proj_std)
         self.dropout = nn.Dropout(config.drop_rate)  # on attention weights (reference path)
 
-    def forward(self, x: torch.Tensor, kv_cache: LayerKVCache | None = None) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, kv_cache: LayerKVCache | None = None, documents: DocumentMask | None = None
+    ) -> torch.Tensor:
         B, T, C = x.shape
         # (B, T, 3C) -> 3 x (B, H, T, D)
         q, k, v = self.qkv(x).view(B, T, 3, self.n_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        if documents is not None:  # departure 8: packed documents see only themselves
+            context = self._document_attention(q, k, v, documents)
+            return self.out_proj(context.transpose(1, 2).reshape(B, T, -1))
         visible = None
         if kv_cache is not None:
             k, v = kv_cache.update(k, v)  # (B, H, S, D): the cached tokens followed by these T
@@ -177,6 +286,17 @@ class MultiHeadAttention(nn.Module):
             context = self._reference_attention(q, k, v)
         # -1, not C: under tensor parallelism this process holds n_heads * head_dim < C of the heads' outputs.
         return self.out_proj(context.transpose(1, 2).reshape(B, T, -1))
+
+    def _document_attention(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, documents: DocumentMask
+    ) -> torch.Tensor:
+        """Attention within each packed document: FlexAttention's block mask, or the dense mask."""
+        if documents.block is not None:
+            return _flex_attention(q, k, v, documents.block)
+        if self.attention == "sdpa":
+            p = self.drop_rate if self.training else 0.0
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=documents.dense, dropout_p=p)
+        return self._reference_attention(q, k, v, documents.dense)
 
     def _reference_attention(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, visible: torch.Tensor | None = None
@@ -224,8 +344,10 @@ class TransformerBlock(nn.Module):
         self.ff = FeedForward(config)
         self.drop_shortcut = nn.Dropout(config.drop_rate)
 
-    def forward(self, x: torch.Tensor, kv_cache: LayerKVCache | None = None) -> torch.Tensor:
-        x = x + self.drop_shortcut(self.att(self.norm1(x), kv_cache))
+    def forward(
+        self, x: torch.Tensor, kv_cache: LayerKVCache | None = None, documents: DocumentMask | None = None
+    ) -> torch.Tensor:
+        x = x + self.drop_shortcut(self.att(self.norm1(x), kv_cache, documents))
         x = x + self.drop_shortcut(self.ff(self.norm2(x)))
         return x
 
@@ -235,7 +357,8 @@ class GPTModel(nn.Module):
 
     ``forward`` maps token ids ``(B, T)`` to logits ``(B, T, padded_vocab_size)``; columns from ``vocab_size`` on
     exist only when the vocabulary is padded and are never targets (samplers mask them). With a ``kv_cache`` the ids
-    are the tokens that follow the cached ones (see :class:`KVCache`).
+    are the tokens that follow the cached ones (see :class:`KVCache`). With ``documents`` each row holds several
+    packed examples that never see each other (see :meth:`document_mask`).
     """
 
     def __init__(self, config: GPTConfig) -> None:
@@ -268,25 +391,77 @@ class GPTModel(nn.Module):
         #: the softmax and its gradient in one pass over the logits, the
         #: gradient written in place); CUDA GPUs only. Set by the task's ``fused_loss``.
         self.fused_loss = False
+        #: How packed documents (``forward(..., documents=...)``) attend: ``auto`` uses FlexAttention on CUDA with
+        #: ``attention="sdpa"`` (except while attention dropout is on, which FlexAttention lacks) and the dense mask
+        #: otherwise; ``flex`` and ``dense`` force one (benchmarks and tests compare them).
+        self.document_attention: Literal["auto", "flex", "dense"] = "auto"
         self._counts: dict[bool, int] | None = None
 
     def forward(
-        self, in_idx: torch.Tensor, kv_cache: KVCache | None = None, targets: torch.Tensor | None = None
+        self,
+        in_idx: torch.Tensor,
+        kv_cache: KVCache | None = None,
+        targets: torch.Tensor | None = None,
+        *,
+        documents: torch.Tensor | DocumentMask | None = None,
     ) -> torch.Tensor:
         """Logits ``(B, T, V)``; with ``targets`` ``(B, T)`` instead the mean next-token cross-entropy (``-100``
-        targets ignored), through the chunked head when ``loss_chunk`` is set, the fused one when ``fused_loss``."""
+        targets ignored), through the chunked head when ``loss_chunk`` is set, the fused one when ``fused_loss``.
+
+        ``documents`` ``(B, T)`` (or the :class:`DocumentMask` that :meth:`document_mask` built from it) packs several
+        examples per row (departure 8); ``None`` is the book's forward.
+        """
         start = self._first_position(in_idx, kv_cache)
+        documents = self._checked_documents(in_idx, kv_cache, documents)
         tok_embeds = self.tok_emb(in_idx)
-        pos_embeds = self.pos_emb(torch.arange(start, start + in_idx.shape[1], device=in_idx.device))
+        if documents is None:
+            pos_embeds = self.pos_emb(torch.arange(start, start + in_idx.shape[1], device=in_idx.device))
+        else:
+            pos_embeds = self.pos_emb(documents.positions)  # (B, T, C): positions restart at each document
         x = tok_embeds + pos_embeds  # (B, T, C)
         x = self.drop_emb(x)
         x = self._residual_dtype(x)
-        x = self._run_blocks(x, kv_cache)
+        x = self._run_blocks(x, kv_cache, documents)
         x = self.final_norm(x)
         if targets is not None:
             return self._head_loss(x, targets)
         logits = self.out_head(x)  # (B, T, V)
         return logits
+
+    def document_mask(self, documents: torch.Tensor) -> DocumentMask:
+        """The attention mask and positions of a packed batch, built once and shared by every layer.
+
+        ``documents`` ``(B, T)`` gives each token's document: any integers, a new document starting wherever the
+        value changes along the row (padding may be ``-1``, or its own id). A token sees only the tokens of its own
+        document up to itself, and its position embedding is its index within its document. The tasks build it
+        before calling the compiled model and pass it in; called inside a compiled model (``forward`` given the
+        tensor), it breaks the graph there.
+        """
+        return _build_document_mask(documents, self._uses_flex(documents.device))
+
+    def _uses_flex(self, device: torch.device) -> bool:
+        if self.document_attention != "auto":
+            return self.document_attention == "flex"
+        attention_dropout = self.training and self.config.drop_rate > 0  # FlexAttention has no dropout
+        return (device.type == "cuda" and self.config.attention == "sdpa" and not attention_dropout
+                and flex_attention_available())
+
+    def _checked_documents(
+        self, in_idx: torch.Tensor, kv_cache: KVCache | None, documents: torch.Tensor | DocumentMask | None
+    ) -> DocumentMask | None:
+        if documents is None:
+            return None
+        if kv_cache is not None:
+            raise ValueError("documents (packed examples) are for training and scoring, not with a KV cache")
+        if isinstance(documents, torch.Tensor):
+            if documents.shape != in_idx.shape:
+                raise ValueError(f"documents has shape {tuple(documents.shape)} but the ids have "
+                                 f"{tuple(in_idx.shape)}; give one document index per token")
+            return self.document_mask(documents)
+        if documents.positions.shape != in_idx.shape:
+            raise ValueError(f"the DocumentMask is for shape {tuple(documents.positions.shape)} but the ids have "
+                             f"{tuple(in_idx.shape)}")
+        return documents
 
     def _first_position(self, in_idx: torch.Tensor, kv_cache: KVCache | None) -> int:
         """The absolute position of ``in_idx``'s first token (after the cached ones), checked against the context."""
@@ -307,9 +482,12 @@ class GPTModel(nn.Module):
             return x.to(torch.get_autocast_dtype(x.device.type))
         return x
 
-    def _run_blocks(self, x: torch.Tensor, kv_cache: KVCache | None) -> torch.Tensor:
+    def _run_blocks(
+        self, x: torch.Tensor, kv_cache: KVCache | None, documents: DocumentMask | None = None
+    ) -> torch.Tensor:
         """The book's ``self.trf_blocks(x)``; with a KV cache each block reads and extends its layer's cache
-        (departure 3), and in training with ``activation_checkpointing`` each block is recomputed (departure 4)."""
+        (departure 3), and in training with ``activation_checkpointing`` each block is recomputed (departure 4).
+        Packed ``documents`` (departure 8) reach every block's attention."""
         if kv_cache is not None:
             if len(kv_cache.layers) != len(self.trf_blocks):
                 raise ValueError(
@@ -320,8 +498,9 @@ class GPTModel(nn.Module):
                 x = block(x, layer_cache)
             return x
         recompute = self.activation_checkpointing and self.training and torch.is_grad_enabled()
+        extra = () if documents is None else (None, documents)
         for block in self.trf_blocks:
-            x = checkpoint(block, x, use_reentrant=False) if recompute else block(x)
+            x = checkpoint(block, x, *extra, use_reentrant=False) if recompute else block(x, *extra)
         return x
 
     def _head_loss(self, x: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -368,6 +547,15 @@ class GPTModel(nn.Module):
         if not c.tie_weights:
             n -= c.padded_vocab_size * c.emb_dim  # the token embedding is a lookup, unless it is also the head
         return 6.0 * n + 12.0 * c.n_layers * c.emb_dim * T
+
+
+@torch.compiler.disable
+def _build_document_mask(documents: torch.Tensor, flex: bool) -> DocumentMask:
+    """See :meth:`GPTModel.document_mask`; kept out of compiled graphs (the block mask is built eagerly)."""
+    segments, positions = document_segments(documents)
+    if flex:
+        return DocumentMask(positions=positions, block=flex_document_mask(segments))
+    return DocumentMask(positions=positions, dense=dense_document_mask(segments))
 
 
 def _full_numel(p: torch.Tensor) -> int:

@@ -153,8 +153,8 @@ class GPTTask(pl.LightningModule):
         self.model.fused_loss = self._use_fused_loss(strategy, zero3)
         model = self.model
 
-        def model_loss(input_ids: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-            return model(input_ids, targets=targets)
+        def model_loss(input_ids: torch.Tensor, targets: torch.Tensor, documents: Any = None) -> torch.Tensor:
+            return model(input_ids, targets=targets, documents=documents)
 
         # Stored outside nn.Module registration: no duplicate parameters, no "_orig_mod." keys in checkpoints.
         # The loss is compiled together with the model so the compiler fuses the head's output into the
@@ -247,19 +247,37 @@ class GPTTask(pl.LightningModule):
         load_into(self.model, state, source=source)
         rank_zero_info(f"Initial weights from {source}")
 
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """Logits ``(B, T, V)`` for token ids ``(B, T)`` (compiled when ``compile`` is on)."""
+    def forward(self, input_ids: torch.Tensor, documents: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits ``(B, T, V)`` for token ids ``(B, T)`` (compiled when ``compile`` is on); ``documents`` ``(B, T)``
+        for rows that pack several examples (see :meth:`~lit_llm.model.gpt.GPTModel.document_mask`)."""
         if self.model is None:
             self.configure_model()
         with sdpa_backend_context(self.speed.sdpa_backend):
-            return self._forward(input_ids)
+            if documents is None:
+                return self._forward(input_ids)
+            return self._forward(input_ids, documents=self._document_mask(documents))
 
-    def loss(self, input_ids: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        """Mean next-token cross-entropy of the model on ``(input_ids, targets)``, ``-100`` targets ignored."""
+    def loss(
+        self, input_ids: torch.Tensor, targets: torch.Tensor, documents: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Mean next-token cross-entropy of the model on ``(input_ids, targets)``, ``-100`` targets ignored.
+
+        ``documents`` ``(B, T)`` numbers the examples packed into each row: none of them sees another, and their
+        positions restart at 0 (see :meth:`~lit_llm.model.gpt.GPTModel.document_mask`).
+        """
         if self.model is None:
             self.configure_model()
         with sdpa_backend_context(self.speed.sdpa_backend):
-            return self._model_loss(input_ids, targets)
+            if documents is None:
+                return self._model_loss(input_ids, targets)
+            return self._model_loss(input_ids, targets, self._document_mask(documents))
+
+    def _document_mask(self, documents: torch.Tensor) -> Any:
+        """The packed batch's mask, built here, outside the compiled model (one block mask per batch)."""
+        strategy = self._trainer.strategy if self._trainer is not None else None
+        if splits_model(strategy):
+            raise ConfigError(PACKING_UNSUPPORTED.format(strategy=type(strategy).__name__))
+        return self.model.document_mask(documents)
 
     # ---- optimisation ------------------------------------------------------------------------------------------
     def configure_optimizers(self) -> dict[str, Any]:
@@ -428,6 +446,13 @@ class GPTTask(pl.LightningModule):
         if self.model is not None and isinstance(checkpoint.get("state_dict"), dict):
             saved_lora = (checkpoint.get("hyper_parameters") or {}).get("lora")
             check_same_lora(checkpoint["state_dict"], self.state_dict(), saved_lora, self.hparams.get("lora"))
+
+
+#: The one line that refuses packed batches where the GPT is split across processes.
+PACKING_UNSUPPORTED = (
+    "data.packing=true is not supported under tensor or pipeline parallelism ({strategy}): their split model does "
+    "not carry the per-document attention mask. Set data.packing=false, or use lit_ddp, lit_fsdp or DeepSpeed."
+)
 
 
 #: Under FSDP, build a model whole on its device only while it takes at most this share of the device's memory.

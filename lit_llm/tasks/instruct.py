@@ -1,6 +1,8 @@
 """Instruction finetuning (the book's chapter 7): train on prompt + response, then answer the test set and score it.
 
-Training and evaluation use the next-token loss on the batches of :class:`~lit_llm.data.InstructDataModule`.
+Training and evaluation use the next-token loss on the batches of :class:`~lit_llm.data.InstructDataModule`:
+``(inputs, targets)``, or ``(inputs, targets, documents)`` when several examples are packed into each row
+(``data.packing``; the model keeps them from seeing each other).
 After ``fit`` (and in ``python -m lit_llm.train predict``) the model answers every test prompt, greedily by default
 as the book does; the answers are written, with each test record's own fields, to ``test_responses.json`` in the run
 folder (the book's ``instruction-data-with-response.json`` layout) and scored without any outside model:
@@ -23,11 +25,16 @@ from pytorch_lightning.utilities import rank_zero_warn
 from torchmetrics import MeanMetric, SumMetric
 
 from lit_llm.data.prompts import get_template
+from lit_llm.distributed import splits_model
+from lit_llm.errors import ConfigError
 from lit_llm.model.sampling import check_sampling_args
-from lit_llm.tasks.base import GPTTask
+from lit_llm.tasks.base import PACKING_UNSUPPORTED, GPTTask
 from lit_llm.tasks.responses import RESPONSE_KEY, RespondsToPrompts, exact_match, rouge_l
 
 __all__ = ["RESPONSE_KEY", "InstructTask", "exact_match", "rouge_l"]
+
+#: A batch: ``(inputs, targets)`` or, packed, ``(inputs, targets, documents)``, all ``(B, T)``.
+Batch = tuple[torch.Tensor, ...]
 
 class InstructTask(RespondsToPrompts, GPTTask):
     """Instruction finetuning of the GPT; pair it with :class:`~lit_llm.data.InstructDataModule`.
@@ -77,15 +84,22 @@ class InstructTask(RespondsToPrompts, GPTTask):
         self.test_scores: dict[str, float] = {}
         self._predictions: list[tuple[int, str]] = []
 
+    def setup(self, stage: str) -> None:
+        super().setup(stage)
+        trainer = self._trainer
+        datamodule = getattr(trainer, "datamodule", None) if trainer is not None else None
+        if getattr(datamodule, "packing", False) and splits_model(trainer.strategy):
+            raise ConfigError(PACKING_UNSUPPORTED.format(strategy=type(trainer.strategy).__name__))
+
     # ---- loss --------------------------------------------------------------------------------------------------
-    def _loss(self, batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        inputs, targets = batch
+    def _loss(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        inputs, targets, *packed = batch
         n_tokens = (targets != -100).sum()
-        loss = self.loss(inputs, targets)
+        loss = self.loss(inputs, targets, packed[0] if packed else None)
         # An all-ignored batch makes the mean 0/0 = NaN; its gradient through `where` is exactly zero.
         return torch.where(n_tokens > 0, loss, torch.zeros_like(loss)), n_tokens
 
-    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> dict[str, torch.Tensor]:
+    def training_step(self, batch: Batch, batch_idx: int) -> dict[str, torch.Tensor]:
         loss, n_tokens = self._loss(batch)
         self.empty_batches.update((n_tokens == 0).float())  # on the device: no host sync per step
         self.count_tokens(batch[0])
@@ -105,15 +119,15 @@ class InstructTask(RespondsToPrompts, GPTTask):
                 "data.allowed_max_length or set data.overlong=drop."
             )
 
-    def _evaluate(self, batch: tuple[torch.Tensor, torch.Tensor], split: str) -> torch.Tensor:
+    def _evaluate(self, batch: Batch, split: str) -> torch.Tensor:
         loss, n_tokens = self._loss(batch)
         metric = self.val_loss if split == "val" else self.test_loss
         metric.update(loss, weight=n_tokens)
         self.log(f"{split}/loss", metric, on_step=False, on_epoch=True, prog_bar=split == "val")
         return loss
 
-    def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+    def validation_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
         return self._evaluate(batch, "val")
 
-    def test_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+    def test_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
         return self._evaluate(batch, "test")

@@ -292,3 +292,30 @@ def test_host_lead_reports_how_far_the_host_runs_ahead_and_each_phases_time(monk
     assert [points[p]["host_ms_since_previous"] for p in lead.POINTS] == [48, 5, 5, 1, 1]
     assert [points[p]["gpu_ms_since_previous"] for p in lead.POINTS] == [0, 20, 38, 0, 2]
     assert lead.summary()["batches"] == 3
+
+
+def test_packing_bench_runs_on_cpu_and_writes_its_json(tmp_path):
+    """The packing benchmark's single command, shrunk to a tiny model and three timed steps on the CPU."""
+    out = tmp_path / "packing.json"
+    report = _bench("packing").main(["--device", "cpu", "--model", "tiny", "--examples", "120", "--max-length", "256",
+                                     "--rows", "2", "--steps", "3", "--warmup", "1", "--workers", "0",
+                                     "--json", str(out)])
+    assert json.loads(out.read_text()) == report
+    assert report["data"]["examples"] == 120 and 50 < report["data"]["mean_tokens"] < 62  # the book's mean is 56
+    padded, packed = report["results"]["padded"], report["results"]["packed"]
+    assert padded["unit"] == "examples" and packed["unit"] == "rows" and packed["mean_width"] == 256
+    assert packed["slots_holding_tokens"] > padded["slots_holding_tokens"]
+    assert abs(packed["batches_per_epoch"] - padded["batches_per_epoch"]) <= 1  # same examples per step, on average
+    for r in (padded, packed):
+        assert r["timed_steps"] == 3 and not r["epoch_measured"]
+        assert r["slot_tokens_per_s"] >= r["example_tokens_per_s"] >= r["trained_tokens_per_s"] > 0
+    assert set(report["vs_padded"]) == {"packed"}
+
+
+def test_packing_bench_lengths_follow_the_books_records():
+    bench = _bench("packing")
+    lengths = bench.builtin_lengths(5_000)
+    totals = sorted(t for _, t in lengths)
+    assert 54 < sum(totals) / len(totals) < 58 and 35 <= totals[0] and totals[-1] <= 115
+    assert all(35 <= p < t for p, t in lengths)
+    assert lengths == bench.builtin_lengths(5_000)  # seeded
