@@ -18,6 +18,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from lit_llm.data.cache import partial_path
+
 # Rows per read of a tokenized dataset: a batch of long documents stays well under a GB.
 ROWS_PER_BATCH = 64
 _COPY_CHUNK = 1 << 22  # tokens per write into the memmap: bounded RAM whatever the corpus size
@@ -102,15 +104,19 @@ def _piece_chunks(piece: Piece) -> Iterator[np.ndarray]:
 def write_npy(path: Path, pieces: list[Piece], dtype: type) -> int:
     """Write the concatenated pieces to ``path`` through a temp file and an atomic rename."""
     total = sum(_piece_len(p) for p in pieces)
-    tmp = path.with_name(f"{path.stem}.{os.getpid()}.tmp.npy")
-    out = np.lib.format.open_memmap(tmp, mode="w+", dtype=dtype, shape=(total,))
-    pos = 0
-    for piece in pieces:
-        for chunk in _piece_chunks(piece):
-            out[pos : pos + len(chunk)] = chunk
-            pos += len(chunk)
-    assert pos == total, f"wrote {pos} tokens, expected {total}"
-    out.flush()
-    del out
-    os.replace(tmp, path)
+    # Named after this process, so that the next start removes it if this one is killed (lit_llm.data.cache.sweep).
+    tmp = partial_path(path)
+    try:
+        out = np.lib.format.open_memmap(tmp, mode="w+", dtype=dtype, shape=(total,))
+        pos = 0
+        for piece in pieces:
+            for chunk in _piece_chunks(piece):
+                out[pos : pos + len(chunk)] = chunk
+                pos += len(chunk)
+        assert pos == total, f"wrote {pos} tokens, expected {total}"
+        out.flush()
+        del out
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
     return total
