@@ -271,3 +271,35 @@ def test_a_killed_packing_leaves_a_partial_file_that_the_next_start_removes(tmp_
         _pretrain(tmp_path, corpus, tok_dir)
     assert not leftovers[0].exists()
     assert f"Cache: removed {leftovers[0]}" in caplog.text
+
+
+def test_a_cached_download_altered_on_disk_is_downloaded_again(tmp_path, monkeypatch, caplog):
+    """Served from a loopback HTTP server: the cached file's SHA-256 is checked on every reuse."""
+    import functools
+    import hashlib
+    import http.server
+    import threading
+
+    from lit_llm.data.sources import download
+
+    monkeypatch.setenv("no_proxy", "127.0.0.1,localhost")
+    served = tmp_path / "served"
+    served.mkdir()
+    (served / "c.txt").write_bytes(b"the real text")
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(served))
+    handler.log_message = lambda *args: None  # type: ignore[attr-defined]
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_port}/c.txt"
+        sha = hashlib.sha256(b"the real text").hexdigest()
+        path = download(url, sha, tmp_path / "cache")
+        with caplog.at_level(logging.INFO):
+            assert download(url, sha, tmp_path / "cache") == path
+        assert "Cache: reusing the download" in caplog.text and "matched" in caplog.text
+        path.write_bytes(b"the fake text")  # same size
+        with caplog.at_level(logging.INFO):
+            assert download(url, sha, tmp_path / "cache").read_bytes() == b"the real text"
+        assert "no longer matches its sha256" in caplog.text
+    finally:
+        server.shutdown()
