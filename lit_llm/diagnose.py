@@ -28,9 +28,6 @@ from types import TracebackType
 
 from lit_llm.errors import ConfigError, DataError, LitLLMError, StorageError
 
-# Suffix of a file being saved atomically (lit_llm.weights.files.TMP_SUFFIX): the previous file is still whole.
-_ATOMIC_SUFFIX = ".tmp"
-
 
 def diagnose(error: BaseException) -> LitLLMError | None:
     """The lit_llm error that tells ``error`` (or an error it wraps) in one line, or ``None`` for anything else."""
@@ -139,8 +136,11 @@ def _size(n: int) -> str:
 
 
 def _free(folder: str) -> str:
+    existing = Path(folder)
+    while not existing.exists() and existing != existing.parent:  # a partial folder may be gone already
+        existing = existing.parent
     try:
-        return f"{_size(shutil.disk_usage(folder).free)} free on {folder}"
+        return f"{_size(shutil.disk_usage(existing).free)} free on {existing}"
     except OSError:
         return f"the free space of {folder} is unknown"
 
@@ -151,16 +151,19 @@ def _disk_full(error: BaseException, what: str) -> StorageError:
         return StorageError(f"a write failed because the disk is full ({what}). Free space on the disk of the run "
                             "folder (trainer.default_root_dir) and of the cache (data.cache_dir / LIT_LLM_CACHE)")
     written = os.fspath(written)
-    atomic = written.endswith(_ATOMIC_SUFFIX)
-    target = written[: -len(_ATOMIC_SUFFIX)] if atomic else written
+    # A file written under a temporary name (<name>.tmp, or <name>.<host>-<pid>.tmp for cache files) and renamed
+    # when complete: the file of that name, if any, is still the previous whole one.
+    target = re.sub(r"(\.[A-Za-z0-9]+-\d+)?\.tmp$", "", written)
     folder = os.path.dirname(os.path.abspath(target))
-    noun = "the checkpoint" if target.endswith(".ckpt") else "the file"
-    kept = (f" The files already in {folder} are intact (a save writes a temporary file and renames it only when "
-            "complete)." if atomic else "")
-    fix = ("free space there or set --trainer.default_root_dir to a folder on a disk with room, then resume with "
-           "--ckpt_path auto" if target.endswith(".ckpt") else "free space there or write to another disk")
-    return StorageError(f"could not write {noun} {target}: the disk is full ({what}; {_free(folder)}).{kept} To go on, "
-                        f"{fix}.")
+    if target.endswith(".ckpt"):
+        kept = (f" The files already in {folder} are intact (a checkpoint is written to a temporary file and renamed "
+                "only when complete)." if target != written else "")
+        return StorageError(f"could not write the checkpoint {target}: the disk is full ({what}; {_free(folder)})."
+                            f"{kept} To go on, free space there or set --trainer.default_root_dir to a folder on a "
+                            "disk with room, then resume with --ckpt_path auto.")
+    return StorageError(f"could not write the file {target}: the disk is full ({what}; {_free(folder)}). Free space "
+                        "there, or move the cache (data.cache_dir / LIT_LLM_CACHE) or the run folder "
+                        "(trainer.default_root_dir) to a disk with room.")
 
 
 def _not_writable(error: OSError) -> StorageError:

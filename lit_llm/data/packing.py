@@ -7,6 +7,7 @@ renamed when complete, so a killed run never leaves a file that looks finished.
 
 from __future__ import annotations
 
+import errno
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -108,6 +109,7 @@ def write_npy(path: Path, pieces: list[Piece], dtype: type) -> int:
     tmp = partial_path(path)
     try:
         out = np.lib.format.open_memmap(tmp, mode="w+", dtype=dtype, shape=(total,))
+        _reserve(tmp)
         pos = 0
         for piece in pieces:
             for chunk in _piece_chunks(piece):
@@ -120,3 +122,17 @@ def write_npy(path: Path, pieces: list[Piece], dtype: type) -> int:
     finally:
         tmp.unlink(missing_ok=True)
     return total
+
+
+def _reserve(path: Path) -> None:
+    """Allocate the whole (sparse) file now: on a full disk, writing through the memory map would kill the process
+    with SIGBUS, and no message; here it is an ``OSError`` (ENOSPC) naming the file."""
+    if not hasattr(os, "posix_fallocate"):
+        return
+    with open(path, "r+b") as f:
+        try:
+            os.posix_fallocate(f.fileno(), 0, os.fstat(f.fileno()).st_size)
+        except OSError as err:
+            if err.errno == errno.ENOSPC:
+                raise OSError(err.errno, err.strerror, str(path)) from None
+            # EOPNOTSUPP / EINVAL: a filesystem without allocation; the memory map then writes as before

@@ -38,7 +38,7 @@ import datasets
 
 from lit_llm.data import cache
 from lit_llm.data.builtin import load_builtin
-from lit_llm.errors import ConfigError, DataError
+from lit_llm.errors import ConfigError, DataError, StorageError
 
 Records = datasets.Dataset | datasets.IterableDataset
 
@@ -333,6 +333,10 @@ def _load_files(
                 reader.download_and_prepare()
                 ds = reader.as_dataset(split="train")
     except Exception as err:  # builders raise many types (ArrowInvalid, DatasetGenerationError, ...)
+        from lit_llm.diagnose import diagnose
+
+        if isinstance(storage := diagnose(err), StorageError):  # the cache's disk, not the corpus
+            raise storage from err
         read_as = f"{builder} with column_names={list(column_names)}" if column_names is not None else builder
         raise DataError(f"{key}: could not read {where} as {read_as}: {type(err).__name__}: {err}") from err
     if not streaming and len(ds) == 0:
