@@ -14,18 +14,19 @@
 
 from __future__ import annotations
 
-import codecs
 import contextlib
 import json
 import os
 import re
 import shutil
 import socket
+import struct
 import tempfile
 import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
+import pyarrow as pa
 import xxhash
 
 from lit_llm.errors import DataError, StorageError
@@ -90,27 +91,51 @@ def _not_utf8(path: Path, key: str, offset: int, data: bytes, reason: str) -> Da
     )
 
 
+def _complete(data: bytes) -> int:
+    """The length of ``data`` without a multi-byte UTF-8 character cut off at its end (it goes with the next
+    block)."""
+    n = len(data)
+    for back in range(1, min(4, n) + 1):
+        byte = data[n - back]
+        if byte & 0xC0 == 0x80:  # a continuation byte: look further back for the lead byte
+            continue
+        # The lead byte says the character's length (an invalid one counts as 1: the check reports it).
+        need = 2 if byte >> 5 == 0b110 else 3 if byte >> 4 == 0b1110 else 4 if byte >> 3 == 0b11110 else 1
+        return n if back >= need else n - back
+    return n
+
+
+def _is_utf8(data: bytes) -> bool:
+    """Arrow's UTF-8 validation of ``data`` as one string, without copying it (several times faster than decoding)."""
+    offsets = pa.py_buffer(struct.pack("<ii", 0, len(data)))
+    try:
+        pa.Array.from_buffers(pa.string(), 1, [None, offsets, pa.py_buffer(data)]).validate(full=True)
+    except pa.ArrowInvalid:
+        return False
+    return True
+
+
 def _hash_file(path: Path, key: str, utf8: bool) -> str:
     digest = xxhash.xxh3_128()
-    decoder = codecs.getincrementaldecoder("utf-8")() if utf8 else None
-    offset = 0
+    offset, carry = 0, b""  # bytes checked so far; the start of a character cut off at the end of the last block
     with open(path, "rb") as f:
         while block := f.read(_CHUNK):
             digest.update(block)
-            if decoder is not None:
-                pending = len(decoder.getstate()[0])
-                try:
-                    decoder.decode(block)
-                except UnicodeDecodeError as err:
-                    at = offset - pending + err.start
-                    raise _not_utf8(path, key, at, err.object[err.start:err.start + 8], err.reason) from None
-            offset += len(block)
-        if decoder is not None:
-            pending = len(decoder.getstate()[0])
-            try:
-                decoder.decode(b"", final=True)
-            except UnicodeDecodeError as err:
-                raise _not_utf8(path, key, offset - pending + err.start, err.object[err.start:], err.reason) from None
+            if utf8:
+                data = carry + block if carry else block
+                cut = _complete(data)
+                if not _is_utf8(data[:cut]):
+                    try:
+                        data[:cut].decode("utf-8")
+                    except UnicodeDecodeError as err:  # where, and why, in Python's words
+                        raise _not_utf8(path, key, offset + err.start, data[err.start:err.start + 8],
+                                        err.reason) from None
+                offset, carry = offset + cut, data[cut:]
+    if carry:
+        try:
+            carry.decode("utf-8")
+        except UnicodeDecodeError as err:
+            raise _not_utf8(path, key, offset + err.start, carry[err.start:], err.reason) from None
     return digest.hexdigest()
 
 

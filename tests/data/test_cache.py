@@ -303,3 +303,32 @@ def test_a_cached_download_altered_on_disk_is_downloaded_again(tmp_path, monkeyp
         assert "no longer matches its sha256" in caplog.text
     finally:
         server.shutdown()
+
+
+def test_the_utf8_check_agrees_with_python_across_block_boundaries(tmp_path, monkeypatch):
+    """Arrow's validation in blocks (7 bytes here, so characters are cut at block ends) accepts exactly what Python's
+    decoder accepts, and names the same byte offset."""
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    monkeypatch.setattr(cache, "_CHUNK", 7)
+    path = tmp_path / "t.txt"
+    pieces = st.one_of(st.text(max_size=6).map(lambda t: t.encode("utf-8")), st.binary(max_size=3))
+
+    @settings(max_examples=400, derandomize=True, suppress_health_check=[HealthCheck.function_scoped_fixture])
+    @given(st.lists(pieces, max_size=12).map(b"".join))
+    def check(data: bytes) -> None:
+        path.write_bytes(data)
+        try:
+            data.decode("utf-8")
+            expected = None
+        except UnicodeDecodeError as err:
+            expected = err.start
+        try:
+            cache.file_digest(path, utf8=True)
+            found = None
+        except DataError as err:
+            found = int(str(err).split(" is not UTF-8 text: byte ")[1].split(" ")[0])
+        assert found == expected, data
+
+    check()
