@@ -22,6 +22,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NoReturn, TextIO
 
+from lit_llm.diagnose import diagnose
 from lit_llm.errors import ConfigError, LitLLMError, UsageError, debugging, one_line
 
 EXIT_OK = 0
@@ -82,11 +83,17 @@ def run_command(action: Callable[[], object],
     except errors as err:
         if debugging():
             raise
-        print_error(err)
+        print_error(diagnose(err) or err)
         return EXIT_ERROR
     except KeyboardInterrupt:
         print(file=sys.stderr)
         return EXIT_INTERRUPTED
+    except Exception as err:  # a fault diagnose() knows (full disk, Lightning's configuration errors, ...) or a bug
+        known = diagnose(err)
+        if known is None or debugging():
+            raise
+        print_error(known)
+        return EXIT_ERROR
     return EXIT_OK
 
 

@@ -54,3 +54,8 @@ def one_line(error: BaseException) -> str:
     if len(lines) <= 1:
         return lines[0] if lines else type(error).__name__
     return lines[0] + " " + "; ".join(line.removeprefix("- ") for line in lines[1:])
+
+
+class StorageError(LitLLMError, OSError):
+    """A file or folder cannot be written: a full disk, a read-only or unwritable folder, a file where a folder
+    belongs."""

@@ -28,6 +28,7 @@ from pytorch_lightning.utilities.exceptions import SIGTERMException
 import lit_llm.distributed  # noqa: F401 - registers the lit_* strategy names
 from lit_llm.callbacks.signals import REQUEUE_EXIT_CODE, stop_launched_processes
 from lit_llm.cli import EXIT_ERROR, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, print_error
+from lit_llm.diagnose import diagnose
 from lit_llm.errors import ConfigError, DataError, UsageError, debugging, find_user_error
 from lit_llm.shipped import resolve_config_args
 from lit_llm.tasks.base import GPTTask
@@ -274,7 +275,9 @@ def run_training(args: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         return EXIT_INTERRUPTED
     except Exception as e:  # noqa: BLE001 - re-raised unless it is (or wraps) one of lit_llm's own errors
-        user_error = find_user_error(e)
+        # ... or a fault diagnose() knows: Lightning's configuration errors, a full disk, an unwritable folder, text
+        # that is not UTF-8.
+        user_error = find_user_error(e) or diagnose(e)
         if user_error is None or debugging():
             raise
         # One clear message, not a traceback through Lightning's internals (LIT_LLM_DEBUG=1 shows it).

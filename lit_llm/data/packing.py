@@ -7,6 +7,7 @@ renamed when complete, so a killed run never leaves a file that looks finished.
 
 from __future__ import annotations
 
+import errno
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -17,6 +18,8 @@ import datasets
 import numpy as np
 import torch
 from torch.utils.data import Dataset
+
+from lit_llm.data.cache import partial_path
 
 # Rows per read of a tokenized dataset: a batch of long documents stays well under a GB.
 ROWS_PER_BATCH = 64
@@ -102,15 +105,34 @@ def _piece_chunks(piece: Piece) -> Iterator[np.ndarray]:
 def write_npy(path: Path, pieces: list[Piece], dtype: type) -> int:
     """Write the concatenated pieces to ``path`` through a temp file and an atomic rename."""
     total = sum(_piece_len(p) for p in pieces)
-    tmp = path.with_name(f"{path.stem}.{os.getpid()}.tmp.npy")
-    out = np.lib.format.open_memmap(tmp, mode="w+", dtype=dtype, shape=(total,))
-    pos = 0
-    for piece in pieces:
-        for chunk in _piece_chunks(piece):
-            out[pos : pos + len(chunk)] = chunk
-            pos += len(chunk)
-    assert pos == total, f"wrote {pos} tokens, expected {total}"
-    out.flush()
-    del out
-    os.replace(tmp, path)
+    # Named after this process, so that the next start removes it if this one is killed (lit_llm.data.cache.sweep).
+    tmp = partial_path(path)
+    try:
+        out = np.lib.format.open_memmap(tmp, mode="w+", dtype=dtype, shape=(total,))
+        _reserve(tmp)
+        pos = 0
+        for piece in pieces:
+            for chunk in _piece_chunks(piece):
+                out[pos : pos + len(chunk)] = chunk
+                pos += len(chunk)
+        assert pos == total, f"wrote {pos} tokens, expected {total}"
+        out.flush()
+        del out
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
     return total
+
+
+def _reserve(path: Path) -> None:
+    """Allocate the whole (sparse) file now: on a full disk, writing through the memory map would kill the process
+    with SIGBUS, and no message; here it is an ``OSError`` (ENOSPC) naming the file."""
+    if not hasattr(os, "posix_fallocate"):
+        return
+    with open(path, "r+b") as f:
+        try:
+            os.posix_fallocate(f.fileno(), 0, os.fstat(f.fileno()).st_size)
+        except OSError as err:
+            if err.errno == errno.ENOSPC:
+                raise OSError(err.errno, err.strerror, str(path)) from None
+            # EOPNOTSUPP / EINVAL: a filesystem without allocation; the memory map then writes as before

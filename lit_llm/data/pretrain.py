@@ -10,7 +10,6 @@ train/validation boundary.
 from __future__ import annotations
 
 import json
-import os
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,11 +21,12 @@ import pyarrow.compute as pc
 import torch
 from torch.utils.data import DataLoader, Subset
 
+from lit_llm.data import cache
 from lit_llm.data.base import GPTDataModule
 from lit_llm.data.packing import ROWS_PER_BATCH, Piece, Rows, TokenWindows, write_npy
 from lit_llm.data.quality import QualityConfig
 from lit_llm.data.sampler import ResumableLoader, ResumableSampler
-from lit_llm.data.sources import load_documents
+from lit_llm.data.sources import content_id, load_documents
 from lit_llm.data.tokenizer_source import cache_key
 from lit_llm.errors import ConfigError, DataError
 
@@ -216,11 +216,13 @@ class PretrainDataModule(GPTDataModule):
     def _corpus_id(self, which: Literal["source", "val_source"]) -> str:
         docs = self._documents(which)
         if isinstance(docs, datasets.Dataset):
-            return docs._fingerprint  # content-derived by `datasets` (file paths + mtimes, or hashed data)
-        # A stream has no fingerprint; identify it by its configuration.
+            return content_id(docs)  # derived from the files' bytes (or the hashed data of builtin sources)
+        # A stream has no fingerprint: its configuration, and the content digest of local files (an hf: stream is
+        # known by its name only).
         spec = self.source if which == "source" else self.val_source
         quality = self.quality.config.settings() if self.quality is not None and which == "source" else None
-        return cache_key("stream", spec, self.text_column, self.hf_split, self.sha256, *([quality] if quality else []))
+        return cache_key("stream", spec, self.text_column, self.hf_split, self.sha256, content_id(docs),
+                         *([quality] if quality else []))
 
     def _split_settings(self) -> dict[str, Any]:
         if self.val_source is not None:
@@ -337,7 +339,7 @@ class PretrainDataModule(GPTDataModule):
         raw_names = {"train": "source", "val": "val_source"} if self.val_source is not None else {"all": "source"}
         raws: dict[str, np.ndarray] = {}
         for name, which in raw_names.items():
-            raw = paths["train"].with_name(f"{name}.{os.getpid()}.tmp.bin")
+            raw = cache.partial_path(paths["train"].with_name(f"{name}.bin"))
             with open(raw, "wb") as f:
                 for batch in self._tokenized(which).iter(batch_size=ROWS_PER_BATCH):
                     for ids in batch["ids"]:
@@ -349,15 +351,19 @@ class PretrainDataModule(GPTDataModule):
             raws = {"train": raws["all"][:cut], "val": raws["all"][cut:]}
         for split, path in paths.items():
             write_npy(path, [raws[split]], self._dtype)
-        for raw in paths["train"].parent.glob(f"*.{os.getpid()}.tmp.bin"):
-            raw.unlink()
+        for name in raw_names:
+            cache.partial_path(paths["train"].with_name(f"{name}.bin")).unlink(missing_ok=True)
 
     def prepare_data(self) -> None:
         """Download and tokenize the corpus into ``<cache_dir>/pretrain/<key>/{train,val}.npy`` (once)."""
         paths = self._split_paths()
-        if all(p.is_file() for p in paths.values()):
-            return
         directory = paths["train"].parent
+        why = (f"key {directory.name}: corpus {self._corpus_id('source')[:16]}, tokenizer "
+               f"{self.tokenizer.fingerprint[:12]}, split {self._split_settings()}")
+        if all(p.is_file() for p in paths.values()):
+            cache.reused("the token arrays", directory, why)
+            return
+        cache.building("the token arrays", directory, f"no entry for {why}")
         directory.mkdir(parents=True, exist_ok=True)
         if isinstance(self._documents("source"), datasets.IterableDataset):
             self._pack_stream(paths)
@@ -373,7 +379,7 @@ class PretrainDataModule(GPTDataModule):
             "split": self._split_settings(),
             "tokens": {s: int(np.load(p, mmap_mode="r").shape[0]) for s, p in paths.items()},
         }
-        (directory / "meta.json").write_text(json.dumps(meta, indent=2, default=str), encoding="utf-8")
+        cache.write_atomic(directory / "meta.json", json.dumps(meta, indent=2, default=str))
 
     # ---- Lightning hooks -------------------------------------------------------------------------------------
 

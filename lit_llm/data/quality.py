@@ -46,6 +46,7 @@ from typing import Any, Literal
 
 import numpy as np
 
+from lit_llm.data import cache
 from lit_llm.errors import ConfigError, DataError
 
 # Bump when a rule changes what it removes, so cached results are not reused.
@@ -911,10 +912,7 @@ def cache_path(cache_dir: Path, *parts: object) -> Path:
 def write_report(report: QualityReport | Sequence[QualityReport], path: Path) -> None:
     """Write one report (or several, as a list) as JSON, atomically."""
     data: Any = report.to_dict() if isinstance(report, QualityReport) else [r.to_dict() for r in report]
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(data, indent=2, ensure_ascii=False, default=str), encoding="utf-8")
-    os.replace(tmp, path)
+    cache.write_atomic(path, json.dumps(data, indent=2, ensure_ascii=False, default=str))
 
 
 class QualityGate:
@@ -982,18 +980,18 @@ class QualityGate:
             return list(enumerate(dict(r) for r in records))
         path = cache_path(self.cache_dir, "rows", content_key(records), list(text_fields), config.settings(),
                           {k: content_key(v) for k, v in against.items()}) / "result.json"
+        why = f"key {path.parent.name}: the {len(records)} records' content and the data.quality settings"
         if path.is_file():
+            cache.reused(f"the data-quality result of {name}", path.parent, why)
             cached = json.loads(path.read_text(encoding="utf-8"))
             report = QualityReport.from_dict(cached["report"])
             kept = [(i, dict(records[i]) if r is None else r) for i, r in zip(cached["kept"], cached["records"])]
         else:
+            cache.building(f"the data-quality result of {name}", path.parent, f"no entry for {why}")
             kept, report = clean_records(records, config, text_fields, against=against, name=name)
             redacted = [r if r != records[i] else None for i, r in kept]
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(f"result.{os.getpid()}.tmp")
-            tmp.write_text(json.dumps({"kept": [i for i, _ in kept], "records": redacted,
-                                       "report": report.to_dict()}, default=str), encoding="utf-8")
-            os.replace(tmp, path)
+            cache.write_atomic(path, json.dumps({"kept": [i for i, _ in kept], "records": redacted,
+                                                 "report": report.to_dict()}, default=str))
         report.name = name
         self._keep(report)
         return kept
@@ -1012,20 +1010,26 @@ class QualityGate:
         Returns:
             The cleaned corpus, read back with ``datasets`` (streamed when ``streaming``).
         """
-        import datasets
 
         against = {**(against or {}), **self.against_files()} if self.config.leakage.enabled else {}
         against_ids = {label: _identity(records) for label, records in against.items()}
         directory = cache_path(self.cache_dir, "documents", identity, self.config.settings(), against_ids)
         data, report_path = directory / "data.jsonl", directory / "report.json"
-        if not (data.is_file() and report_path.is_file()):
+        why = f"key {directory.name}: corpus {str(identity)[:16]} and the data.quality settings"
+        if data.is_file() and report_path.is_file():
+            cache.reused(f"the cleaned documents of data.{name}", directory, why)
+        else:
+            cache.building(f"the cleaned documents of data.{name}", directory, f"no entry for {why}")
             directory.mkdir(parents=True, exist_ok=True)
             cleaner = Cleaner(self.config, ["text"], against=against, name=name)
-            tmp = data.with_name(f"data.{os.getpid()}.tmp")
-            with open(tmp, "w", encoding="utf-8") as out:
-                for _, record in cleaner.run({"text": r["text"]} for r in docs):
-                    out.write(json.dumps({"text": record["text"]}, ensure_ascii=False) + "\n")
-            os.replace(tmp, data)
+            tmp = cache.partial_path(data)
+            try:
+                with open(tmp, "w", encoding="utf-8") as out:
+                    for _, record in cleaner.run({"text": r["text"]} for r in docs):
+                        out.write(json.dumps({"text": record["text"]}, ensure_ascii=False) + "\n")
+                os.replace(tmp, data)
+            finally:
+                tmp.unlink(missing_ok=True)
             write_report(cleaner.report, report_path)
         report = QualityReport.from_dict(json.loads(report_path.read_text(encoding="utf-8")))
         report.name = name
@@ -1033,8 +1037,9 @@ class QualityGate:
         if report.records_out == 0:
             raise DataError(f"data.quality removed every document of data.{name} ({report.records_in} read); "
                             f"see {report_path} for what each rule removed, and loosen data.quality")
-        return datasets.load_dataset("json", data_files=[str(data)], split="train", streaming=streaming,
-                                     cache_dir=str(self.cache_dir / "datasets"))
+        from lit_llm.data.sources import load_records  # keyed by content, and no network, like every local file
+
+        return load_records(str(data), cache_dir=self.cache_dir, streaming=streaming, key=f"data.{name}")
 
     def _keep(self, report: QualityReport) -> None:
         from pytorch_lightning.utilities import rank_zero_info

@@ -19,25 +19,26 @@ file of a zip archive, by its path inside the archive or its unique base name, e
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import hashlib
 import os
 import re
 import shutil
-import tempfile
 import urllib.error
 import urllib.parse
 import urllib.request
 import warnings
 import zipfile
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Literal
 
 import datasets
 
+from lit_llm.data import cache
 from lit_llm.data.builtin import load_builtin
-from lit_llm.errors import ConfigError, DataError
+from lit_llm.errors import ConfigError, DataError, StorageError
 
 Records = datasets.Dataset | datasets.IterableDataset
 
@@ -122,13 +123,16 @@ def download(url: str, sha256: str | None, cache_dir: str | Path | None = None, 
     url_tag = hashlib.sha256(url.encode("utf-8")).hexdigest()[:8]
     dest = Path(cache_dir or default_cache_dir()).expanduser() / "downloads" / f"{url_tag}-{sha256[:12]}-{base}"
     if dest.is_file():
-        return dest
+        if _file_sha256(dest) == sha256:  # checked again: a file in the cache is outside input too
+            cache.reused(f"the download of {url}", dest, f"sha256 {sha256[:12]}... matched")
+            return dest
+        dest.unlink()
+        cache.building(f"the download of {url}", dest, "the cached file no longer matches its sha256")
     dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(dir=dest.parent, prefix=dest.name + ".", suffix=".part")
-    tmp = Path(tmp_name)
+    tmp = cache.partial_path(dest)
     digest = hashlib.sha256()
     try:
-        with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=60) as response:
+        with open(tmp, "wb") as out, urllib.request.urlopen(url, timeout=60) as response:
             while block := response.read(_CHUNK):
                 digest.update(block)
                 out.write(block)
@@ -150,13 +154,16 @@ def download(url: str, sha256: str | None, cache_dir: str | Path | None = None, 
 
 
 def _extract(archive: Path, cache_dir: Path) -> Path:
-    stat = archive.stat()
-    tag = hashlib.sha256(f"{archive.resolve()}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()[:16]
+    tag = cache.files_digest([archive], cache_dir=cache_dir)[:16]  # by content: a replaced archive is extracted anew
     dest = cache_dir / "extracted" / f"{archive.stem}-{tag}"
     if dest.is_dir():
+        cache.reused(f"the files of {archive}", dest, f"content xxh3:{tag}")
         return dest
+    cache.building(f"the files of {archive}", dest, f"no entry for content xxh3:{tag}")
     dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix=dest.name + ".", suffix=".part"))
+    tmp = cache.partial_path(dest)
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
     try:
         with zipfile.ZipFile(archive) as zf:
             zf.extractall(tmp)  # extractall drops absolute paths and ".." components
@@ -306,22 +313,69 @@ def _load_files(
     if builder == "json":
         for f in files:
             _check_json_start(f, key)
+    # The files' content names the `datasets` config, so its arrow cache and fingerprint (and every cache keyed by
+    # them) change when the text does, even under the same names, sizes and modification times.
+    digest = cache.files_digest(files, cache_dir=cache_dir, key=key, utf8=builder != "parquet")
+    where = str(files[0]) if len(files) == 1 else f"{len(files)} files ({files[0]}, ...)"
     try:
-        ds = datasets.load_dataset(
-            builder,
-            data_files=[str(f) for f in files],
-            split="train",
-            cache_dir=str(cache_dir / "datasets"),
-            streaming=streaming,
-            **kwargs,
-        )
+        with local_only():
+            reader = datasets.load_dataset_builder(builder, f"{CONTENT_PREFIX}{digest}",
+                                                   data_files=[str(f) for f in files],
+                                                   cache_dir=str(cache_dir / "datasets"), **kwargs)
+            if streaming:
+                ds = reader.as_streaming_dataset(split="train")
+            else:
+                cached = Path(reader.cache_dir, "dataset_info.json").is_file()
+                if cached:
+                    cache.reused(f"{key} records", reader.cache_dir, f"content xxh3:{digest}")
+                else:
+                    cache.building(f"{key} records", reader.cache_dir, f"no entry for content xxh3:{digest}")
+                reader.download_and_prepare()
+                ds = reader.as_dataset(split="train")
     except Exception as err:  # builders raise many types (ArrowInvalid, DatasetGenerationError, ...)
-        where = str(files[0]) if len(files) == 1 else f"{len(files)} files ({files[0]}, ...)"
+        from lit_llm.diagnose import diagnose
+
+        if isinstance(storage := diagnose(err), StorageError):  # the cache's disk, not the corpus
+            raise storage from err
         read_as = f"{builder} with column_names={list(column_names)}" if column_names is not None else builder
         raise DataError(f"{key}: could not read {where} as {read_as}: {type(err).__name__}: {err}") from err
     if not streaming and len(ds) == 0:
         raise DataError(f"{key}: {files[0] if len(files) == 1 else files} holds no records; add data.")
     return ds
+
+
+#: The start of the ``datasets`` config name of local files: ``content-<xxh3-128 of their bytes>``.
+CONTENT_PREFIX = "content-"
+
+
+def content_id(ds: Records) -> str | None:
+    """What identifies a loaded dataset's content, for cache keys.
+
+    A map-style dataset's ``datasets`` fingerprint (for local files it derives from their content, see
+    :data:`CONTENT_PREFIX`); for a stream of local files, their content digest; ``None`` for other streams (an ``hf:``
+    stream is known by its name only).
+    """
+    fingerprint = getattr(ds, "_fingerprint", None)
+    if isinstance(ds, datasets.Dataset) and isinstance(fingerprint, str):
+        return fingerprint
+    name = ds.info.config_name if ds.info is not None else None
+    return name if isinstance(name, str) and name.startswith(CONTENT_PREFIX) else None
+
+
+@contextlib.contextmanager
+def local_only() -> Iterator[None]:
+    """``datasets`` reading local files touches no network: no download counter, no Hub lookup.
+
+    ``load_dataset`` / ``load_dataset_builder`` send a request to count the use of a packaged builder ("text", "json",
+    ...) even for local files; its settings (``datasets.config``, read from ``HF_UPDATE_DOWNLOAD_COUNTS`` and
+    ``HF_HUB_OFFLINE`` at import) are switched off while local files are read, and restored after.
+    """
+    saved = datasets.config.HF_UPDATE_DOWNLOAD_COUNTS, datasets.config.HF_HUB_OFFLINE
+    datasets.config.HF_UPDATE_DOWNLOAD_COUNTS, datasets.config.HF_HUB_OFFLINE = False, True
+    try:
+        yield
+    finally:
+        datasets.config.HF_UPDATE_DOWNLOAD_COUNTS, datasets.config.HF_HUB_OFFLINE = saved
 
 
 def _check_json_start(path: Path, key: str) -> None:
@@ -390,7 +444,8 @@ def load_records(
         DataError: The source is missing, empty, unreadable or failed to download, or the archive member is not in
             the archive.
     """
-    cache = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
+    cache_root = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
+    cache.prepare(cache_root)  # writable, and no partial files of killed runs left in it
     if isinstance(source, (str, Path)):
         specs = [str(source)]
     else:
@@ -398,30 +453,35 @@ def load_records(
     if not specs or any(not s.strip() for s in specs):
         raise ConfigError(f"{key} is empty; give one of: {_FORMS}.")
     names = _check_file_options(specs, key, file_format, column_names, archive_member)
-    read = {"cache_dir": cache, "streaming": streaming, "key": key, "file_format": file_format, "column_names": names}
+    read = {"cache_dir": cache_root, "streaming": streaming, "key": key, "file_format": file_format,
+            "column_names": names}
     if len(specs) == 1:
         spec = specs[0]
         if spec.startswith("builtin:"):
             ds = load_builtin(spec.removeprefix("builtin:"), key=key)
-            return ds.to_iterable_dataset() if streaming else ds
+            if not streaming:
+                return ds
+            stream = ds.to_iterable_dataset()
+            stream.info.config_name = f"{CONTENT_PREFIX}{ds._fingerprint}"  # the fingerprint hashes the content
+            return stream
         if spec.startswith("hf:"):
             return _load_hf(spec.removeprefix("hf:"), hf_split=hf_split, streaming=streaming, key=key)
         if spec.startswith(("http://", "https://")):
-            path = download(spec, sha256, cache, key=key)
+            path = download(spec, sha256, cache_root, key=key)
             if archive_member is not None:
-                return _load_files([_archive_member(path, archive_member, cache, key)], **read)
-            return _load_files(_expand_local(path, cache, key), **read)
+                return _load_files([_archive_member(path, archive_member, cache_root, key)], **read)
+            return _load_files(_expand_local(path, cache_root, key), **read)
         if archive_member is not None:
             path = Path(spec).expanduser()
             if not path.is_file():
-                _expand_local(spec, cache, key)  # raises the usual "does not exist" message
-            return _load_files([_archive_member(path, archive_member, cache, key)], sha256=sha256, **read)
+                _expand_local(spec, cache_root, key)  # raises the usual "does not exist" message
+            return _load_files([_archive_member(path, archive_member, cache_root, key)], sha256=sha256, **read)
     elif any(s.startswith(("builtin:", "hf:", "http://", "https://")) for s in specs):
         raise ConfigError(f"{key}: a list may hold only local paths or globs; got {specs}. Use one remote source.")
     files: list[Path] = []
     seen: set[Path] = set()
     for spec in specs:
-        for f in _expand_local(spec, cache, key):
+        for f in _expand_local(spec, cache_root, key):
             if f.resolve() not in seen:  # overlapping globs/directories must not duplicate documents
                 seen.add(f.resolve())
                 files.append(f)

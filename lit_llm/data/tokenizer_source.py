@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
+from lit_llm.data import cache
 from lit_llm.data.tokenizer import Tokenizer, load_tokenizer, train_bpe
 from lit_llm.errors import DataError
 
@@ -39,13 +39,13 @@ def trained_tokenizer(
     written atomically, so concurrent ranks never read half a tokenizer.
     """
     path = cache_dir / "tokenizers" / f"bpe{vocab_size}-{key}.json"
+    why = f"key {key}: the training text and vocab_size={vocab_size}"
     if path.is_file():
+        cache.reused("the trained tokenizer", path, why)
         return Tokenizer.from_json(path.read_text(encoding="utf-8"))
+    cache.building("a trained tokenizer", path, f"no entry for {why}")
     tokenizer = train_bpe(texts(), vocab_size)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(tokenizer.to_json(), encoding="utf-8")
-    os.replace(tmp, path)
+    cache.write_atomic(path, tokenizer.to_json())
     return tokenizer
 
 

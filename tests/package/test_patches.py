@@ -353,3 +353,15 @@ def test_datasets_fingerprint() -> None:
     other = datasets.Dataset.from_dict({"text": ["b"]})
     assert isinstance(one._fingerprint, str) and one._fingerprint
     assert one._fingerprint != other._fingerprint
+
+
+def test_datasets_download_counter_settings() -> None:
+    import inspect
+
+    datasets = pytest.importorskip("datasets")
+    from datasets import load
+
+    assert isinstance(datasets.config.HF_UPDATE_DOWNLOAD_COUNTS, bool)
+    assert isinstance(datasets.config.HF_HUB_OFFLINE, bool)
+    counter = inspect.getsource(load.increase_load_count)
+    assert "config.HF_HUB_OFFLINE" in counter and "config.HF_UPDATE_DOWNLOAD_COUNTS" in counter
