@@ -126,6 +126,9 @@ class ChatDataModule(GPTDataModule):
 
     #: The test record field holding the expected answer (read by the task's scoring).
     reference_field = "reference"
+    #: Special tokens added to the configured tokenizer; initial weights (``model.init_weights``) trained without
+    #: them get that many new embedding rows.
+    added_tokens = 0
 
     def __init__(
         self,
@@ -189,6 +192,7 @@ class ChatDataModule(GPTDataModule):
         if self._tokenizer is None:
             base = GPTDataModule.tokenizer.fget(self)  # type: ignore[attr-defined]
             self._tokenizer = self.chat_template.prepare_tokenizer(base)
+            self.added_tokens = self._tokenizer.vocab_size - base.vocab_size
             self.chat_template.stop_id(self._tokenizer)  # refuse a template without a one-token end marker now
         return self._tokenizer
 

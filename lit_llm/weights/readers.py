@@ -232,7 +232,8 @@ def load_weights(
 # ---- loading into a model --------------------------------------------------------------------------------------
 
 
-def load_into(model: GPTModel, state: dict[str, Tensor], strict: bool = True, *, source: str | None = None) -> None:
+def load_into(model: GPTModel, state: dict[str, Tensor], strict: bool = True, *, source: str | None = None,
+              new_rows: int = 0) -> None:
     """Load a lit_llm-layout state dict into ``model``, after checking every key and shape.
 
     Vocabulary padding is not a mismatch: a table with ``vocab_size`` rows is padded with zero rows up to the
@@ -249,6 +250,9 @@ def load_into(model: GPTModel, state: dict[str, Tensor], strict: bool = True, *,
         state: Tensors by name, as the loaders of this module return them.
         strict: Refuse missing and unexpected keys. Shape mismatches are refused either way.
         source: Where the weights came from, for the error message.
+        new_rows: Tokens added to the tokenizer after these weights were trained (a chat template's special tokens):
+            the embedding and head may have up to this many rows fewer than ``vocab_size``; the missing rows start
+            as the mean of the others.
 
     Raises:
         CheckpointError: One message listing missing keys, unexpected keys and each shape mismatch as
@@ -284,7 +288,10 @@ def load_into(model: GPTModel, state: dict[str, Tensor], strict: bool = True, *,
         t = state.get(name)
         if t is not None and name in expected and t.dim() == 2 and tuple(t.shape[1:]) == expected[name][1:]:
             rows = expected[name][0]
-            if cfg.vocab_size <= t.shape[0] < rows:
+            if cfg.vocab_size - new_rows <= t.shape[0] < rows:
+                if t.shape[0] < cfg.vocab_size:
+                    mean = t.float().mean(0, keepdim=True).to(t.dtype)
+                    t = torch.cat([t, mean.expand(cfg.vocab_size - t.shape[0], -1)])
                 state[name] = torch.cat([t, t.new_zeros(rows - t.shape[0], t.shape[1])])
     missing = [k for k in expected if k not in state]
     unexpected = [k for k in state if k not in expected]

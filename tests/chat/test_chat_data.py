@@ -30,7 +30,8 @@ def tokenizer_file(tmp_path_factory) -> Path:
 
     texts = [m["content"] for c in generate_conversations(600)["messages"] for m in c]
     tasks = generate_tasks(per_kind=50)
-    texts += tasks["instruction"] + tasks["input"] + tasks["output"] + ["Below is an instruction that describes a task."]
+    texts += tasks["instruction"] + tasks["input"] + tasks["output"]
+    texts.append("Below is an instruction that describes a task.")
     path = tmp_path_factory.mktemp("tok") / "tokenizer.json"
     train_bpe(texts, 600).save(path.parent)
     return path

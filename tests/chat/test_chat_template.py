@@ -10,7 +10,6 @@ from tokenizers import Regex, models, pre_tokenizers
 from lit_llm.data.chat import conversation_item
 from lit_llm.data.chat_template import (
     BUILTIN_TEMPLATES,
-    ChatTemplate,
     checkpoint_chat_template,
     get_chat_template,
 )
