@@ -472,9 +472,9 @@ def run(args: argparse.Namespace, stdin: TextIO, stdout: TextIO) -> None:
              "chat with a template the model knows.")
         chat(model, tokenizer, template, stdin=stdin, stdout=stdout, stream=stream, **gen)
         return
-    if args.template is not None or args.chat_template is not None:
-        warn("--template and --chat-template apply to --chat; --prompt text is continued as written (format it "
-             "yourself)")
+    for flag, value in (("--template", args.template), ("--chat-template", args.chat_template)):
+        if value is not None:
+            warn(f"{flag} applies to --chat; --prompt text is continued as written (format it yourself)")
     stream = len(prompts) == 1 and args.format == "text"
     if args.stream and not stream:
         why = f"{len(prompts)} prompts" if len(prompts) > 1 else "--format jsonl"

@@ -178,3 +178,50 @@ def test_ids_and_masks_equal_transformers_apply_chat_template(name):
     assert sum(mask) > 4
     prompt = hf.apply_chat_template(conversation[:4], tokenize=True, add_generation_prompt=True, return_dict=True)
     assert prompt["input_ids"] == template.prompt_ids(tok, conversation[:4])
+
+
+def test_the_serving_engine_ends_a_chat_reply_at_the_end_of_turn_marker():
+    """A model rigged to answer <|im_end|> at every step: with the template's stop the reply ends there, empty and
+    finished by "stop"; without it the markers run on to max_tokens."""
+    import threading
+
+    import torch
+
+    from lit_llm.model.config import GPTConfig
+    from lit_llm.model.gpt import GPTModel
+    from lit_llm.serve.engine import Engine, GenerationRequest
+
+    template = BUILTIN_TEMPLATES["chatml"]
+    tok = template.prepare_tokenizer(train_bpe(["Hi there. Hello!"] * 5, 270))
+    end = template.stop_id(tok)
+    torch.manual_seed(0)
+    model = GPTModel(GPTConfig(vocab_size=tok.vocab_size, context_length=32, emb_dim=16, n_heads=2, n_layers=1,
+                               drop_rate=0.0, tie_weights=False))
+    with torch.no_grad():  # a constant final hidden state that the head maps onto <|im_end|>
+        model.final_norm.weight.zero_()
+        model.final_norm.bias.zero_()
+        model.final_norm.bias[0] = 1.0
+        model.out_head.weight.zero_()
+        model.out_head.weight[end, 0] = 10.0
+
+    def run(stop: list[str]) -> tuple[str, list]:
+        events, done = [], threading.Event()
+
+        def emit(event):
+            events.append(event)
+            if event.kind != "text":
+                done.set()
+
+        engine = Engine(model, tok, slots=1, mode="eager").start()
+        try:
+            engine.submit(GenerationRequest(prompt_ids=tok.encode("<|im_start|>user\nHi"), max_tokens=4, emit=emit,
+                                            stop=stop))
+            assert done.wait(60)
+        finally:
+            engine.close()
+        return "".join(e.text for e in events if e.kind == "text"), events
+
+    text, events = run(chat_stops(template, tok))
+    assert text == "" and events[-1].finish_reason == "stop"
+    text, events = run([])
+    assert text == "<|im_end|>" * 4 and events[-1].finish_reason == "length"
