@@ -315,7 +315,8 @@ def converse(
 
     The conversation so far (system message, earlier exchanges, the new message) is rendered with ``template`` and
     the reply generated until its end-of-turn marker. When the rendering no longer leaves room for a reply of
-    ``max_new_tokens`` (at most half the context), the oldest exchanges are dropped, with a notice on ``stderr``.
+    ``max_new_tokens`` (at most an eighth of the context), the oldest exchanges are dropped, with a notice on
+    ``stderr``.
     Commands: ``/system TEXT``, ``/reset``, ``/exit``; end of input quits too.
 
     Args:
@@ -332,7 +333,9 @@ def converse(
     err = stderr or sys.stderr
     stop = template.stop_id(tokenizer)
     ctx = model.config.context_length
-    reply_room = min(gen.get("max_new_tokens", 100), ctx // 2)
+    # Room kept for the reply: --max-new-tokens, but at most an eighth of the context, so that a long default does
+    # not push out history the model needs (a longer reply still runs on until the context is full).
+    reply_room = min(gen.get("max_new_tokens", 100), max(ctx // 8, 1))
     system: str | None = None
     history: list[dict[str, str]] = []
     lines = _Lines(stdin)
