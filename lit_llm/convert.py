@@ -25,6 +25,7 @@ import warnings
 from pathlib import Path
 
 from lit_llm.cli import DTYPE_NAMES, CommandParser, dtype_from_name, entry_point, run_command
+from lit_llm.data.chat_template import checkpoint_chat_template
 from lit_llm.data.tokenizer import Tokenizer, load_tokenizer
 from lit_llm.errors import CheckpointError, ConfigError, LitLLMError
 from lit_llm.model.config import PRESETS, GPTConfig
@@ -68,9 +69,11 @@ def _to_hf(args: argparse.Namespace) -> str:
         tokenizer = load_tokenizer(args.tokenizer)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="no tokenizer is known")  # the summary line says it
-        out = export_hf(model, args.out_dir, tokenizer)
+        out = export_hf(model, args.out_dir, tokenizer, checkpoint_chat_template(meta))
     config: GPTConfig = model.config
     note = "" if tokenizer is not None else " (no tokenizer: pass --tokenizer to include one)"
+    if tokenizer is not None and (out / "chat_template.jinja").is_file():
+        note += "; with its chat template"
     return (f"wrote {out}: Hugging Face GPT-2 ({config.n_layers} layers, {config.emb_dim} wide, {config.vocab_size} "
             f"tokens) from {meta['format']} weights{note}")
 

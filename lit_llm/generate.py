@@ -13,9 +13,14 @@ jsonl`` prints ``{"prompt": ..., "completion": ...}`` lines instead). Generation
 prompt separately. Prompts of equal token length are batched together: the GPT has no padding mask, so prompts of
 different lengths run in separate batches and each gets exactly the tokens it would get alone.
 
-``--chat`` reads one line at a time from stdin, wraps it in the instruction template (``--template``; default
-the checkpoint's ``prompt_template`` hyperparameter, else ``alpaca``), generates until ``<|endoftext|>`` and prints
-the response only. Each turn is independent (the book's models are single-turn). ``/exit`` or end of input quits.
+``--chat`` is a conversation on stdin. With a checkpoint that carries a chat template (one trained on
+conversations, or ``--chat-template``), each line is a user message: the whole conversation so far is rendered with
+the template, the reply is generated until the template's end-of-turn marker and printed, and both join the history
+(when it no longer fits the context, the oldest exchanges are dropped with a one-line notice). ``/system TEXT`` sets
+the system message, ``/reset`` forgets the conversation, ``/exit`` or end of input (Ctrl-D) quits; on a terminal,
+lines can be edited and recalled (``readline``). A checkpoint without a chat template gets a warning and the old
+single-turn loop: each line is wrapped in the instruction template (``--template``; default the checkpoint's
+``prompt_template`` hyperparameter, else ``alpaca``) and answered alone.
 
 Mistakes print one ``error: ...`` line and exit with status 1 (2 for a usage mistake); ``LIT_LLM_DEBUG=1`` shows the
 traceback instead.
@@ -41,6 +46,7 @@ from lit_llm.cli import (
     run_command,
     warn,
 )
+from lit_llm.data.chat_template import BUILTIN_TEMPLATES, ChatTemplate, checkpoint_chat_template, get_chat_template
 from lit_llm.data.prompts import TEMPLATES, checkpoint_template, extract_response, format_prompt, get_template
 from lit_llm.data.tokenizer import Tokenizer
 from lit_llm.errors import ConfigError, LitLLMError
@@ -83,10 +89,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stream", action=argparse.BooleanOptionalAction, default=None,
                    help="print tokens as they come (default: on for one prompt and for --chat)")
     p.add_argument("--format", choices=["text", "jsonl"], default="text", help="output of non-chat generation")
-    p.add_argument("--chat", action="store_true", help="interactive instruction loop on stdin")
+    p.add_argument("--chat", action="store_true", help="chat on stdin (multi-turn with the checkpoint's chat template)")
+    p.add_argument("--chat-template", default=None, metavar="NAME|FILE",
+                   help=f"chat template for --chat: {', '.join(BUILTIN_TEMPLATES)} or a .jinja file; default: the "
+                   "checkpoint's")
     p.add_argument("--template", default=None,
-                   help=f"instruction template for --chat: {', '.join(TEMPLATES)} or a string with {{instruction}}; "
-                   "default: the checkpoint's prompt_template, else alpaca")
+                   help=f"instruction template for --chat without a chat template: {', '.join(TEMPLATES)} or a string "
+                   "with {instruction}; default: the checkpoint's prompt_template, else alpaca")
     return p
 
 
@@ -152,10 +161,12 @@ def complete(
     use_cache: bool = True,
     on_text: Callable[[str], Any] | None = None,
     fast: DecodeMode | None = None,
+    stop_ids: Sequence[int] = (),
 ) -> list[str]:
     """Continue each prompt; returns the continuations (end-of-text and what follows it left out).
 
-    Prompts of equal token length share a batch; each row stops at the tokenizer's end-of-text id.
+    Prompts of equal token length share a batch; each row stops at the tokenizer's end-of-text id (or one of
+    ``stop_ids``).
 
     Args:
         model: An eval-mode GPT.
@@ -170,6 +181,7 @@ def complete(
         on_text: Called with each new piece of text as it is generated; only for a single prompt.
         fast: Decode with :func:`lit_llm.model.decoding.generate_tokens_static` in this mode (``"auto"``,
             ``"eager"``, ``"cuda-graph"``, ``"compile"``) instead of the model's growing cache; None: the model's.
+        stop_ids: More ids that end a row, left out like end-of-text (a chat template's end-of-turn marker).
     """
     if on_text is not None and len(prompts) != 1:
         raise ConfigError(f"streaming needs exactly one prompt, got {len(prompts)}")
@@ -193,14 +205,18 @@ def complete(
             steps = generate_tokens_static(model, idx, max_new_tokens, mode=fast, **sampling)
         else:
             steps = generate_tokens(model, idx, max_new_tokens, use_cache=use_cache, **sampling)
+        stops = {tokenizer.eos_id, *stop_ids}
         for nxt in steps:
             for r, token in enumerate(nxt[:, 0].tolist()):
                 if done[r]:
                     continue
-                if token == tokenizer.eos_id:
+                if token in stops:
                     done[r] = True
                 else:
                     streams[r].add(token)
+            if all(done):
+                break
+        steps.close()  # stopped early: let the decoder restore the model's mode now
         for r, i in enumerate(rows):
             results[i] = streams[r].finish()
     return results
@@ -231,12 +247,10 @@ def chat(
         stream: Print the response as it is generated.
         **gen: Keyword arguments of :func:`complete` (``max_new_tokens``, ``temperature``, ...).
     """
-    interactive = stdin.isatty()
+    lines = _Lines(stdin)
     while True:
-        if interactive:
-            print("> ", end="", file=sys.stderr, flush=True)
-        line = stdin.readline()
-        if not line:
+        line = lines.read()
+        if line is None:
             break  # end of input
         instruction = line.strip()
         if instruction == "/exit":
@@ -252,6 +266,140 @@ def chat(
             (text,) = complete(model, tokenizer, [prompt], **gen)
             stdout.write(extract_response(template, prompt + text, prompt=prompt) + "\n")
         stdout.flush()
+
+
+class _Lines:
+    """Lines typed by the user: through ``input()`` with ``readline`` line editing and history when stdin is the
+    terminal, else read as they come (piped input)."""
+
+    def __init__(self, stdin: TextIO) -> None:
+        self.stdin = stdin
+        self.terminal = stdin is sys.stdin and stdin.isatty()
+        self.interactive = stdin.isatty()
+        if self.terminal:
+            try:
+                import readline  # noqa: F401 - importing it gives input() line editing and history
+            except ImportError:  # not on every platform (Windows)
+                pass
+
+    def read(self) -> str | None:
+        """The next line without its newline; ``None`` at end of input (or Ctrl-C at the prompt)."""
+        if self.terminal:
+            try:
+                return input("> ")
+            except (EOFError, KeyboardInterrupt):
+                print(file=sys.stderr)
+                return None
+        if self.interactive:
+            print("> ", end="", file=sys.stderr, flush=True)
+        line = self.stdin.readline()
+        return line.rstrip("\n") if line else None
+
+
+COMMANDS_HELP = "/system TEXT (set the system message), /reset (forget the conversation), /exit or Ctrl-D (quit)"
+
+
+def converse(
+    model: GPTModel,
+    tokenizer: Tokenizer,
+    template: ChatTemplate,
+    *,
+    stdin: TextIO,
+    stdout: TextIO,
+    stderr: TextIO | None = None,
+    stream: bool = True,
+    origin: str = "",
+    **gen: Any,
+) -> None:
+    """A multi-turn conversation: read user messages line by line, print each reply, keep the history.
+
+    The conversation so far (system message, earlier exchanges, the new message) is rendered with ``template`` and
+    the reply generated until its end-of-turn marker. When the rendering no longer leaves room for a reply of
+    ``max_new_tokens`` (at most an eighth of the context), the oldest exchanges are dropped, with a notice on
+    ``stderr``.
+    Commands: ``/system TEXT``, ``/reset``, ``/exit``; end of input quits too.
+
+    Args:
+        model: An eval-mode GPT finetuned on conversations with ``template``.
+        tokenizer: Its tokenizer (with the template's special tokens).
+        template: The chat template.
+        stdin: Where the user's lines come from.
+        stdout: Where the replies go, one per turn, each ending in a newline.
+        stderr: Banner and notices (default: ``sys.stderr``).
+        stream: Print the reply as it is generated.
+        origin: Where the template came from, for the banner (e.g. ``"from the checkpoint"``).
+        **gen: Keyword arguments of :func:`complete` (``max_new_tokens``, ``temperature``, ...).
+    """
+    err = stderr or sys.stderr
+    stop = template.stop_id(tokenizer)
+    ctx = model.config.context_length
+    # Room kept for the reply: --max-new-tokens, but at most an eighth of the context, so that a long default does
+    # not push out history the model needs (a longer reply still runs on until the context is full).
+    reply_room = min(gen.get("max_new_tokens", 100), max(ctx // 8, 1))
+    system: str | None = None
+    history: list[dict[str, str]] = []
+    lines = _Lines(stdin)
+
+    def notice(text: str) -> None:
+        print(text, file=err, flush=True)
+
+    where = f" ({origin})" if origin else ""
+    notice(f"Chat with template {template.describe()}{where}, context {ctx} tokens. Commands: {COMMANDS_HELP}.")
+    while True:
+        line = lines.read()
+        if line is None:
+            break
+        text = line.strip()
+        if not text:
+            continue
+        if text.startswith("/"):
+            command, _, argument = text.partition(" ")
+            if command == "/exit":
+                break
+            if command == "/reset":
+                history = []
+                notice("(conversation forgotten)")
+            elif command == "/system":
+                system = argument.strip() or None
+                notice(f"(system message {'set' if system else 'cleared'})")
+            else:
+                notice(f"(unknown command {command}; commands: {COMMANDS_HELP})")
+            continue
+        user = {"role": "user", "content": text}
+        head = [{"role": "system", "content": system}] if system else []
+
+        def prompt_of(past: list[dict[str, str]]) -> tuple[str, int]:
+            rendered = template.render(head + past + [user], add_generation_prompt=True,
+                                       eos_token=tokenizer.eos_token)[0]
+            return rendered, len(tokenizer.encode(rendered))
+
+        prompt, n = prompt_of(history)
+        dropped = 0
+        while n > ctx - reply_room and history:
+            history = history[2:]
+            dropped += 1
+            prompt, n = prompt_of(history)
+        if dropped:
+            notice(f"(dropped the {dropped} oldest exchange{'s' if dropped > 1 else ''} to fit the context of {ctx} "
+                   "tokens)")
+        if n >= ctx:
+            notice(f"(this message is {n} tokens with the template, more than the context of {ctx}; shorten it)")
+            continue
+        settings = {**gen, "max_new_tokens": min(gen.get("max_new_tokens", 100), ctx - n)}
+        try:
+            if stream:
+                pending = _LeadingSpaceTrim(lambda s: (stdout.write(s), stdout.flush()))
+                (reply,) = complete(model, tokenizer, [prompt], on_text=pending, stop_ids=[stop], **settings)
+            else:
+                (reply,) = complete(model, tokenizer, [prompt], stop_ids=[stop], **settings)
+                stdout.write(reply.strip())
+        except KeyboardInterrupt:
+            stdout.write("\n")
+            notice("(interrupted; the reply is not kept)")
+            continue
+        stdout.write("\n")
+        stdout.flush()
+        history += [user, {"role": "assistant", "content": reply.strip()}]
 
 
 class _LeadingSpaceTrim:
@@ -272,6 +420,14 @@ class _LeadingSpaceTrim:
 # --- entry point ---------------------------------------------------------------------------------------------------
 
 
+def chat_template_of(args: argparse.Namespace, meta: dict[str, Any]) -> tuple[ChatTemplate | None, str]:
+    """The chat template ``--chat`` uses (``--chat-template``, else the checkpoint's) and where it came from."""
+    if args.chat_template is not None:
+        return get_chat_template(args.chat_template), "--chat-template"
+    stored = checkpoint_chat_template(meta)
+    return stored, "from the checkpoint"
+
+
 def run(args: argparse.Namespace, stdin: TextIO, stdout: TextIO) -> None:
     """Carry out parsed command-line arguments."""
     check_sampling_args(
@@ -283,6 +439,8 @@ def run(args: argparse.Namespace, stdin: TextIO, stdout: TextIO) -> None:
         raise ConfigError("nothing to do: pass --prompt TEXT (repeatable), --prompt-file FILE, or --chat")
     if args.template is not None:
         get_template(args.template)  # refuse an unknown name before loading weights
+    if args.chat_template is not None:
+        get_chat_template(args.chat_template)
     prompts = [] if args.chat else read_prompts(args.prompt, args.prompt_file)
     device = resolve_device(args.device)
     model, tokenizer, meta = load_for_generation(args.checkpoint, device=str(device),
@@ -299,12 +457,27 @@ def run(args: argparse.Namespace, stdin: TextIO, stdout: TextIO) -> None:
     if args.chat:
         if args.format != "text":
             warn(f"--format {args.format} applies to --prompt / --prompt-file; --chat prints the responses")
+        chat_template, origin = chat_template_of(args, meta)
+        stream = args.stream is not False
+        if chat_template is not None:
+            if args.template is not None:
+                warn("--template is the instruction template of models without a chat template; this one has one")
+            tokenizer = chat_template.prepare_tokenizer(tokenizer)
+            if tokenizer.vocab_size > model.config.vocab_size:
+                raise ConfigError(f"chat template {chat_template.name!r} needs special tokens this model was not "
+                                  "trained with; leave out --chat-template to use the checkpoint's")
+            converse(model, tokenizer, chat_template, stdin=stdin, stdout=stdout, stream=stream, origin=origin, **gen)
+            return
         template = args.template or checkpoint_template(meta) or "alpaca"
         get_template(template)
-        chat(model, tokenizer, template, stdin=stdin, stdout=stdout, stream=args.stream is not False, **gen)
+        warn(f"{args.checkpoint} carries no chat template (it was not trained on conversations): each line is answered "
+             f"alone with the instruction template {template!r}, without history. Pass --chat-template NAME|FILE to "
+             "chat with a template the model knows.")
+        chat(model, tokenizer, template, stdin=stdin, stdout=stdout, stream=stream, **gen)
         return
-    if args.template is not None:
-        warn("--template applies to --chat; --prompt text is continued as written (format it yourself)")
+    for flag, value in (("--template", args.template), ("--chat-template", args.chat_template)):
+        if value is not None:
+            warn(f"{flag} applies to --chat; --prompt text is continued as written (format it yourself)")
     stream = len(prompts) == 1 and args.format == "text"
     if args.stream and not stream:
         why = f"{len(prompts)} prompts" if len(prompts) > 1 else "--format jsonl"

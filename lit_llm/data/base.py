@@ -22,6 +22,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytorch_lightning as pl
 import torch
 
@@ -87,10 +88,45 @@ class GPTDataModule(CountsConsumedBatches, StoresTokenizer, pl.LightningDataModu
         return self.tokenizer.eos_id
 
 
+#: The book's order of the three parts of one record file (chapter 7: first train, next test, last validation).
+SPLIT_ORDER: tuple[str, str, str] = ("train", "test", "val")
+
+
+def split_sizes(n: int, fractions: tuple[float, float, float], *, val_given: bool, test_given: bool
+                ) -> tuple[int, int, int]:
+    """Records of a source going to train, test and validation (the book's ``int(n * fraction)`` cuts).
+
+    A part given by its own source (``val_given`` / ``test_given``) takes nothing from this one, and the other
+    fractions are scaled up to fill it; without a validation part the rounding leftovers train.
+    """
+    f_train, f_test, f_val = fractions
+    if test_given:
+        f_test = 0.0
+    if val_given:
+        f_val = 0.0
+    total = f_train + f_test + f_val
+    n_train, n_test = int(n * f_train / total), int(n * f_test / total)
+    if f_val == 0.0:
+        return n - n_test, n_test, 0
+    return n_train, n_test, n - n_train - n_test
+
+
+def split_positions(n: int, *, split: str, fractions: tuple[float, float, float], seed: int, val_given: bool,
+                    test_given: bool) -> dict[str, list[int]]:
+    """Positions in a source of ``n`` records that each split takes: in file order (``split: book``) or drawn at
+    random with ``seed`` (``split: shuffle``); see :func:`split_sizes` for the counts."""
+    order = np.arange(n) if split != "shuffle" else np.random.default_rng(seed).permutation(n)
+    out, start = {}, 0
+    for name, count in zip(SPLIT_ORDER, split_sizes(n, fractions, val_given=val_given, test_given=test_given)):
+        out[name] = order[start : start + count].tolist()
+        start += count
+    return out
+
+
 def record_source_problems(args: dict[str, Any]) -> list[str]:
     """The setting problems every DataModule of prompted records shares (instructions, preference pairs): batch and
     worker counts, a URL ``source`` without its ``sha256``, URLs where only local files are read, and the prompt
-    template. ``args`` are the DataModule's constructor arguments."""
+    template (when the DataModule has one). ``args`` are the DataModule's constructor arguments."""
     problems = []
     if args["batch_size"] < 1:
         problems.append(f"data.batch_size={args['batch_size']} must be >= 1")
@@ -104,8 +140,9 @@ def record_source_problems(args: dict[str, Any]) -> list[str]:
         specs = [value] if isinstance(value, str) else value or []
         if any(str(v).startswith(("http://", "https://")) for v in specs):
             problems.append(f"data.{key} cannot be a URL (data.sha256 covers data.source only); download it first")
-    try:
-        get_template(args["prompt_template"])
-    except ConfigError as err:
-        problems.append(f"data.prompt_template: {err}")
+    if "prompt_template" in args:
+        try:
+            get_template(args["prompt_template"])
+        except ConfigError as err:
+            problems.append(f"data.prompt_template: {err}")
     return problems

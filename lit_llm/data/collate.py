@@ -1,4 +1,5 @@
-"""The book's instruction collate (chapter 7's ``custom_collate_fn``), prompt masking, and length-grouped batches.
+"""The book's instruction collate (chapter 7's ``custom_collate_fn``), prompt masking, length-grouped batches, and
+the padded collate of already-shifted ``{"ids", "targets"}`` items (conversations).
 
 For each tokenized example the collate appends one end-of-text token, pads the batch to its longest example with
 end-of-text, and shifts by one: ``inputs = padded[:-1]``, ``targets = padded[1:]``. Padding targets become ``-100``
@@ -140,3 +141,48 @@ class LengthGroupedSampler(ResumableSampler):
         grouped = [i for batch in shuffled for i in batch]
         self._grouped_cache = (epoch, grouped)
         return grouped
+
+
+def collate_targets(
+    items: Sequence[dict],
+    pad_token_id: int,
+    ignore_index: int = IGNORE_INDEX,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pad items ``{"ids": [...], "targets": [...]}`` (targets already shifted: ``targets[i]`` is what the model
+    should predict after ``ids[i]``, or ``ignore_index``) into ``(inputs, targets)`` of the batch's longest item.
+
+    Inputs are padded with ``pad_token_id`` (end-of-text, as the book's collate), targets with ``ignore_index``, so
+    padding never reaches the loss. This is the collate of conversation data (:mod:`lit_llm.data.chat`).
+
+    Returns:
+        ``inputs`` and ``targets``, both ``(batch, T)`` int64.
+    """
+    if not items:
+        raise ValueError("collate_targets needs at least one item")
+    width = max(len(item["ids"]) for item in items)
+    inputs = torch.full((len(items), width), pad_token_id, dtype=torch.long)
+    targets = torch.full((len(items), width), ignore_index, dtype=torch.long)
+    for row, item in enumerate(items):
+        ids, tgt = item["ids"], item["targets"]
+        if len(ids) != len(tgt):
+            raise ValueError(f"item {row} has {len(ids)} ids but {len(tgt)} targets; they must be equally long")
+        if ids:
+            inputs[row, : len(ids)] = torch.as_tensor(ids, dtype=torch.long)
+            targets[row, : len(tgt)] = torch.as_tensor(tgt, dtype=torch.long)
+    return inputs, targets
+
+
+@dataclass(frozen=True)
+class TargetCollate:
+    """A picklable :func:`collate_targets` (DataLoader workers pickle it).
+
+    Attributes:
+        pad_token_id: End-of-text id, the inputs' padding.
+        ignore_index: Target value the loss ignores, the targets' padding.
+    """
+
+    pad_token_id: int
+    ignore_index: int = IGNORE_INDEX
+
+    def __call__(self, items: Sequence[dict]) -> tuple[torch.Tensor, torch.Tensor]:
+        return collate_targets(items, self.pad_token_id, self.ignore_index)

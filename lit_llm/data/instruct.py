@@ -17,12 +17,11 @@ import warnings
 from collections.abc import Iterator, Sequence
 from typing import Any, Literal
 
-import numpy as np
 import torch
 from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
 from torch.utils.data import DataLoader, Dataset
 
-from lit_llm.data.base import GPTDataModule, record_source_problems
+from lit_llm.data.base import SPLIT_ORDER, GPTDataModule, record_source_problems, split_positions
 from lit_llm.data.collate import InstructionCollate, LengthGroupedSampler
 from lit_llm.data.packed import PackedCollate, PackedDataset, instruction_item
 from lit_llm.data.prompts import format_prompt
@@ -32,7 +31,7 @@ from lit_llm.data.sources import load_records
 from lit_llm.errors import ConfigError, DataError
 
 Split = Literal["train", "val", "test"]
-_SPLITS: tuple[Split, ...] = ("train", "test", "val")  # the book's order of the three parts of one file
+_SPLITS: tuple[Split, ...] = SPLIT_ORDER  # type: ignore[assignment]
 
 
 class Examples(Dataset):
@@ -210,15 +209,10 @@ class InstructDataModule(GPTDataModule):
         if self.quality is not None:
             source = [r for _, r in self.quality.rows("source", source, text_fields, dedup_only=True)]
         checked = [self._row(r, i, "data.source") for i, r in enumerate(source)]
-        order = np.arange(len(source))
-        if self.split == "shuffle":
-            order = np.random.default_rng(self.seed).permutation(len(source))
+        positions = split_positions(len(source), split=self.split, fractions=self.split_fractions, seed=self.seed,
+                                    val_given=self.val_source is not None, test_given=self.test_source is not None)
         # Each split's records as (key of the file they came from, index in it), so errors can name them.
-        origin: dict[Split, tuple[str, list[int]]] = {}
-        start = 0
-        for name, count in zip(_SPLITS, self._cut(len(source))):
-            origin[name] = ("data.source", order[start : start + count].tolist())
-            start += count
+        origin: dict[Split, tuple[str, list[int]]] = {name: ("data.source", positions[name]) for name in _SPLITS}
         loaded: dict[str, tuple[list[dict[str, Any]], list[tuple[str, str, str]]]] = {"data.source": (source, checked)}
         for name, spec in (("val", self.val_source), ("test", self.test_source)):
             if spec is not None:
@@ -261,19 +255,6 @@ class InstructDataModule(GPTDataModule):
                 f"{list(self.split_fractions)}); add records or raise the train fraction."
             )
         return splits
-
-    def _cut(self, n: int) -> tuple[int, int, int]:
-        """Records of ``source`` going to train, test and validation (the book's ``int(n * fraction)`` cuts)."""
-        f_train, f_test, f_val = self.split_fractions
-        if self.test_source is not None:
-            f_test = 0.0
-        if self.val_source is not None:
-            f_val = 0.0
-        total = f_train + f_test + f_val
-        n_train, n_test = int(n * f_train / total), int(n * f_test / total)
-        if f_val == 0.0:  # no validation part: the rounding leftovers train
-            return n - n_test, n_test, 0
-        return n_train, n_test, n - n_train - n_test
 
     def _row(self, record: dict[str, Any], index: int, key: str) -> tuple[str, str, str]:
         """``(instruction, input, output)`` of a record, checked; errors name the record and the field."""

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from lit_llm.cli import DTYPE_NAMES, CommandParser, dtype_from_name, entry_point, resolve_device, run_command
+from lit_llm.data.chat_template import ChatTemplate, checkpoint_chat_template
 from lit_llm.data.prompts import TEMPLATES, checkpoint_template, get_template
 from lit_llm.errors import ConfigError, LitLLMError
 
@@ -32,8 +33,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="lit_llm .ckpt or run directory, exported/Hugging Face GPT-2 directory, or Hub id")
     p.add_argument("--tokenizer", default=None, metavar="PATH", help="default: the checkpoint's")
     p.add_argument("--template", default=None,
-                   help=f"prompt template for chat requests: {', '.join(TEMPLATES)} or a string with {{instruction}}; "
-                   "default: the checkpoint's prompt_template, else the messages as plain text")
+                   help=f"instruction template for chat requests: {', '.join(TEMPLATES)} or a string with "
+                   "{{instruction}}; default: the checkpoint's chat template, else its prompt_template, else the "
+                   "messages as plain text")
     p.add_argument("--model-name", default=None, help="the model id clients name (default: from --checkpoint)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: %(default)s, this machine only)")
     p.add_argument("--port", type=int, default=8000, help="default: %(default)s")
@@ -106,7 +108,10 @@ def build_server(args: argparse.Namespace) -> Any:
     device = resolve_device(args.device)
     model, tokenizer, meta = load_for_generation(args.checkpoint, device=str(device),
                                                  dtype=dtype_from_name(args.dtype), tokenizer=args.tokenizer)
-    template = args.template or checkpoint_template(meta or {})
+    template = args.template or checkpoint_chat_template(meta or {}) or checkpoint_template(meta or {})
+    if isinstance(template, ChatTemplate):
+        template.stop_id(tokenizer)  # its end-of-turn marker must be one token: say so now, not at the first request
+        log.info("chat requests use the checkpoint's chat template %s", template.describe())
     if template is None:
         log.warning("the checkpoint records no prompt template: chat messages are joined as plain text (pass "
                     "--template alpaca or another one for an instruction-finetuned model)")

@@ -28,7 +28,7 @@ import json
 import logging
 import secrets
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from importlib import resources
 from typing import Any, Literal
@@ -40,9 +40,10 @@ from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from lit_llm.data.chat_template import ChatTemplate
 from lit_llm.data.prompts import PromptTemplate
 from lit_llm.data.tokenizer import Tokenizer
-from lit_llm.serve.chat import ChatMessage, render_chat
+from lit_llm.serve.chat import ChatMessage, chat_stops, render_chat
 from lit_llm.serve.engine import Engine, EngineClosed, Event, GenerationRequest, QueueFull
 
 log = logging.getLogger("lit_llm.serve")
@@ -135,7 +136,7 @@ def create_app(
     tokenizer: Tokenizer,
     *,
     model_name: str,
-    template: str | PromptTemplate | None,
+    template: ChatTemplate | str | PromptTemplate | None,
     limits: Limits = Limits(),
     api_key: str | None = None,
     close_engine: bool = True,
@@ -146,8 +147,8 @@ def create_app(
         engine: Decodes the requests.
         tokenizer: The model's tokenizer.
         model_name: The id ``/v1/models`` lists and requests must name.
-        template: The checkpoint's prompt template for chat requests (None: plain text, see
-            :func:`lit_llm.serve.chat.render_chat`).
+        template: The checkpoint's chat template, or its instruction prompt template, for chat requests (None: plain
+            text, see :func:`lit_llm.serve.chat.render_chat`).
         limits: Per-request limits.
         api_key: When set, ``/v1/*`` requires ``Authorization: Bearer <api_key>``.
         close_engine: Close the engine when the application shuts down.
@@ -258,7 +259,7 @@ class _Api:
     """The completion endpoints' logic: limits, prompts, submitting to the engine, answering."""
 
     def __init__(self, engine: Engine, tokenizer: Tokenizer, model_name: str,
-                 template: str | PromptTemplate | None, limits: Limits) -> None:
+                 template: ChatTemplate | str | PromptTemplate | None, limits: Limits) -> None:
         self.engine = engine
         self.tokenizer = tokenizer
         self.model_name = model_name
@@ -272,8 +273,8 @@ class _Api:
             raise APIError(404, f"the model {name!r} does not exist; this server serves {self.model_name!r}",
                            param="model", code="model_not_found")
 
-    def _request(self, body: _Params, prompt_ids: list[int], max_tokens: int | None, emit: Callable[[Event], None]
-                 ) -> GenerationRequest:
+    def _request(self, body: _Params, prompt_ids: list[int], max_tokens: int | None, emit: Callable[[Event], None],
+                 extra_stop: Sequence[str] = ()) -> GenerationRequest:
         self.check_model(body.model)
         for name, unused in _UNSUPPORTED.items():
             value = (body.model_extra or {}).get(name, unused)
@@ -292,7 +293,8 @@ class _Api:
             raise APIError(400, "stop takes up to 4 non-empty strings", param="stop", code="invalid_value")
         return GenerationRequest(
             prompt_ids=prompt_ids, max_tokens=max_tokens or self.limits.max_tokens, emit=emit,
-            temperature=body.temperature, top_p=body.top_p if body.top_p < 1.0 else None, seed=body.seed, stop=stop,
+            temperature=body.temperature, top_p=body.top_p if body.top_p < 1.0 else None, seed=body.seed,
+            stop=stop + list(extra_stop),
         )
 
     def _encode(self, text: str) -> list[int]:
@@ -316,7 +318,7 @@ class _Api:
 
     async def chat(self, http: Request, body: ChatBody) -> Response:
         messages = [ChatMessage(m.role, _text(m.content)) for m in body.messages]
-        ids = self._encode(render_chat(messages, self.template))
+        ids = self._encode(render_chat(messages, self.template, self.tokenizer.eos_token))
         dropped = 0
         # A long conversation keeps its system messages and its newest turns: drop the oldest others until it fits.
         while len(ids) > self.max_prompt_tokens:
@@ -325,16 +327,16 @@ class _Api:
                 break
             messages = messages[: rest[0]] + messages[rest[0] + 1 :]
             dropped += 1
-            ids = self._encode(render_chat(messages, self.template))
+            ids = self._encode(render_chat(messages, self.template, self.tokenizer.eos_token))
         notice = None
         if dropped and len(ids) <= self.max_prompt_tokens:
             notice = f"dropped the {dropped} oldest message(s) to fit the prompt limit of {self.max_prompt_tokens}"
             log.info("chat request: %s", notice)
         return await self._run(http, body, ids, body.max_completion_tokens or body.max_tokens, chat=True,
-                               notice=notice)
+                               notice=notice, stop=chat_stops(self.template, self.tokenizer))
 
     async def _run(self, http: Request, body: _Params, ids: list[int], max_tokens: int | None, *, chat: bool,
-                   notice: str | None) -> Response:
+                   notice: str | None, stop: Sequence[str] = ()) -> Response:
         loop = asyncio.get_running_loop()
         events: asyncio.Queue[Event] = asyncio.Queue()
 
@@ -342,7 +344,7 @@ class _Api:
             with contextlib.suppress(RuntimeError):  # the event loop has closed: nobody is listening
                 loop.call_soon_threadsafe(events.put_nowait, event)
 
-        request = self._request(body, ids, max_tokens, emit)
+        request = self._request(body, ids, max_tokens, emit, stop)
         try:
             self.engine.submit(request)
         except QueueFull as err:

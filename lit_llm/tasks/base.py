@@ -244,8 +244,12 @@ class GPTTask(pl.LightningModule):
                 "weights, then shards them) or lit_deepspeed_zero2, or resume a ZeRO-3 checkpoint with --ckpt_path."
             )
         _, state = load_weights(source, self.config)
-        load_into(self.model, state, source=source)
-        rank_zero_info(f"Initial weights from {source}")
+        # Special tokens a data module added to the tokenizer (a chat template's) have no rows in the weights yet.
+        datamodule = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
+        added = int(getattr(datamodule, "added_tokens", 0) or 0)
+        load_into(self.model, state, source=source, new_rows=added)
+        rank_zero_info(f"Initial weights from {source}" + (f" ({added} new token rows start as the mean embedding)"
+                                                           if added else ""))
 
     def forward(self, input_ids: torch.Tensor, documents: torch.Tensor | None = None) -> torch.Tensor:
         """Logits ``(B, T, V)`` for token ids ``(B, T)`` (compiled when ``compile`` is on); ``documents`` ``(B, T)``

@@ -90,22 +90,28 @@ class RespondsToPrompts:
     # ---- generation --------------------------------------------------------------------------------------------
     @torch.no_grad()
     def respond(self, prompt_ids: torch.Tensor) -> list[str]:
-        """Responses to a batch of prompts of equal length ``(B, T)``: each generated until its end-of-text (which
-        is left out) and stripped of surrounding whitespace, as the book's ``extract_response`` does."""
+        """Responses to a batch of prompts of equal length ``(B, T)``: each generated until its end-of-text, or the
+        chat template's end-of-turn marker (left out), and stripped of surrounding whitespace, as the book's
+        ``extract_response`` does."""
         if self.model is None:
             self.configure_model()
-        tokenizer = self._datamodule().tokenizer
+        datamodule = self._datamodule()
+        tokenizer = datamodule.tokenizer
+        # A chat template's end-of-turn marker (the data module's stop_id) ends an answer; else end-of-text does.
+        stop = getattr(datamodule, "stop_id", None)
+        stop = tokenizer.eos_id if stop is None else stop
         hp = self.hparams
         device = next(self.model.parameters()).device
         generator = torch.Generator(device=device).manual_seed(hp.generation_seed)
         out = generate(
             self.model, prompt_ids.to(device), hp.max_new_tokens, temperature=hp.temperature, top_k=hp.top_k,
-            top_p=hp.top_p, eos_id=tokenizer.eos_id, generator=generator,
+            top_p=hp.top_p, eos_id=stop, generator=generator,
         )
         responses = []
         for row in out[:, prompt_ids.shape[1] :].tolist():
-            if tokenizer.eos_id in row:
-                row = row[: row.index(tokenizer.eos_id)]
+            for end in {stop, tokenizer.eos_id}:
+                if end in row:
+                    row = row[: row.index(end)]
             responses.append(tokenizer.decode(row).strip())
         return responses
 

@@ -8,10 +8,12 @@ import json
 import warnings
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+from lit_llm.data.chat_template import ChatTemplate, checkpoint_chat_template
 from lit_llm.data.tokenizer import Tokenizer
 from lit_llm.errors import CheckpointError
 from lit_llm.model.config import GPTConfig
@@ -46,7 +48,8 @@ def save_weights(
 
 
 def export_hf(
-    model_or_source: GPTModel | str | Path, out_dir: str | Path, tokenizer: Tokenizer | None = None
+    model_or_source: GPTModel | str | Path, out_dir: str | Path, tokenizer: Tokenizer | None = None,
+    chat_template: ChatTemplate | None = None,
 ) -> Path:
     """Write a Hugging Face GPT-2 directory that ``transformers`` loads with ``AutoModelForCausalLM`` and
     ``AutoTokenizer``: ``config.json``, ``generation_config.json``, ``model.safetensors`` and the tokenizer files.
@@ -60,6 +63,9 @@ def export_hf(
         out_dir: The directory to write (created if missing).
         tokenizer: The tokenizer to export; default: the one stored with ``model_or_source``. Without one only the
             model files are written (with a warning), and ``AutoTokenizer`` cannot load the directory.
+        chat_template: The model's chat template; default: the one stored with ``model_or_source``. Written as the
+            tokenizer's ``chat_template`` (``chat_template.jinja`` and in ``tokenizer_config.json``), its special
+            tokens added to the tokenizer, and its end-of-turn marker made an end of generation.
 
     Returns:
         The directory.
@@ -67,8 +73,11 @@ def export_hf(
     if isinstance(model_or_source, nn.Module):
         model = model_or_source
     else:
-        model, stored, _ = load_model_for_inference(str(model_or_source))
+        model, stored, meta = load_model_for_inference(str(model_or_source))
         tokenizer = tokenizer or stored
+        chat_template = chat_template or checkpoint_chat_template(meta)
+    if chat_template is not None and tokenizer is not None:
+        tokenizer = chat_template.prepare_tokenizer(tokenizer)
     cfg: GPTConfig = model.config
     if tokenizer is not None and tokenizer.vocab_size > cfg.vocab_size:
         raise CheckpointError(f"the tokenizer has {tokenizer.vocab_size} tokens but the model only "
@@ -104,7 +113,11 @@ def export_hf(
         "torch_dtype": dtype,
     }
     (out / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
-    generation = {"bos_token_id": eos_id, "eos_token_id": eos_id}
+    generation: dict[str, Any] = {"bos_token_id": eos_id, "eos_token_id": eos_id}
+    if chat_template is not None and tokenizer is not None:
+        stop = chat_template.stop_id(tokenizer)
+        if stop != eos_id:  # transformers' generate() then ends a reply at the end-of-turn marker too
+            generation["eos_token_id"] = [eos_id, stop]
     (out / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
     if tokenizer is None:
         warnings.warn(f"no tokenizer is known for this model, so {out} holds no tokenizer files and AutoTokenizer "
@@ -115,6 +128,12 @@ def export_hf(
     # PreTrainedTokenizerFast reads tokenizer.json as it is (GPT2Tokenizer would rebuild it from vocab/merges).
     tok_config = {"tokenizer_class": "PreTrainedTokenizerFast", **special, "model_max_length": cfg.context_length,
                   "add_prefix_space": False, "clean_up_tokenization_spaces": False}
+    if chat_template is not None:
+        # Both places transformers reads a chat template from (the .jinja file wins in recent versions).
+        tok_config["chat_template"] = chat_template.source
+        (out / "chat_template.jinja").write_text(chat_template.source, encoding="utf-8")
+    else:
+        (out / "chat_template.jinja").unlink(missing_ok=True)  # left by an earlier export into this directory
     (out / "tokenizer_config.json").write_text(json.dumps(tok_config, indent=2) + "\n")
     (out / "special_tokens_map.json").write_text(json.dumps(special, indent=2) + "\n")
     return out

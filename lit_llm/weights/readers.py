@@ -232,7 +232,8 @@ def load_weights(
 # ---- loading into a model --------------------------------------------------------------------------------------
 
 
-def load_into(model: GPTModel, state: dict[str, Tensor], strict: bool = True, *, source: str | None = None) -> None:
+def load_into(model: GPTModel, state: dict[str, Tensor], strict: bool = True, *, source: str | None = None,
+              new_rows: int = 0) -> None:
     """Load a lit_llm-layout state dict into ``model``, after checking every key and shape.
 
     Vocabulary padding is not a mismatch: a table with ``vocab_size`` rows is padded with zero rows up to the
@@ -249,6 +250,9 @@ def load_into(model: GPTModel, state: dict[str, Tensor], strict: bool = True, *,
         state: Tensors by name, as the loaders of this module return them.
         strict: Refuse missing and unexpected keys. Shape mismatches are refused either way.
         source: Where the weights came from, for the error message.
+        new_rows: Tokens added to the tokenizer after these weights were trained (a chat template's special tokens):
+            the embedding and head may have up to this many rows fewer than ``vocab_size``; the missing rows start
+            as the mean of the others.
 
     Raises:
         CheckpointError: One message listing missing keys, unexpected keys and each shape mismatch as
@@ -284,7 +288,10 @@ def load_into(model: GPTModel, state: dict[str, Tensor], strict: bool = True, *,
         t = state.get(name)
         if t is not None and name in expected and t.dim() == 2 and tuple(t.shape[1:]) == expected[name][1:]:
             rows = expected[name][0]
-            if cfg.vocab_size <= t.shape[0] < rows:
+            if cfg.vocab_size - new_rows <= t.shape[0] < rows:
+                if t.shape[0] < cfg.vocab_size:
+                    mean = t.float().mean(0, keepdim=True).to(t.dtype)
+                    t = torch.cat([t, mean.expand(cfg.vocab_size - t.shape[0], -1)])
                 state[name] = torch.cat([t, t.new_zeros(rows - t.shape[0], t.shape[1])])
     missing = [k for k in expected if k not in state]
     unexpected = [k for k in state if k not in expected]
@@ -340,8 +347,10 @@ def load_model_for_inference(
         The model in eval mode; the tokenizer when one is known (stored in a lit_llm checkpoint, ``tokenizer.json``
         beside it or in its directory, the HF directory's or the Hub repository's tokenizer files), else ``None``;
         and metadata: ``source``, ``format`` (``"lit"``, ``"hf"`` or ``"book"``), ``path`` (the local file or
-        directory read), ``config`` (the model config as a dict) and, for lit_llm checkpoints,
-        ``hyper_parameters``, ``global_step`` and ``epoch``.
+        directory read), ``config`` (the model config as a dict), for lit_llm checkpoints ``hyper_parameters``,
+        ``global_step`` and ``epoch``, and ``chat_template`` when the model carries one (a dict from a lit_llm
+        checkpoint, the Jinja text from a Hugging Face directory; see
+        :func:`lit_llm.data.chat_template.checkpoint_chat_template`).
     """
     loaded = _load(source, None, dtype)
     model, config = _build_with_config(loaded, device)
@@ -517,7 +526,12 @@ def _from_lightning(ckpt: dict, path: Path, config: GPTConfig | None, dtype: tor
             return Tokenizer.from_json(tokenizer_json)
         return _tokenizer_beside(path)
 
+    # A conversation model's chat template travels with its tokenizer, in the data module's state.
+    chat_template = next((v["chat_template"] for v in ckpt.values() if isinstance(v, dict) and "tokenizer_json" in v
+                          and isinstance(v.get("chat_template"), dict)), None)
     extra = {"hyper_parameters": hparams, "global_step": ckpt.get("global_step"), "epoch": ckpt.get("epoch"), **lora}
+    if chat_template is not None:
+        extra["chat_template"] = chat_template
     return _Loaded(config or stored, _stored_layout(state, stored), "lit", path, tokenizer, extra)
 
 
@@ -550,7 +564,23 @@ def _load_hf_dir(directory: Path, config: GPTConfig | None, dtype: torch.dtype |
     if head is not None:
         state["out_head.weight"] = head
     extra = {"hf_config": hf, "hub_id": label if is_hub_id(label) else None}
+    chat_template = _hf_chat_template(directory)
+    if chat_template is not None:
+        extra["chat_template"] = chat_template
     return _Loaded(config or cfg, state, "hf", directory, lambda: _tokenizer_beside(directory), extra)
+
+
+def _hf_chat_template(directory: Path) -> str | None:
+    """The chat template of a Hugging Face directory (``chat_template.jinja``, else ``tokenizer_config.json``'s)."""
+    jinja = directory / "chat_template.jinja"
+    if jinja.is_file():
+        return jinja.read_text(encoding="utf-8")
+    try:
+        config = json.loads((directory / "tokenizer_config.json").read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return None
+    template = config.get("chat_template") if isinstance(config, dict) else None
+    return template if isinstance(template, str) and template else None
 
 
 def _hf_weight_files(directory: Path) -> list[Path]:

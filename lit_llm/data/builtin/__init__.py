@@ -1,9 +1,9 @@
 """Data that needs no download, so defaults, quickstarts and tests work offline.
 
 A builtin source is named ``builtin:<name>`` wherever a data source is accepted: ``pydoc`` is a corpus that ships
-with Python itself; ``reviews`` (classification), ``instruct`` (instruction following) and ``preference`` (pairs
-of a right and a wrong answer to ``instruct``'s tasks, for DPO) are generated deterministically by lit_llm
-(``reviews.py``, ``instruct.py``, ``preference.py`` here).
+with Python itself; ``reviews`` (classification), ``instruct`` (instruction following), ``chat`` (multi-turn
+conversations) and ``preference`` (pairs of a right and a wrong answer to ``instruct``'s tasks, for DPO) are
+generated deterministically by lit_llm (``reviews.py``, ``instruct.py``, ``chat.py``, ``preference.py`` here).
 """
 
 from __future__ import annotations
@@ -36,6 +36,12 @@ def _instruct() -> dict[str, list]:
     return generate_tasks()
 
 
+def _chat() -> dict[str, list]:
+    from lit_llm.data.builtin.chat import generate_conversations
+
+    return generate_conversations()
+
+
 def _preference() -> dict[str, list]:
     from lit_llm.data.builtin.preference import generate_preferences
 
@@ -51,6 +57,11 @@ _BUILTINS: dict[str, tuple[Callable[[], dict[str, list]], str]] = {
     "instruct": (
         _instruct,
         "generated instruction-following tasks with exactly checkable answers (columns instruction, input, output)",
+    ),
+    "chat": (
+        _chat,
+        "generated multi-turn conversations whose later answers need the earlier turns, checkable exactly (column "
+        "messages)",
     ),
     "preference": (
         _preference,
