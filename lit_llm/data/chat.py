@@ -39,6 +39,7 @@ from lit_llm.data.conversations import (
     to_messages,
 )
 from lit_llm.data.instruct import PromptBatches
+from lit_llm.data.packed import PackedCollate, PackedDataset
 from lit_llm.data.sampler import ResumableLoader, ResumableSampler
 from lit_llm.data.sources import load_records
 from lit_llm.data.tokenizer import Tokenizer
@@ -115,7 +116,11 @@ class ChatDataModule(GPTDataModule):
         malformed: A record that is no well-formed conversation: ``error`` (stop, naming its index and the problem)
             or ``skip`` (count, log the first few).
         group_by_length: Batch conversations of similar length together (less padding; seeded, resumable).
-        batch_size: Conversations per batch; also the most test prompts generated together.
+        packing: Pack several training conversations into each row of ``max_length`` tokens instead of padding
+            them: no token attends across conversations and positions restart in each (see docs/instruction.md,
+            Packing). Training batches become ``(inputs, targets, documents)`` and ``batch_size`` counts rows.
+            Validation and test batches stay padded. Not with ``group_by_length``.
+        batch_size: Conversations per batch (rows with ``packing``); also the most test prompts generated together.
         shuffle: Shuffle the training conversations every epoch (seeded; exact mid-epoch resume).
         drop_last: Drop the last incomplete training batch.
         num_workers: DataLoader worker processes.
@@ -149,6 +154,7 @@ class ChatDataModule(GPTDataModule):
         overlong: Literal["drop_oldest", "drop", "error"] = "drop_oldest",
         malformed: Literal["error", "skip"] = "error",
         group_by_length: bool = False,
+        packing: bool = False,
         batch_size: int = 8,
         shuffle: bool = True,
         drop_last: bool = True,
@@ -177,6 +183,8 @@ class ChatDataModule(GPTDataModule):
         self.overlong = overlong
         self.malformed = malformed
         self.group_by_length = group_by_length
+        self.packing = packing
+        self.packed_train: PackedDataset | None = None
         self._conversations: dict[Split, list[list[Message]]] | None = None
         self._origin: dict[Split, tuple[str, list[int]]] = {}
         self.datasets: dict[Split, TargetExamples] = {}
@@ -297,6 +305,9 @@ class ChatDataModule(GPTDataModule):
         sizes = " / ".join(f"{len(self.datasets[n])} {n}" for n in ("train", "val", "test"))
         rank_zero_info(f"Chat data: {sizes} conversations; template {self.template_name}; items of at most "
                        f"{self.max_length} tokens; {len(self.test_prompt_ids)} test answers to score")
+        if self.packing:
+            self.packed_train = PackedDataset(self.datasets["train"].items, self.max_length)
+            rank_zero_info(f"Packing: {self.packed_train.summary()}")
         trainer = self.trainer
         if trainer is not None and trainer.is_global_zero:
             tok.save(trainer.default_root_dir)
@@ -371,28 +382,39 @@ class ChatDataModule(GPTDataModule):
 
     # ---- loaders ---------------------------------------------------------------------------------------------
 
-    def collate(self) -> TargetCollate:
-        """The collate of every split: pad inputs with end-of-text, targets with -100."""
-        return TargetCollate(self.eos_id)
+    def collate(self, packed: bool = False) -> TargetCollate | PackedCollate:
+        """The collate: padded batches pad inputs with end-of-text and targets with -100; ``packed`` rows (training
+        with ``packing``) also give each token its conversation's index."""
+        return PackedCollate(self.eos_id, self.max_length) if packed else TargetCollate(self.eos_id)
 
-    def _common(self) -> dict[str, Any]:
+    def _common(self, packed: bool = False) -> dict[str, Any]:
         return {
             "num_workers": self.num_workers,
             "pin_memory": self.pin_memory,
             "persistent_workers": self.num_workers > 0,
-            "collate_fn": self.collate(),
+            "collate_fn": self.collate(packed),
             "generator": torch.Generator().manual_seed(self.seed),
         }
 
     def train_dataloader(self) -> DataLoader:
-        """Training ``(inputs, targets)`` batches in a seeded order that resumes exactly mid-epoch."""
+        """Training ``(inputs, targets)`` batches (``(inputs, targets, documents)`` with ``packing``) in a seeded order
+        that resumes exactly mid-epoch."""
         self.setup("fit")
-        dataset = self.datasets["train"]
+        dataset: TargetExamples | PackedDataset = self.datasets["train"]
+        if self.packing:
+            assert self.packed_train is not None
+            dataset = self.packed_train
         if self.drop_last and len(dataset) < self.batch_size:
+            unit = f"packed rows of {self.max_length} tokens" if self.packing else "conversations"
             raise DataError(
-                f"the training split has {len(dataset)} conversations, fewer than data.batch_size={self.batch_size}, "
+                f"the training split has {len(dataset)} {unit}, fewer than data.batch_size={self.batch_size}, "
                 "so drop_last leaves no batch. Lower data.batch_size, set data.drop_last=false, or add records."
             )
+        if self.packing:
+            sampler = ResumableSampler(len(dataset), seed=self.seed, shuffle=self.shuffle)
+            self._train_loader = ResumableLoader(dataset, sampler, batch_size=self.batch_size,
+                                                 drop_last=self.drop_last, **self._common(packed=True))
+            return self._train_loader
         if self.group_by_length:
             sampler: ResumableSampler = LengthGroupedSampler(dataset.lengths, self.batch_size, seed=self.seed)
         else:
@@ -460,6 +482,9 @@ def _validate(args: dict[str, Any]) -> ChatTemplate:
         template = get_chat_template(args["chat_template"], args["special_tokens"])
     except ConfigError as err:
         problems.append(f"data.chat_template: {err}")
+    if args["packing"] and args["group_by_length"]:
+        problems.append("data.packing and data.group_by_length both remove padding, in ways that do not combine: "
+                        "set one of them to false")
     problems += record_source_problems(args)
     if problems:
         raise ConfigError("invalid data settings:\n  - " + "\n  - ".join(problems))

@@ -253,3 +253,40 @@ def test_builtin_conversations_are_deterministic_and_need_their_earlier_turns():
         if kind == "number" and questions[-1].startswith("Add "):
             n, m = int(opening.split()[-1].rstrip(".")), int(questions[-1].split()[1])
             assert later[-1] == str(n + m)
+
+
+# ---- packing: conversations packed into rows train exactly as the padded batch ------------------------------------
+
+
+def test_packed_conversations_hold_every_item_once_and_train_as_the_padded_batch(tmp_path, tokenizer_file):
+    from lit_llm.tasks import ChatTask
+
+    conversations = generate_conversations(12)["messages"]
+    source = write_jsonl(tmp_path / "chats.jsonl", [{"messages": m} for m in conversations])
+    dm = module(source, tokenizer_file, packing=True, batch_size=64)
+    dm.setup()
+    items = dm.datasets["train"].items
+    inputs, targets, documents = next(iter(dm.train_dataloader()))
+    assert len(dm.packed_train) < len(items)  # several conversations share a row
+    # Every conversation appears once, whole, as one document of a row, with its own targets.
+    found = []
+    for row in range(inputs.shape[0]):
+        for doc in documents[row].unique().tolist():
+            if doc < 0:
+                continue
+            where = (documents[row] == doc).nonzero().flatten()
+            assert where.tolist() == list(range(int(where[0]), int(where[-1]) + 1))  # contiguous
+            found.append((inputs[row, where].tolist(), targets[row, where].tolist()))
+    assert sorted(found) == sorted((item["ids"], item["targets"]) for item in items)
+    # The loss of the packed rows equals the loss of the same conversations padded, gradients included.
+    torch.manual_seed(0)
+    task = ChatTask(model=dict(context_length=128, emb_dim=32, n_heads=2, n_layers=2, drop_rate=0.0),
+                    vocab_size=dm.vocab_size, generate_after_fit=False)
+    task.configure_model()
+    padded = collate_targets([{"ids": ids, "targets": t} for ids, t in found], dm.eos_id)
+    loss_packed, n_packed = task._loss((inputs, targets, documents))
+    loss_padded, n_padded = task._loss(padded)
+    assert n_packed == n_padded > 0
+    torch.testing.assert_close(loss_packed, loss_padded, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ConfigError, match="packing and data.group_by_length"):
+        module(source, tokenizer_file, packing=True, group_by_length=True)
