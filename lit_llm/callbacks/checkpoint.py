@@ -18,7 +18,7 @@ import pytorch_lightning as pl
 from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning_fabric.utilities.cloud_io import get_filesystem
 from pytorch_lightning.callbacks import ModelCheckpoint
-from pytorch_lightning.utilities import rank_zero_info
+from pytorch_lightning.utilities import rank_zero_info, rank_zero_only
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 
 from lit_llm.callbacks.signals import REQUEUE_EXIT_CODE, SigtermStop
@@ -244,7 +244,8 @@ class Checkpoint(ModelCheckpoint):
         """``--overwrite true``: move the checkpoints of the run already in the folder into ``replaced-<time>/``."""
         self.overwrite = True
         folder = self.folder(trainer)
-        if "://" in folder or not trainer.is_global_zero:
+        # Before the launch the strategy may not know its rank yet; the launcher's environment does (torchrun, SLURM).
+        if "://" in folder or rank_zero_only.rank != 0:
             return
         stamp = time.strftime("%Y%m%d-%H%M%S")
         self.move_aside([str(p) for p in run_checkpoints(folder)], f"replaced-{stamp}",
