@@ -22,7 +22,7 @@ from typing import Any, NoReturn
 
 import pytorch_lightning as pl
 from jsonargparse import Namespace
-from pytorch_lightning.cli import LightningArgumentParser, LightningCLI
+from pytorch_lightning.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 
 import lit_llm.distributed  # noqa: F401 - registers the lit_* strategy names
@@ -32,7 +32,7 @@ from lit_llm.diagnose import diagnose
 from lit_llm.errors import ConfigError, DataError, UsageError, debugging, find_user_error
 from lit_llm.shipped import resolve_config_args
 from lit_llm.tasks.base import GPTTask
-from lit_llm.weights.discovery import auto_checkpoint, naming_unreadable_checkpoint
+from lit_llm.weights.discovery import auto_checkpoint, check_checkpoint_path
 
 DEFAULT_ROOT = "checkpoints/run"
 
@@ -95,12 +95,23 @@ class LitLLMCLI(LightningCLI):
             "model.init_args.model", "data.init_args.context_length", compute_fn=_context_length, apply_on="parse"
         )
         parser.link_arguments("data.vocab_size", "model.init_args.vocab_size", apply_on="instantiate")
+        parser.add_argument(
+            "--overwrite", type=bool, default=False,
+            help="fit: start a fresh run in a folder that already holds a run's checkpoints; they are moved into "
+                 "<folder>/replaced-<time>/ (nothing is deleted). Without it such a fit is refused: resume the run "
+                 "with --ckpt_path last instead, or use another --trainer.default_root_dir.",
+        )
 
     def _parse_ckpt_path(self) -> None:
-        # LightningCLI reads the hyperparameters of --ckpt_path with a bare torch.load before anything else runs.
+        # LightningCLI would replace the command line's model settings by the hyperparameters saved in a --ckpt_path
+        # file (model shape, learning rate, task class...), silently. lit_llm keeps what was given: the task compares
+        # it with the checkpoint when it is restored, applies what a resume may change and refuses the rest
+        # (lit_llm.tasks.resume). Here only the path itself is checked: a missing file, a folder that is not a
+        # sharded checkpoint, an unreadable or truncated file is one error line.
         subcommand = self.config.get("subcommand")
-        with naming_unreadable_checkpoint(self.config[subcommand].get("ckpt_path") if subcommand else None):
-            super()._parse_ckpt_path()
+        path = self.config[subcommand].get("ckpt_path") if subcommand else None
+        if path and path not in _CKPT_PATH_WORDS:
+            check_checkpoint_path(str(path))
 
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand] if self.subcommand else self.config
@@ -108,10 +119,15 @@ class LitLLMCLI(LightningCLI):
         model_args = (config.get("model") or Namespace()).get("init_args") or Namespace()
         self._explicit_vocab = _explicit_vocab_sizes(model_args)
         trainer = config.trainer
+        if config.get("overwrite") and self.subcommand != "fit":
+            warnings.warn(f"--overwrite applies to fit only; {self.subcommand} writes no checkpoint and ignores it",
+                          UserWarning, stacklevel=1)
         if trainer.get("default_root_dir") is None:
             trainer.default_root_dir = DEFAULT_ROOT
         if config.get("ckpt_path") == "auto":
             config.ckpt_path = auto_checkpoint(Path(trainer.default_root_dir))
+            if config.ckpt_path is not None:
+                check_checkpoint_path(config.ckpt_path)
         if trainer.get("logger") in (None, True) and not trainer.get("fast_dev_run"):
             trainer.logger = default_loggers(trainer.default_root_dir)
         if self.subcommand == "predict":
@@ -127,6 +143,8 @@ class LitLLMCLI(LightningCLI):
 
     def after_instantiate_classes(self) -> None:
         super().after_instantiate_classes()
+        if self.subcommand is not None:
+            self._settle_run_folder()
         tokenizer_ids = getattr(self.datamodule, "vocab_size", None) if self.datamodule is not None else None
         if not isinstance(tokenizer_ids, int):
             return
@@ -158,7 +176,53 @@ class LitLLMCLI(LightningCLI):
     def after_fit(self) -> None:
         _raise_if_nothing_trained(self.trainer)
 
+    def _settle_run_folder(self) -> None:
+        """``--ckpt_path last`` becomes the file with the highest global step in the run folder (Lightning would take
+        the newest ``last*.ckpt``), so that config.yaml records it; then a fit that does not resume from that folder
+        is refused when the folder holds a run, before any data is read, or with ``--overwrite true`` the old
+        checkpoints are moved aside (by rank 0; the ranks a launch starts later see the folder empty)."""
+        from lit_llm.callbacks.checkpoint import Checkpoint
 
+        config = self.config[self.subcommand]
+        checkpoints = [cb for cb in self.trainer.callbacks if isinstance(cb, Checkpoint)]
+        if config.get("ckpt_path") == "last":
+            folder = checkpoints[0].folder(self.trainer) if checkpoints else str(self.trainer.default_root_dir)
+            if "://" not in folder:
+                resolved = auto_checkpoint(Path(folder), flag="last")
+                config.ckpt_path = self.config_init[self.subcommand].ckpt_path = resolved
+                if resolved is not None:
+                    check_checkpoint_path(resolved)
+        ckpt_path = config.get("ckpt_path")
+        if self.subcommand != "fit" or ckpt_path in _CKPT_PATH_WORDS or getattr(self.trainer, "fast_dev_run", False):
+            return  # resolved by Lightning inside the run folder; a smoke test writes no checkpoint
+        for callback in checkpoints:
+            if config.get("overwrite"):
+                callback.overwrite_run(self.trainer)
+            else:
+                callback.refuse_fresh_start(self.trainer, ckpt_path)
+
+
+#: ``--ckpt_path`` values that name no file: resolved later (``auto``, ``last`` by :class:`LitLLMCLI`, the rest by
+#: Lightning).
+_CKPT_PATH_WORDS = ("last", "auto", "best", "hpc", "registry")
+
+
+class EffectiveConfig(SaveConfigCallback):
+    """Lightning's ``config.yaml`` writer, recording the values in effect where they differ from what was parsed: the
+    model's vocabulary size is linked from the tokenizer, and the parsed config shows the parser's default there.
+    (``--ckpt_path last`` / ``auto`` are resolved to the file by :class:`LitLLMCLI` before it is written.)"""
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if not self.already_saved:
+            self._record_effective(trainer, pl_module)
+        super().setup(trainer, pl_module, stage)
+
+    def _record_effective(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        model = self.config.get("model")
+        nested = model.get("init_args", {}).get("model") if isinstance(model, Namespace) else None
+        vocab = getattr(getattr(pl_module, "config", None), "vocab_size", None)
+        if isinstance(nested, Namespace) and isinstance(vocab, int):
+            nested.vocab_size = vocab
 
 
 def _explicit_vocab_sizes(model_args: Namespace) -> dict[str, int]:
@@ -231,6 +295,7 @@ def cli(args: list[str] | None = None, run: bool = True) -> LitLLMCLI:
         subclass_mode_data=True,
         parser_kwargs={"parser_mode": "omegaconf"},
         parser_class=StrictArgumentParser,
+        save_config_callback=EffectiveConfig,
         save_config_kwargs={"overwrite": True},
         trainer_defaults={"default_root_dir": DEFAULT_ROOT},
         args=_resolved_args(args),

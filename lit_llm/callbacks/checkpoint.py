@@ -6,7 +6,9 @@ from __future__ import annotations
 import contextlib
 import glob
 import os
+import re
 import shutil
+import time
 import warnings
 from collections.abc import Callable, Iterator
 from datetime import timedelta
@@ -16,12 +18,18 @@ import pytorch_lightning as pl
 from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning_fabric.utilities.cloud_io import get_filesystem
 from pytorch_lightning.callbacks import ModelCheckpoint
-from pytorch_lightning.utilities import rank_zero_info
+from pytorch_lightning.utilities import rank_zero_info, rank_zero_only
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 
 from lit_llm.callbacks.signals import REQUEUE_EXIT_CODE, SigtermStop
-from lit_llm.errors import NonFiniteLossError
-from lit_llm.weights.discovery import naming_unreadable_checkpoint
+from lit_llm.errors import ConfigError, NonFiniteLossError
+from lit_llm.weights.discovery import (
+    auto_checkpoint,
+    checkpoint_step,
+    looks_complete,
+    naming_unreadable_checkpoint,
+    run_checkpoints,
+)
 from lit_llm.weights.files import TMP_SUFFIX, atomic_torch_save
 
 
@@ -83,6 +91,18 @@ class Checkpoint(ModelCheckpoint):
       a regular checkpoint) is saved, and Lightning stops the run on every rank; ``python -m lit_llm.train`` then exits
       with :data:`~lit_llm.callbacks.signals.REQUEUE_EXIT_CODE` (75) so that the job is requeued and continues with
       ``--ckpt_path auto``. Under several processes this costs one boolean all-reduce per optimizer step.
+
+    And one folder holds one run:
+
+    - **A fresh fit into a folder that holds a run's checkpoints is refused** (:meth:`refuse_fresh_start`): Lightning
+      would write ``last-v1.ckpt`` beside the old ``last.ckpt`` and the two runs' files would mix. ``python -m
+      lit_llm.train fit --overwrite true`` moves the old checkpoints aside (:meth:`move_aside`) instead.
+    - **``ckpt_path="last"`` takes the checkpoint with the highest global step** in the folder
+      (:func:`lit_llm.weights.discovery.auto_checkpoint`), not Lightning's newest ``last*.ckpt`` file.
+    - **Leftovers are tidied when a run resumes** (:meth:`tidy_after_resume`): a checkpoint of a step after the one
+      resumed from (the continuation being replaced) is moved into ``abandoned-after-step-N/``; a step checkpoint
+      that ``save_top_k`` would have pruned but a kill left behind is removed; partial ``*.ckpt.tmp`` saves are
+      removed at setup. Files that do not match this callback's ``filename`` pattern are never touched.
     """
 
     def __init__(
@@ -148,13 +168,16 @@ class Checkpoint(ModelCheckpoint):
             **extra,
         )
         self._dirpath_from_root = dirpath is None
-        self._resuming_last = False
         self._sigterm = SigtermStop()
         self._step_at_batch_start = -1
         self._in_batch = False  # between a training batch's start and its end: the weights may be half-updated
         self._mid_step = False  # the last training batch was accumulated, not followed by an optimizer step
         self._validation_save_pending = False
         self._saved_for_requeue = False
+        self._retention_restored = False
+        #: Set by ``python -m lit_llm.train fit --overwrite true``: a fresh fit may start in a folder that holds a run
+        #: (whose checkpoints were moved aside).
+        self.overwrite = False
 
     def _use_root_dir(self, trainer: pl.Trainer) -> None:
         # Setting dirpath makes ModelCheckpoint's own (private) directory resolution return it unchanged.
@@ -165,22 +188,72 @@ class Checkpoint(ModelCheckpoint):
         self._fs = get_filesystem(root)
 
     def _find_last_checkpoints(self, trainer: pl.Trainer) -> set[str]:
-        # Called while resolving ckpt_path="last", before setup.
+        # Called while resolving ckpt_path="last", before setup. Lightning takes the newest of the last*.ckpt files;
+        # the run's furthest point is the checkpoint with the highest global step.
         if self._dirpath_from_root:
             self._use_root_dir(trainer)
-        found = super()._find_last_checkpoints(trainer)
-        self._resuming_last = bool(found)
+        if self.dirpath is None or "://" in str(self.dirpath):
+            found = super()._find_last_checkpoints(trainer)
+        else:
+            taken = auto_checkpoint(self.dirpath, flag="last") if os.path.isdir(self.dirpath) else None
+            found = {os.path.normpath(taken)} if taken else set()
         return found
+
+    def folder(self, trainer: pl.Trainer) -> str:
+        """The folder this callback saves into: ``dirpath``, else ``trainer.default_root_dir``."""
+        if self._dirpath_from_root:
+            self._use_root_dir(trainer)
+        return str(self.dirpath) if self.dirpath is not None else str(trainer.default_root_dir)
+
+    def refuse_fresh_start(self, trainer: pl.Trainer, ckpt_path: str | None) -> None:
+        """Raise a one-line ConfigError when a fit that does not resume from this folder would write into a folder
+        that already holds a run's checkpoints (unless :attr:`overwrite`)."""
+        folder = self.folder(trainer)
+        if self.overwrite or "://" in folder:
+            return
+        existing = run_checkpoints(folder)
+        if not existing or _inside(ckpt_path, folder):
+            return
+        names = ", ".join(p.name for p in existing[-3:][::-1]) + (" ..." if len(existing) > 3 else "")
+        start = f"resuming {ckpt_path} into" if ckpt_path else "a new run in"
+        raise ConfigError(
+            f"{folder} already holds a run ({names}): {start} it would mix the two runs' checkpoints. Resume that run "
+            f"with --ckpt_path last, start this one in another folder (--trainer.default_root_dir=<new folder>), or "
+            "pass --overwrite true to move the old checkpoints aside and start afresh there"
+        )
+
+    def move_aside(self, paths: list[str] | list[os.PathLike], subfolder: str, why: str) -> str | None:
+        """Move ``paths`` into ``<folder>/<subfolder>`` (a new name if that exists), with a log line; nothing is
+        deleted. Returns the folder they went to."""
+        if not paths:
+            return None
+        root = os.path.dirname(os.path.abspath(paths[0]))
+        target = os.path.join(root, subfolder)
+        n = 1
+        while os.path.exists(target):
+            n += 1
+            target = os.path.join(root, f"{subfolder}-{n}")
+        os.makedirs(target)
+        for path in paths:
+            os.replace(path, os.path.join(target, os.path.basename(path)))
+        names = ", ".join(os.path.basename(p) for p in paths)
+        rank_zero_info(f"Checkpoint: moved {names} into {target} ({why})")
+        return target
+
+    def overwrite_run(self, trainer: pl.Trainer) -> None:
+        """``--overwrite true``: move the checkpoints of the run already in the folder into ``replaced-<time>/``."""
+        self.overwrite = True
+        folder = self.folder(trainer)
+        # Before the launch the strategy may not know its rank yet; the launcher's environment does (torchrun, SLURM).
+        if "://" in folder or rank_zero_only.rank != 0:
+            return
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        self.move_aside([str(p) for p in run_checkpoints(folder)], f"replaced-{stamp}",
+                        "--overwrite true: a new run starts in this folder; delete that folder when it is not needed")
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if self._dirpath_from_root:
             self._use_root_dir(trainer)
-            # The run folder normally holds logs and config.yaml, which Lightning's "not empty" warning would
-            # flag on every run; it still warns when earlier checkpoints are there and this run does not resume.
-            quiet = self._resuming_last or not self._holds_checkpoints()
-        else:
-            quiet = False
-        self._resuming_last = False
         self._in_batch = self._mid_step = self._validation_save_pending = self._saved_for_requeue = False
         self._sigterm.setup(trainer)
         strategy = trainer.strategy
@@ -188,7 +261,9 @@ class Checkpoint(ModelCheckpoint):
             strategy.checkpoint_io = AtomicCheckpointIO()
         if trainer.is_global_zero:
             self._remove_partial_saves()
-        with _ignore_not_empty_warning(quiet):
+        # Lightning's "exists and is not empty" warning is replaced by refuse_fresh_start: a fresh fit into a folder
+        # holding a run stops, and a resume is expected to find its checkpoints there.
+        with _ignore_not_empty_warning(True):
             super().setup(trainer, pl_module, stage)
 
     def _remove_partial_saves(self) -> None:
@@ -200,6 +275,71 @@ class Checkpoint(ModelCheckpoint):
             with contextlib.suppress(OSError):
                 shutil.rmtree(leftover) if os.path.isdir(leftover) else os.remove(leftover)
                 rank_zero_info(f"Removed {leftover}, the partial file of a checkpoint save that did not finish")
+
+    # ---- leftovers of stopped runs ------------------------------------------------------------------------------
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        # Lightning restores the retention state (which files save_top_k keeps) only when the folder is the same.
+        self._retention_restored = state_dict.get("dirpath", self.dirpath) == self.dirpath
+        super().load_state_dict(state_dict)
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        super().on_train_start(trainer, pl_module)
+        # By now Lightning has restored the checkpoint (under every strategy), so trainer.ckpt_path says whether this
+        # run resumes; python -m lit_llm.train has refused a fresh fit earlier, before reading any data.
+        if not trainer.ckpt_path and trainer.global_step == 0 and not trainer.fast_dev_run:
+            self.refuse_fresh_start(trainer, None)
+        if trainer.ckpt_path and trainer.is_global_zero:
+            self.tidy_after_resume(trainer)
+
+    def tidy_after_resume(self, trainer: pl.Trainer) -> None:
+        """After a resume from a checkpoint of this folder at step S: move this callback's checkpoints of later steps
+        (and ``last*.ckpt`` of a later step) into ``abandoned-after-step-S/``, so that ``--ckpt_path last`` never
+        jumps back onto the continuation being replaced; and remove step checkpoints at or before S that
+        ``save_top_k`` would have pruned (a kill between a save and its pruning leaves them) and that the restored
+        retention state does not keep. Only files matching ``filename`` (and ``last``) are considered."""
+        folder, resumed = self.dirpath, str(trainer.ckpt_path)
+        if folder is None or "://" in str(folder) or not _inside(resumed, str(folder)):
+            return
+        step = trainer.global_step
+        ours = self._our_file_pattern()
+        later, pruned = [], []
+        kept = {os.path.abspath(p) for p in (self.best_model_path, self.last_model_path, resumed, *self.best_k_models)
+                if p}
+        for path in sorted(glob.glob(os.path.join(str(folder), f"*{self.FILE_EXTENSION}"))):
+            name = os.path.basename(path)
+            is_last = re.fullmatch(rf"{self.CHECKPOINT_NAME_LAST}(-v\d+)?{re.escape(self.FILE_EXTENSION)}", name)
+            if os.path.abspath(path) == os.path.abspath(resumed) or name.endswith(".consolidated.ckpt"):
+                continue
+            if not (is_last or ours.fullmatch(name)):
+                continue
+            saved_at = checkpoint_step(path)
+            if saved_at is not None and saved_at > step:
+                later.append(path)
+            elif (not is_last and saved_at is not None and self.save_top_k != -1 and self._retention_restored
+                  and os.path.abspath(path) not in kept and os.path.isfile(path) and looks_complete(path)):
+                pruned.append(path)
+        self.move_aside(later, f"abandoned-after-step-{step}",
+                        f"saved after step {step}, which this run resumed from; they belong to the continuation it "
+                        "replaces")
+        for path in pruned:
+            with contextlib.suppress(OSError):
+                os.remove(path)
+                rank_zero_info(f"Checkpoint: removed {path}, which save_top_k={self.save_top_k} would have pruned "
+                               "(left behind by a run that was stopped)")
+
+    def _our_file_pattern(self) -> re.Pattern[str]:
+        """What the names of this callback's checkpoints look like: ``filename`` with every ``{metric}`` a wildcard,
+        an optional ``-vN``, and the extension."""
+        template = self.filename or "{epoch}-{step}"
+        parts, last = [], 0
+        for match in re.finditer(r"\{([^}:]+)(:[^}]*)?\}", template):
+            parts.append(re.escape(template[last:match.start()]))
+            name = match.group(1).strip()
+            prefix = re.escape(name + self.CHECKPOINT_EQUALS_CHAR) if self.auto_insert_metric_name else ""
+            parts.append(prefix + r"[^/]*?")
+            last = match.end()
+        parts.append(re.escape(template[last:]))
+        return re.compile("".join(parts) + rf"(-v\d+)?{re.escape(self.FILE_EXTENSION)}")
 
     # ---- saving only at optimizer-step boundaries -------------------------------------------------------------
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
@@ -287,13 +427,12 @@ class Checkpoint(ModelCheckpoint):
                        f"python -m lit_llm.train exits with code {REQUEUE_EXIT_CODE} (requeue me); "
                        "continue with --ckpt_path auto")
 
-    def _holds_checkpoints(self) -> bool:
-        assert self.dirpath is not None
-        try:
-            entries = self._fs.ls(self.dirpath, detail=False)
-        except (FileNotFoundError, NotADirectoryError):
-            return False
-        return any(str(entry).endswith(self.FILE_EXTENSION) for entry in entries)
+
+def _inside(path: str | None, folder: str) -> bool:
+    """Whether the checkpoint ``path`` is in ``folder`` (a local path)."""
+    if not path or "://" in str(path):
+        return False
+    return os.path.dirname(os.path.realpath(str(path))) == os.path.realpath(folder)
 
 
 @contextlib.contextmanager

@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import importlib.util
-from typing import Any
+from typing import Any, ClassVar
 
 import pytorch_lightning as pl
 import torch
@@ -31,8 +31,9 @@ from lit_llm.model.float8 import check_float8_device, convert_to_float8
 from lit_llm.model.gpt import GPTModel
 from lit_llm.model.lora import LoRAConfig, apply_lora, count_trainable, is_lora_key
 from lit_llm.model.losses import triton_interpreting
-from lit_llm.tasks.optim import build_adamw, lr_multiplier, parameter_groups
+from lit_llm.tasks.optim import StepSchedule, build_adamw, lr_multiplier, parameter_groups
 from lit_llm.tasks.options import Optimization, SdpaBackend, Speed, check_options, coerce
+from lit_llm.tasks.resume import FIXED, check_resume_settings, log_applied
 
 
 class GPTTask(pl.LightningModule):
@@ -40,6 +41,10 @@ class GPTTask(pl.LightningModule):
 
     Subclasses implement the steps. The Trainer owns accumulation, precision, checkpointing and distribution.
     """
+
+    #: Hyperparameters (dotted keys) a resume cannot change; every other setting of the run's config applies on a
+    #: resume (:mod:`lit_llm.tasks.resume`). A task adds the ones its weights or optimizer state depend on.
+    FIXED_ON_RESUME: ClassVar[tuple[str, ...]] = FIXED
 
     def __init__(
         self,
@@ -306,7 +311,7 @@ class GPTTask(pl.LightningModule):
             f"{hp.warmup_steps} warmup steps over {total} optimizer steps; "
             f"{self.model.num_parameters(trainable_only=True):,} trainable parameters"
         )
-        schedule = torch.optim.lr_scheduler.LambdaLR(
+        schedule = StepSchedule(
             optimizer,
             lambda step: lr_multiplier(
                 step,
@@ -315,6 +320,8 @@ class GPTTask(pl.LightningModule):
                 schedule=hp.lr_schedule,
                 min_lr_ratio=hp.min_lr_ratio,
             ),
+            total_steps=total,
+            schedule=hp.lr_schedule,
         )
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
 
@@ -444,6 +451,12 @@ class GPTTask(pl.LightningModule):
             for state in checkpoint.values():
                 if isinstance(state, dict) and "tokenizer_fingerprint" in state:
                     datamodule.load_state_dict(state)
+        source = str(self._resuming() or "the checkpoint")
+        saved_hparams = checkpoint.get("hyper_parameters")
+        if isinstance(saved_hparams, dict):
+            task = f"{type(self).__module__}.{type(self).__qualname__}"
+            changes = check_resume_settings(saved_hparams, dict(self.hparams), self.FIXED_ON_RESUME, task, source)
+            log_applied(changes, source)
         saved = checkpoint.get("model_config")
         if saved is not None:
             check_same_architecture(saved, self.config.to_dict())
@@ -503,8 +516,8 @@ def check_same_architecture(saved: dict[str, Any], current: dict[str, Any]) -> N
              if k in saved and saved.get(k) != current.get(k)]
     if diffs:
         raise CheckpointError(
-            "The checkpoint was trained with a different model architecture:\n  - " + "\n  - ".join(diffs)
-            + "\nUse the model settings the checkpoint was trained with (see config.yaml in its run directory)."
+            f"The checkpoint was trained with a different model architecture ({'; '.join(diffs)}): use the model "
+            "settings the checkpoint was trained with (see config.yaml in its run directory)"
         )
 
 

@@ -102,6 +102,10 @@ class ClassifyTask(GPTTask):
         **kwargs: The arguments of :class:`~lit_llm.tasks.base.GPTTask` (model, optimizer, ``init_weights``, ...).
     """
 
+    #: The head's size and meaning, what it reads and which parameters train (the optimizer's groups) stay as the
+    #: checkpoint has them on a resume; ``class_weights`` may change.
+    FIXED_ON_RESUME = (*GPTTask.FIXED_ON_RESUME, "num_classes", "label_names", "pooling", "trainable")
+
     def __init__(
         self,
         num_classes: int | None = None,

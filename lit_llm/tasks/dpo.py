@@ -75,6 +75,10 @@ class DPOTask(RespondsToPrompts, GPTTask):
         **kwargs: Keyword arguments of :class:`~lit_llm.tasks.base.GPTTask`.
     """
 
+    #: The reference model (a frozen copy in the checkpoint, precomputed log-probabilities, or the adapters switched
+    #: off) stays as the checkpoint has it on a resume; ``beta``, the loss and the generation settings may change.
+    FIXED_ON_RESUME = (*GPTTask.FIXED_ON_RESUME, "reference")
+
     def __init__(
         self,
         *args: Any,

@@ -1,7 +1,10 @@
 """Where checkpoints are and whether they are whole: every question about checkpoint files and directories.
 
-- :func:`newest_checkpoint`: the checkpoint a run directory stands for (``last.ckpt``, else the highest
-  ``step=N``, then the newest), optionally skipping files that are not complete; ``--ckpt_path auto`` uses it.
+- :func:`newest_checkpoint`: the checkpoint a run directory stands for (the highest global step, read from the name
+  ``step=N`` or weights-only from the file; then ``last.ckpt``, then the newest), optionally skipping files that are
+  not complete; ``--ckpt_path auto`` and ``last`` use it (:func:`auto_checkpoint`), and so do the weights readers.
+- :func:`checkpoint_step`: the global step of a checkpoint without running code from it.
+- :func:`run_checkpoints`: the complete checkpoints a run left in a folder.
 - :func:`looks_complete` / :func:`naming_unreadable_checkpoint`: a file that is empty or truncated, and the error
   that names it with the previous good checkpoint.
 - :func:`sharded_kind` / :func:`detect_kind`: whether a directory was written by FSDP or DeepSpeed, and whether it is
@@ -118,12 +121,16 @@ def consolidate_command(path: str | Path) -> str:
 
 
 def newest_checkpoint(directory: str | Path, *, resumable: bool = False) -> Path | None:
-    """The checkpoint a run directory stands for: ``last.ckpt``, else the ``*.ckpt`` (file, or directory of a sharded
-    strategy) with the highest ``step=N`` in its name, then the most recently written; ``None`` when it has none.
+    """The checkpoint a run directory stands for: the ``*.ckpt`` (file, or directory of a sharded strategy) with the
+    highest global step (:func:`checkpoint_step`); at the same step ``last.ckpt`` first, then the most recently
+    written. ``None`` when it has none.
 
-    With ``resumable`` (``--ckpt_path auto``), consolidated files (weights only) are passed over, and so, with a log
-    line, are files that are empty or not a complete ``torch.save`` archive (truncated or overwritten). Leftovers of an
-    interrupted save (``*.ckpt.tmp``) never have the ``.ckpt`` suffix.
+    The highest step, not the newest file: a folder can hold a newer file of a lower step (a ``last-v1.ckpt`` of a
+    second run started in the same folder, a copy), and the furthest point of the run is what a resume wants.
+
+    With ``resumable`` (``--ckpt_path auto`` and ``last``), consolidated files (weights only) are passed over, and so,
+    with a log line, are files that are empty or not a complete ``torch.save`` archive (truncated or overwritten).
+    Leftovers of an interrupted save (``*.ckpt.tmp``) never have the ``.ckpt`` suffix.
     """
     root = Path(directory)
     candidates = [p for p in root.glob("*.ckpt") if p.is_file() or p.is_dir()]
@@ -136,8 +143,37 @@ def newest_checkpoint(directory: str | Path, *, resumable: bool = False) -> Path
     return max(candidates, key=_newest_last, default=None)
 
 
-def _newest_last(path: str | os.PathLike) -> tuple[bool, int, float]:
-    return (os.path.basename(path) == "last.ckpt", *checkpoint_order(path))
+def _newest_last(path: str | os.PathLike) -> tuple[int, bool, float]:
+    step = checkpoint_step(path)
+    return (-1 if step is None else step, os.path.basename(path) == "last.ckpt", _mtime(path))
+
+
+def checkpoint_step(path: str | os.PathLike) -> int | None:
+    """The global step a checkpoint was saved at, read cheaply and without running code from the file: the
+    ``step=N`` in its name, else the ``global_step`` it holds (``torch.load`` with ``weights_only=True`` and ``mmap``,
+    so the tensors are not read; under FSDP from its ``meta.pt``). ``None`` when neither says (unreadable, or a
+    DeepSpeed directory)."""
+    named = re.search(r"step=(\d+)", os.path.basename(path))
+    if named:
+        return int(named.group(1))
+    source = os.path.join(path, FSDP_META_FILE) if os.path.isdir(path) else os.fspath(path)
+    if not os.path.isfile(source) or not looks_complete(source):
+        return None
+    import torch
+
+    try:
+        saved = torch.load(source, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:  # noqa: BLE001 - any unreadable file simply has no known step
+        return None
+    step = saved.get("global_step") if isinstance(saved, dict) else None
+    return step if isinstance(step, int) and not isinstance(step, bool) else None
+
+
+def _mtime(path: str | os.PathLike) -> float:
+    try:
+        return os.path.getmtime(path)
+    except OSError:
+        return 0.0
 
 
 @contextlib.contextmanager
@@ -179,12 +215,6 @@ def looks_complete(path: str | os.PathLike) -> bool:
         return False
 
 
-def checkpoint_order(path: str | os.PathLike) -> tuple[int, float]:
-    """Sort key, newest last: the ``step=N`` in the file name (-1 without one), then the modification time."""
-    step = re.search(r"step=(\d+)", os.path.basename(path))
-    return (int(step.group(1)) if step else -1, os.path.getmtime(path))
-
-
 def _previous_good_advice(path: str) -> str:
     if "://" in path:
         return "Resume from an earlier checkpoint (--ckpt_path), or start fresh."
@@ -200,12 +230,66 @@ def _previous_good_advice(path: str) -> str:
     return "No other checkpoint in its folder; start fresh."
 
 
-def auto_checkpoint(root: Path) -> str | None:
-    """``--ckpt_path auto``: the newest complete checkpoint in the run folder (:func:`newest_checkpoint`), or None
-    (start fresh)."""
+def auto_checkpoint(root: Path, flag: str = "auto") -> str | None:
+    """``--ckpt_path auto`` (and ``last``): the furthest complete checkpoint in the run folder
+    (:func:`newest_checkpoint`), or None (start fresh). The log names the file taken and its step."""
     newest = newest_checkpoint(root, resumable=True)
     if newest is None:
-        rank_zero_info(f"--ckpt_path auto: no checkpoint in {root}: starting fresh")
+        rank_zero_info(f"--ckpt_path {flag}: no checkpoint in {root}: starting fresh")
         return None
-    rank_zero_info(f"--ckpt_path auto: resuming from {newest}")
+    step = checkpoint_step(newest)
+    at = f"global step {step}" if step is not None else "step unknown"
+    rank_zero_info(f"--ckpt_path {flag}: resuming from {newest} ({at}; the highest step in {root})")
     return str(newest)
+
+
+def run_checkpoints(folder: str | Path) -> list[Path]:
+    """The complete checkpoints a run left in ``folder`` (``*.ckpt``, consolidated copies and partial saves aside):
+    a fresh run started there would mix its checkpoints with them."""
+    root = Path(folder)
+    if not root.is_dir():
+        return []
+    found = [p for p in root.glob("*.ckpt") if not p.name.endswith(".consolidated.ckpt") and looks_complete(p)]
+    return sorted(found, key=_newest_last)
+
+
+def check_checkpoint_path(path: str) -> None:
+    """Check a ``--ckpt_path`` before anything else runs, so that a wrong one is one error naming it and the fix.
+
+    Raises:
+        CheckpointError: ``path`` does not exist, is a folder that is not a sharded checkpoint (the error names the
+            checkpoint in it to pass instead), is a sharded checkpoint whose save did not finish, cannot be opened,
+            or is not a complete ``torch.save`` archive (with the previous good checkpoint beside it). Remote paths
+            (``s3://`` ...) are left to the reader.
+    """
+    if "://" in path:
+        return
+    p = Path(path).expanduser()
+    if not p.exists():
+        folder = p.parent if str(p.parent) not in ("", ".") else Path.cwd()
+        newest = newest_checkpoint(folder, resumable=True) if folder.is_dir() else None
+        fix = (f"the furthest checkpoint in {folder} is {newest}" if newest is not None else
+               "pass an existing checkpoint file such as checkpoints/<run>/last.ckpt")
+        raise CheckpointError(f"--ckpt_path {path} does not exist (cwd: {Path.cwd()}): {fix}; or resume the run in "
+                              "--trainer.default_root_dir with --ckpt_path last (auto: start fresh when it has none)")
+    if p.is_dir():
+        if sharded_kind(p) is not None:
+            if not looks_complete(p):
+                detect_kind(p)  # names what is missing
+            return
+        newest = newest_checkpoint(p, resumable=True)
+        fix = (f"pass --ckpt_path {newest} (its furthest checkpoint)" if newest is not None else
+               "it holds no checkpoint; pass a checkpoint file such as checkpoints/<run>/last.ckpt")
+        raise CheckpointError(f"--ckpt_path {path} is a folder, not a checkpoint: {fix}, or run with "
+                              f"--trainer.default_root_dir={path} --ckpt_path last")
+    try:
+        with open(p, "rb") as f:
+            f.read(1)
+    except OSError as err:
+        raise CheckpointError(f"--ckpt_path {path} cannot be read ({err.strerror or err}): give this user read access "
+                              "to it, or pass another checkpoint") from None
+    if not looks_complete(p):
+        raise CheckpointError(
+            f"could not read checkpoint {path} (empty, or not a complete torch.save archive); it is truncated or "
+            f"corrupt (a save that was killed, or a partial copy). {_previous_good_advice(str(p))}"
+        )

@@ -271,7 +271,7 @@ def test_resume_with_another_tokenizer_or_shape_is_refused(corpus, tmp_path, in_
     with pytest.raises(DataError, match="tokenizer mismatch"):
         cli(["fit", "--config", str(quick), *common, "--data.init_args.tokenizer_vocab_size=320",
              "--trainer.max_steps=4", "--ckpt_path=last"])
-    with pytest.raises(CheckpointError, match=r"n_layers: checkpoint=2 config=3"):
+    with pytest.raises(CheckpointError, match=r"model\.init_args\.model\.n_layers \(checkpoint 2, given 3\)"):
         cli(["fit", "--config", str(quick), *common, "--data.init_args.tokenizer_vocab_size=300",
              "--model.init_args.model.n_layers=3", "--trainer.max_steps=4", "--ckpt_path=last"])
 

@@ -370,14 +370,17 @@ def test_lora_run_resumes_and_refuses_another_lora_setting(runs, tmp_path):
     assert all(torch.equal(after[k], v) for k, v in before.items() if "lora_" not in k)
     assert any(not torch.equal(after[k], v) for k, v in before.items() if k.endswith("lora_B"))
 
-    # A checkpoint file given as --ckpt_path brings its own hyperparameters (Lightning's CLI applies them), but
-    # `--ckpt_path auto` keeps the command line's: another LoRA setting is refused with the fix, not a key listing.
-    for other, fix in (("--model.init_args.lora={rank: 2, targets: [attention, ff, head]}", "resume with the same"),
-                       ("--model.init_args.lora=null", "set model.lora: {'rank': 4")):
-        with pytest.raises(Exception) as err:
-            cli(_fit_args(run, runs["text"], "--trainer.max_steps=5", other, "--ckpt_path=auto"))
-        user = find_user_error(err.value)
-        assert isinstance(user, CheckpointError) and "LoRA adapters do not match" in str(user) and fix in str(user)
+    # The command line's LoRA setting is kept and compared with the checkpoint's (a --ckpt_path file does not bring
+    # its own): another one is refused in one line that names the setting, with both values.
+    for other, needle in (("--model.init_args.lora={rank: 2, targets: [attention, ff, head]}",
+                           "model.init_args.lora.rank (checkpoint 4, given 2)"),
+                          ("--model.init_args.lora=null", "model.init_args.lora (checkpoint {'rank': 4")):
+        for root, resume in ((run, "auto"), (tmp_path / "another", ckpt)):
+            with pytest.raises(Exception) as err:
+                cli(_fit_args(root, runs["text"], "--trainer.max_steps=5", other, f"--ckpt_path={resume}"))
+            user = find_user_error(err.value)
+            assert isinstance(user, CheckpointError) and "cannot resume with these settings changed" in str(user)
+            assert needle in str(user) and "\n" not in str(user), str(user)
 
 
 def test_weights_readers_merge_a_lora_checkpoint(runs):

@@ -163,7 +163,10 @@ def test_ckpt_path_auto(tmp_path, caplog):
     with caplog.at_level("INFO"):
         assert auto_checkpoint(tmp_path) == str(tmp_path / "step=000010.ckpt")
     assert f"skipping {tmp_path / 'step=000020.ckpt'}, which is not a complete checkpoint" in caplog.text
+    # The highest global step wins, read from the file when its name has no step=N; at the same step, last.ckpt.
     torch.save({"global_step": 3}, tmp_path / "last.ckpt")
+    assert auto_checkpoint(tmp_path) == str(tmp_path / "step=000010.ckpt")
+    torch.save({"global_step": 10}, tmp_path / "last.ckpt")
     assert auto_checkpoint(tmp_path) == str(tmp_path / "last.ckpt")
 
 

@@ -43,3 +43,46 @@ def test_frozen_parameters_left_out():
     groups = parameter_groups(model, 0.1)
     assert not any(p is model.tok_emb.weight for g in groups for p in g["params"])
     torch.optim.AdamW(groups)  # the groups are valid optimizer input
+
+
+def _adamw_with_schedule(lr: float, weight_decay: float, total: int):
+    from lit_llm.tasks.optim import StepSchedule
+
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.LayerNorm(4))
+    torch.manual_seed(0)
+    for p in model.parameters():
+        p.data.normal_()
+    optimizer = torch.optim.AdamW(parameter_groups(model, weight_decay), lr=lr)
+    schedule = StepSchedule(optimizer, lambda s: lr_multiplier(s, warmup_steps=2, total_steps=total), total_steps=total)
+    return model, optimizer, schedule
+
+
+def test_step_schedule_restores_the_position_and_applies_new_settings(caplog):
+    model, optimizer, schedule = _adamw_with_schedule(3e-3, 0.1, total=10)
+    for _ in range(4):
+        model(torch.ones(2, 4)).sum().backward()
+        optimizer.step()
+        schedule.step()
+    saved_optimizer, saved_schedule = optimizer.state_dict(), schedule.state_dict()
+    saved_lrs = [g["lr"] for g in optimizer.param_groups]
+
+    # Unchanged settings: the restored rates are exactly the saved ones (exact resumes stay exact).
+    _, same_opt, same = _adamw_with_schedule(3e-3, 0.1, total=10)
+    same_opt.load_state_dict(saved_optimizer)
+    same.load_state_dict(saved_schedule)
+    assert [g["lr"] for g in same_opt.param_groups] == saved_lrs and same.last_epoch == 4
+
+    # A new peak rate, weight decay and a longer schedule: the position stays, the settings are this run's.
+    _, new_opt, new = _adamw_with_schedule(1e-4, 0.05, total=20)
+    new_opt.load_state_dict(saved_optimizer)
+    assert new_opt.param_groups[0]["weight_decay"] == 0.1  # what torch's restore alone leaves
+    with caplog.at_level("INFO"):
+        new.load_state_dict(saved_schedule)
+    expected = 1e-4 * lr_multiplier(4, warmup_steps=2, total_steps=20)
+    assert [g["lr"] for g in new_opt.param_groups] == [expected, expected] == new.get_last_lr()
+    assert [g["initial_lr"] for g in new_opt.param_groups] == [1e-4, 1e-4] and new.base_lrs == [1e-4, 1e-4]
+    assert [g["weight_decay"] for g in new_opt.param_groups] == [0.05, 0.0]
+    assert new.last_epoch == 4 and new.total_steps == 20 and new.state_dict()["total_steps"] == 20
+    assert "now spans 20 optimizer steps (the checkpoint's spanned 10)" in caplog.text
+    assert set(saved_schedule) >= {"total_steps", "base_lrs", "last_epoch"}
+    assert "_configured" not in saved_schedule  # plain values only: checkpoints load with weights_only=True
