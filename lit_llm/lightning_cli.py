@@ -32,6 +32,8 @@ from lit_llm.errors import ConfigError, DataError, UsageError, debugging, find_u
 from lit_llm.shipped import resolve_config_args
 from lit_llm.tasks.base import GPTTask
 from lit_llm.weights.discovery import auto_checkpoint, naming_unreadable_checkpoint
+from lit_llm.weights.pickled import check_sharded_directory
+from lit_llm.weights.remote import read_as_data
 
 DEFAULT_ROOT = "checkpoints/run"
 
@@ -98,6 +100,8 @@ class LitLLMCLI(LightningCLI):
     def _parse_ckpt_path(self) -> None:
         # LightningCLI reads the hyperparameters of --ckpt_path with a bare torch.load before anything else runs.
         subcommand = self.config.get("subcommand")
+        if subcommand:  # an https URL becomes a verified local copy; checkpoints are read weights-only
+            read_as_data(self.config[subcommand])
         with naming_unreadable_checkpoint(self.config[subcommand].get("ckpt_path") if subcommand else None):
             super()._parse_ckpt_path()
 
@@ -142,6 +146,7 @@ class LitLLMCLI(LightningCLI):
 
     def _run_subcommand(self, subcommand: str) -> None:  # LightningCLI's (private) runner of fit/validate/...
         ckpt_path = self.config[subcommand].get("ckpt_path")
+        check_sharded_directory(ckpt_path)  # FSDP/DeepSpeed directories: their pickles checked before they are read
         if ckpt_path and Path(str(ckpt_path)).is_file() and isinstance(self.model, GPTTask):
             # Lightning sets trainer.ckpt_path only after configure_model; tell the task now, so that it does not read
             # model.init_weights (possibly deleted by now) just to have the checkpoint's weights replace them.

@@ -266,6 +266,7 @@ def _indexed_optimizer_state(state: dict[str, Any], path: Path) -> dict[str, Any
 def _read_deepspeed(path: Path, keep_optimizer: bool) -> tuple[dict[str, Any], str]:
     """Lightning's DeepSpeed checkpoint as one dict: DeepSpeed's ``zero_to_fp32`` merges the float32 master weights,
     and the client state (what Lightning saved besides them) comes from rank 0's model states file."""
+    tag = check_deepspeed_directory(path)  # every file of it weights-only before DeepSpeed unpickles any
     try:
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
     except ImportError as err:
@@ -273,7 +274,6 @@ def _read_deepspeed(path: Path, keep_optimizer: bool) -> tuple[dict[str, Any], s
 
         raise CheckpointError(f"{path} is a DeepSpeed checkpoint, and merging its ZeRO partitions needs DeepSpeed, "
                               f"which is not installed: {DEEPSPEED_INSTALL} (no GPU needed to consolidate)") from err
-    tag = check_deepspeed_directory(path)  # every file of it weights-only before DeepSpeed unpickles any
     folder = path / tag
     states = [folder / "mp_rank_00_model_states.pt", folder / "zero_pp_rank_0_mp_rank_00_model_states.pt"]
     states_file = next((f for f in states if f.is_file()), None)
