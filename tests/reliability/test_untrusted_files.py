@@ -142,6 +142,7 @@ def test_a_wrong_sha256_keeps_nothing(server, corpus, tmp_path, cache, marker, c
     assert not [p for p in (cache / "downloads").iterdir()]
 
 
+@pytest.mark.filterwarnings("ignore:The dirpath has changed")
 def test_a_genuine_checkpoint_url_with_its_sha256_resumes(trained, server, corpus, tmp_path, cache, in_repo_root):
     (server.root / "last.ckpt").write_bytes((trained / "last.ckpt").read_bytes())
     url = f"{server.url}/last.ckpt#sha256={sha256(trained / 'last.ckpt')}"
