@@ -23,9 +23,11 @@ from torch import Tensor
 from lit_llm.errors import CheckpointError
 
 # What ``torch.load`` raises on a truncated or corrupt file: besides the obvious ones, the weights-only unpickler
-# reading garbage fails with IndexError (its stack) or KeyError (its memo).
+# reading garbage fails with IndexError (its stack) or KeyError (its memo), and with AttributeError or TypeError when a
+# damaged byte turns one value into another type (found by tests/reliability/test_fuzz_readers.py).
 UNREADABLE_FILE_ERRORS = (
-    RuntimeError, EOFError, OSError, ValueError, IndexError, KeyError, zipfile.BadZipFile, pickle.UnpicklingError,
+    RuntimeError, EOFError, OSError, ValueError, IndexError, KeyError, AttributeError, TypeError, zipfile.BadZipFile,
+    pickle.UnpicklingError,
 )
 
 

@@ -9,7 +9,9 @@ either read it or raise one of lit_llm's own errors.
 
 from __future__ import annotations
 
-from hypothesis import HealthCheck, settings
+from collections.abc import Callable
+
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 #: Examples per reader in the default suite, and in the ``slow`` variant (``python -m pytest -m slow``).
@@ -57,3 +59,17 @@ def mutate(data: bytes, ops: list[tuple]) -> bytes:
             source = op[2] % n
             out[where:where + op[3]] = out[source:source + op[3]]
     return bytes(out)
+
+
+def run_fuzz(examples: int, body: Callable[[list[tuple]], None]) -> int:
+    """Run ``body`` on ``examples`` mutation lists drawn by hypothesis; fail unless that many ran to the end (none
+    rejected by ``assume``, none cut short). Returns the count."""
+    done = []
+
+    def one(ops: list[tuple]) -> None:
+        body(ops)
+        done.append(ops)
+
+    given(mutations)(fuzz_settings(examples)(one))()
+    assert len(done) >= examples, f"only {len(done)} of {examples} mutated files were tried"
+    return len(done)

@@ -19,8 +19,7 @@ import pytest
 
 hypothesis = pytest.importorskip("hypothesis")
 import torch  # noqa: E402
-from hypothesis import given  # noqa: E402
-from mutations import FAST_EXAMPLES, SLOW_EXAMPLES, fuzz_settings, mutate, mutations  # noqa: E402
+from mutations import FAST_EXAMPLES, SLOW_EXAMPLES, mutate, run_fuzz  # noqa: E402
 
 from lit_llm.data.tokenizer import Tokenizer, load_tokenizer, train_bpe  # noqa: E402
 from lit_llm.errors import LitLLMError  # noqa: E402
@@ -94,10 +93,10 @@ def test_the_seeds_read():
 
 @pytest.mark.parametrize("reader", list(READERS))
 def test_mutated_files(reader):
-    given(mutations)(fuzz_settings(FAST_EXAMPLES)(lambda ops: check(reader, ops)))()
+    run_fuzz(FAST_EXAMPLES, lambda ops: check(reader, ops))
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("reader", list(READERS))
 def test_thousands_of_mutated_files(reader):
-    given(mutations)(fuzz_settings(SLOW_EXAMPLES)(lambda ops: check(reader, ops)))()
+    run_fuzz(SLOW_EXAMPLES, lambda ops: check(reader, ops))

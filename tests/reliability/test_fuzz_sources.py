@@ -18,7 +18,7 @@ import pytest
 hypothesis = pytest.importorskip("hypothesis")
 from hypothesis import HealthCheck, assume, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
-from mutations import FAST_EXAMPLES, SLOW_EXAMPLES, fuzz_settings, mutate, mutations  # noqa: E402
+from mutations import FAST_EXAMPLES, SLOW_EXAMPLES, mutate, run_fuzz  # noqa: E402
 
 from lit_llm.data.sources import load_records  # noqa: E402
 from lit_llm.errors import ConfigError, DataError  # noqa: E402
@@ -170,10 +170,10 @@ def test_the_valid_files_read():
 
 @pytest.mark.parametrize("suffix", list(VALID_FILES))
 def test_mutated_files(suffix):
-    given(mutations)(fuzz_settings(FAST_EXAMPLES)(lambda ops: check_mutated(suffix, ops)))()
+    run_fuzz(FAST_EXAMPLES, lambda ops: check_mutated(suffix, ops))
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("suffix", list(VALID_FILES))
 def test_thousands_of_mutated_files(suffix):
-    given(mutations)(fuzz_settings(SLOW_EXAMPLES)(lambda ops: check_mutated(suffix, ops)))()
+    run_fuzz(SLOW_EXAMPLES, lambda ops: check_mutated(suffix, ops))
