@@ -33,6 +33,8 @@ from lit_llm.errors import ConfigError, DataError, UsageError, debugging, find_u
 from lit_llm.shipped import resolve_config_args
 from lit_llm.tasks.base import GPTTask
 from lit_llm.weights.discovery import auto_checkpoint, check_checkpoint_path
+from lit_llm.weights.pickled import check_sharded_directory
+from lit_llm.weights.remote import read_as_data
 
 DEFAULT_ROOT = "checkpoints/run"
 
@@ -109,7 +111,10 @@ class LitLLMCLI(LightningCLI):
         # (lit_llm.tasks.resume). Here only the path itself is checked: a missing file, a folder that is not a
         # sharded checkpoint, an unreadable or truncated file is one error line.
         subcommand = self.config.get("subcommand")
-        path = self.config[subcommand].get("ckpt_path") if subcommand else None
+        if not subcommand:
+            return
+        read_as_data(self.config[subcommand])  # an https URL becomes a verified local copy, read weights-only
+        path = self.config[subcommand].get("ckpt_path")
         if path and path not in _CKPT_PATH_WORDS:
             check_checkpoint_path(str(path))
 
@@ -161,6 +166,7 @@ class LitLLMCLI(LightningCLI):
 
     def _run_subcommand(self, subcommand: str) -> None:  # LightningCLI's (private) runner of fit/validate/...
         ckpt_path = self.config[subcommand].get("ckpt_path")
+        check_sharded_directory(ckpt_path)  # FSDP/DeepSpeed directories: their pickles checked before they are read
         if ckpt_path and Path(str(ckpt_path)).is_file() and isinstance(self.model, GPTTask):
             # Lightning sets trainer.ckpt_path only after configure_model; tell the task now, so that it does not read
             # model.init_weights (possibly deleted by now) just to have the checkpoint's weights replace them.

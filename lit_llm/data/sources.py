@@ -30,6 +30,7 @@ import urllib.parse
 import urllib.request
 import warnings
 import zipfile
+import zlib
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Literal
@@ -64,6 +65,11 @@ _FORMS = (
     "or a local file / directory / glob / list of them (.txt .md .text .json .jsonl .csv .tsv .parquet, .zip)"
 )
 _CHUNK = 1 << 20
+# A damaged zip archive: bad headers (BadZipFile, EOFError, ValueError, OSError from a seek to a negative offset), an
+# unknown compression method (NotImplementedError), an "encrypted" flag (RuntimeError), corrupt deflate data
+# (zlib.error), an undecodable (UnicodeDecodeError) or empty (IndexError) member name.
+_BAD_ARCHIVE = (zipfile.BadZipFile, zlib.error, EOFError, ValueError, OSError, NotImplementedError, RuntimeError,
+                IndexError)
 
 
 def default_cache_dir() -> Path:
@@ -153,7 +159,7 @@ def download(url: str, sha256: str | None, cache_dir: str | Path | None = None, 
     return dest
 
 
-def _extract(archive: Path, cache_dir: Path) -> Path:
+def _extract(archive: Path, cache_dir: Path, key: str = "data.source") -> Path:
     tag = cache.files_digest([archive], cache_dir=cache_dir)[:16]  # by content: a replaced archive is extracted anew
     dest = cache_dir / "extracted" / f"{archive.stem}-{tag}"
     if dest.is_dir():
@@ -168,8 +174,9 @@ def _extract(archive: Path, cache_dir: Path) -> Path:
         with zipfile.ZipFile(archive) as zf:
             zf.extractall(tmp)  # extractall drops absolute paths and ".." components
         os.replace(tmp, dest)
-    except zipfile.BadZipFile as err:
-        raise DataError(f"{archive} is not a valid zip archive: {err}") from err
+    except _BAD_ARCHIVE as err:  # what zipfile raises on a damaged archive besides BadZipFile (found by fuzzing)
+        raise DataError(f"{key}: {archive} is not a valid zip archive ({type(err).__name__}: {err}); download it "
+                        f"again, or extract it yourself and point {key} at the files") from err
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
@@ -181,12 +188,12 @@ def _visible(path: Path, root: Path) -> bool:
     return not any(p.startswith(".") or p == "__MACOSX" for p in parts)
 
 
-def _expand_dir(directory: Path, cache_dir: Path) -> list[Path]:
+def _expand_dir(directory: Path, cache_dir: Path, key: str = "data.source") -> list[Path]:
     found: list[Path] = []
     for path in sorted(p for p in directory.rglob("*") if p.is_file() and _visible(p, directory)):
         suffix = path.suffix.lower()
         if suffix in _ARCHIVES:
-            found.extend(_expand_dir(_extract(path, cache_dir), cache_dir))
+            found.extend(_expand_dir(_extract(path, cache_dir, key), cache_dir, key))
         elif suffix in _FILE_TYPES:
             found.append(path)
     return found
@@ -194,15 +201,15 @@ def _expand_dir(directory: Path, cache_dir: Path) -> list[Path]:
 
 def _expand_existing(path: Path, cache_dir: Path, key: str) -> list[Path]:
     if path.is_dir():
-        files = _expand_dir(path, cache_dir)
+        files = _expand_dir(path, cache_dir, key)
         if not files:
             raise DataError(
                 f"{key}: the directory {path} holds no supported files ({' '.join(sorted(_FILE_TYPES))} .zip)."
             )
         return files
     if path.suffix.lower() in _ARCHIVES:
-        root = _extract(path, cache_dir)
-        files = _expand_dir(root, cache_dir)
+        root = _extract(path, cache_dir, key)
+        files = _expand_dir(root, cache_dir, key)
         if not files:
             raise DataError(
                 f"{key}: the archive {path.name} holds no file with a supported extension "
@@ -242,7 +249,7 @@ def _archive_member(archive: Path, member: str, cache_dir: Path, key: str) -> Pa
             f"{member_key}={member!r} is set but {key} ({archive}) is not a .zip archive; "
             f"remove {member_key} or point {key} at the archive."
         )
-    root = _extract(archive, cache_dir)
+    root = _extract(archive, cache_dir, key)
     members = _members(root)
     wanted = member.strip("/")
     matches = [m for m in members if m == wanted] or [m for m in members if m.rsplit("/", 1)[-1] == wanted]

@@ -174,8 +174,16 @@ class Tokenizer:
 
         Returns:
             The tokenizer.
+
+        Raises:
+            DataError: ``s`` is not a tokenizer's JSON (e.g. the damaged copy stored in a checkpoint).
         """
-        return cls(tokenizers.Tokenizer.from_str(s), eos_token=eos_token)
+        try:
+            backend = tokenizers.Tokenizer.from_str(s)
+        except Exception as err:  # tokenizers raises a bare Exception (or TypeError for a non-string)
+            raise DataError(f"the stored tokenizer is not a valid tokenizer.json ({err}); the file holding it is "
+                            "damaged: use another copy, or pass the tokenizer the model was trained with") from err
+        return cls(backend, eos_token=eos_token)
 
     @cached_property
     def fingerprint(self) -> str:

@@ -32,8 +32,6 @@ from torch import Tensor
 
 from lit_llm.errors import CheckpointError
 from lit_llm.weights.discovery import (
-    DCP_INDEX,
-    DEEPSPEED_LATEST,
     FSDP_META_FILE,
     Kind,
     detect_kind,
@@ -41,6 +39,13 @@ from lit_llm.weights.discovery import (
     suggested_output,
 )
 from lit_llm.weights.files import TMP_SUFFIX, UNREADABLE_FILE_ERRORS, atomic_torch_save, error_reason, torch_load
+from lit_llm.weights.pickled import (
+    check_deepspeed_directory,
+    dcp_reader,
+    deepspeed_load,
+    inner_checkpoint_error,
+    safe_load_planner,
+)
 
 __all__ = ["consolidate"]
 
@@ -186,9 +191,7 @@ def _resolve_source(path: Path) -> Path:
 def _read_fsdp(path: Path, keep_optimizer: bool) -> tuple[dict[str, Any], str]:
     """Lightning's FSDP checkpoint as one dict: the model (and optimizer) shards merged, ``meta.pt`` around them."""
     try:
-        from torch.distributed.checkpoint import FileSystemReader
         from torch.distributed.checkpoint.api import CheckpointException
-        from torch.distributed.checkpoint.default_planner import _EmptyStateDictLoadPlanner
         from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
     except ImportError as err:  # a PyTorch build without torch.distributed
         raise CheckpointError(f"reading the FSDP checkpoint {path} needs torch.distributed.checkpoint, which this "
@@ -197,12 +200,9 @@ def _read_fsdp(path: Path, keep_optimizer: bool) -> tuple[dict[str, Any], str]:
     if not isinstance(meta, dict):
         raise CheckpointError(f"{path / FSDP_META_FILE} holds a {type(meta).__name__}, not the dict Lightning saves; "
                               "the checkpoint was not written by Lightning's FSDP strategy")
-    reader = FileSystemReader(path)
-    try:
-        metadata = reader.read_metadata()
-    except Exception as err:  # noqa: BLE001 - whatever the unpickler raises, the index is unreadable
-        raise CheckpointError(f"could not read {path / DCP_INDEX} ({error_reason(err)}); it is truncated or corrupt: "
-                              "use an earlier checkpoint") from err
+    # The index and the non-tensor values are pickles: read by restricted readers (lit_llm.weights.pickled).
+    reader = dcp_reader(path)
+    metadata = reader.read_metadata()
     planner_data = getattr(metadata, "planner_data", None) or {}
     tops = {str(planner_data[k][0]) if planner_data.get(k) else k.split(".", 1)[0]
             for k in metadata.state_dict_metadata}
@@ -217,8 +217,11 @@ def _read_fsdp(path: Path, keep_optimizer: bool) -> tuple[dict[str, Any], str]:
     try:
         # DCP's own "load everything the index lists" planner, restricted to the keys wanted: the optimizer shards
         # (twice the model's size under AdamW) stay on disk unless they are kept. Lightning reads them the same way.
-        _load_state_dict(loaded, storage_reader=reader, planner=_EmptyStateDictLoadPlanner(keys=keys), no_dist=True)
+        _load_state_dict(loaded, storage_reader=reader, planner=safe_load_planner(path, keys), no_dist=True)
     except (Exception, CheckpointException) as err:  # DCP reports a failed read as CheckpointException
+        refused = inner_checkpoint_error(err)  # a value that is not plain data
+        if refused is not None:
+            raise refused from err
         raise CheckpointError(f"could not read the shards of {path} ({error_reason(err)}); a *.distcp file is missing, "
                               "truncated or from another save: use an earlier checkpoint") from err
     checkpoint = dict(meta)
@@ -263,6 +266,7 @@ def _indexed_optimizer_state(state: dict[str, Any], path: Path) -> dict[str, Any
 def _read_deepspeed(path: Path, keep_optimizer: bool) -> tuple[dict[str, Any], str]:
     """Lightning's DeepSpeed checkpoint as one dict: DeepSpeed's ``zero_to_fp32`` merges the float32 master weights,
     and the client state (what Lightning saved besides them) comes from rank 0's model states file."""
+    tag = check_deepspeed_directory(path)  # every file of it weights-only before DeepSpeed unpickles any
     try:
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
     except ImportError as err:
@@ -270,7 +274,6 @@ def _read_deepspeed(path: Path, keep_optimizer: bool) -> tuple[dict[str, Any], s
 
         raise CheckpointError(f"{path} is a DeepSpeed checkpoint, and merging its ZeRO partitions needs DeepSpeed, "
                               f"which is not installed: {DEEPSPEED_INSTALL} (no GPU needed to consolidate)") from err
-    tag = (path / DEEPSPEED_LATEST).read_text().strip()
     folder = path / tag
     states = [folder / "mp_rank_00_model_states.pt", folder / "zero_pp_rank_0_mp_rank_00_model_states.pt"]
     states_file = next((f for f in states if f.is_file()), None)
@@ -279,9 +282,9 @@ def _read_deepspeed(path: Path, keep_optimizer: bool) -> tuple[dict[str, Any], s
                               "hyperparameters and tokenizer; the save did not finish: use an earlier checkpoint")
     said = io.StringIO()
     try:
-        # DeepSpeed pickles its own objects (its config, ZeRO enums) into these files: they are read as DeepSpeed
-        # itself reads them, so consolidate only checkpoints from a trusted source (such as your own runs).
-        client = torch.load(states_file, map_location="cpu", mmap=True, weights_only=False)
+        # DeepSpeed's own objects in it (ZeRO enums, loss scaler) come back as stand-ins and are dropped below with
+        # the engine's other entries.
+        client = deepspeed_load(states_file)
         with contextlib.redirect_stdout(said):  # zero_to_fp32 reports its progress with print()
             weights = get_fp32_state_dict_from_zero_checkpoint(str(path), tag=tag)
     except UNREADABLE_FILE_ERRORS as err:

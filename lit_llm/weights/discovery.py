@@ -26,7 +26,7 @@ from typing import Any, Literal
 from pytorch_lightning.utilities.rank_zero import rank_zero_info
 
 from lit_llm.errors import CheckpointError
-from lit_llm.weights.files import TMP_SUFFIX, UNREADABLE_FILE_ERRORS, error_reason
+from lit_llm.weights.files import TMP_SUFFIX, UNREADABLE_FILE_ERRORS, error_reason, unsupported_global
 
 Kind = Literal["fsdp", "deepspeed"]
 
@@ -186,7 +186,10 @@ def naming_unreadable_checkpoint(path: Any) -> Iterator[None]:
         raise
     except UNREADABLE_FILE_ERRORS as err:
         if "Weights only load failed" in str(err) and "Unsupported global" in str(err):
-            raise  # a readable file holding Python objects: not corruption
+            raise CheckpointError(  # a readable file holding Python objects: not corruption
+                f"checkpoint {path} holds Python objects beyond tensors and plain values ({unsupported_global(err)}), "
+                "which lit_llm does not unpickle (that could run code); resume from a checkpoint your own run wrote"
+            ) from err
         raise CheckpointError(
             f"could not read checkpoint {path} ({error_reason(err)}); it is truncated or corrupt (a save that was "
             f"killed, or a partial copy). {_previous_good_advice(str(path))}"

@@ -23,9 +23,11 @@ from torch import Tensor
 from lit_llm.errors import CheckpointError
 
 # What ``torch.load`` raises on a truncated or corrupt file: besides the obvious ones, the weights-only unpickler
-# reading garbage fails with IndexError (its stack) or KeyError (its memo).
+# reading garbage fails with IndexError (its stack) or KeyError (its memo), and with AttributeError or TypeError when a
+# damaged byte turns one value into another type (found by tests/reliability/test_fuzz_readers.py).
 UNREADABLE_FILE_ERRORS = (
-    RuntimeError, EOFError, OSError, ValueError, IndexError, KeyError, zipfile.BadZipFile, pickle.UnpicklingError,
+    RuntimeError, EOFError, OSError, ValueError, IndexError, KeyError, AttributeError, TypeError, zipfile.BadZipFile,
+    pickle.UnpicklingError,
 )
 
 
@@ -193,14 +195,23 @@ def torch_load(path: Path) -> Any:
     except pickle.UnpicklingError as err:
         if "Unsupported global" in str(err):
             raise CheckpointError(
-                f"{path} holds Python objects beyond tensors and plain values, which lit_llm does not unpickle (that "
-                "could run code); if you trust it, load it yourself and torch.save its model.state_dict()"
+                f"{path} holds Python objects beyond tensors and plain values ({unsupported_global(err)}), which "
+                "lit_llm does not unpickle (that could run code); if you trust it, load it yourself and torch.save its "
+                "model.state_dict()"
             ) from err
         raise CheckpointError(f"could not read {path} as a PyTorch checkpoint ({error_reason(err)}); the file may be "
                               "truncated or corrupt: copy or save it again") from err
     except UNREADABLE_FILE_ERRORS as err:
         raise CheckpointError(f"could not read {path} as a PyTorch checkpoint ({error_reason(err)}); the file may be "
                               "truncated or corrupt: copy or save it again") from err
+
+
+def unsupported_global(err: Exception) -> str:
+    """``"it refers to builtins.exec"``: the global that torch's weights-only unpickler refused, from its message."""
+    import re
+
+    m = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(err))
+    return f"it refers to {m[1]}" if m else error_reason(err)
 
 
 def error_reason(err: Exception) -> str:

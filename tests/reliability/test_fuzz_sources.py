@@ -3,10 +3,13 @@ lit_llm ``DataError`` / ``ConfigError`` (one clear message), never another excep
 
 from __future__ import annotations
 
+import io
 import json
 import subprocess
 import sys
+import tarfile
 import tempfile
+import zipfile
 from pathlib import Path
 
 import datasets
@@ -15,6 +18,7 @@ import pytest
 hypothesis = pytest.importorskip("hypothesis")
 from hypothesis import HealthCheck, assume, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
+from mutations import FAST_EXAMPLES, SLOW_EXAMPLES, mutate, run_fuzz  # noqa: E402
 
 from lit_llm.data.sources import load_records  # noqa: E402
 from lit_llm.errors import ConfigError, DataError  # noqa: E402
@@ -114,3 +118,62 @@ def test_leading_null_json_is_a_data_error(tmp_path):
     lines = proc.stdout.splitlines()
     assert proc.returncode == 0, (proc.returncode, proc.stderr[-2000:])
     assert len(lines) == 2 and all(line.startswith("DataError: data.source") for line in lines), lines
+
+
+# ---- damaged copies of valid files --------------------------------------------------------------------------------
+# Each valid file below is mutated (bit flips, truncation, insertion, deletion, overwrites, splices: see mutations.py)
+# and read through `load_records`: FAST_EXAMPLES files per format in the default suite, SLOW_EXAMPLES in the `slow`
+# variant. A `.tar.gz` is not a supported source (only zip archives are extracted): every one is a DataError.
+
+
+def _zip(members: dict[str, bytes]) -> bytes:
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as zf:
+        for name, data in members.items():
+            zf.writestr(name, data)
+    return buffer.getvalue()
+
+
+def _tar_gz(members: dict[str, bytes]) -> bytes:
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w:gz") as tf:
+        for name, data in members.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tf.addfile(info, io.BytesIO(data))
+    return buffer.getvalue()
+
+
+_RECORDS = b'{"text": "hello there", "label": 1}\n{"text": "caf\\u00e9 world", "label": 0}\n'
+VALID_FILES = {
+    ".json": json.dumps([{"text": "hello there", "label": 1}, {"text": "caf\u00e9 world", "label": 0}]).encode(),
+    ".jsonl": _RECORDS,
+    ".csv": "text,label\nhello there,1\n\"caf\u00e9, world\",0\n".encode(),
+    ".txt": "Some text, caf\u00e9.\n\nMore text.\n".encode(),
+    ".zip": _zip({"data/records.jsonl": _RECORDS * 5}),
+    ".tar.gz": _tar_gz({"records.jsonl": _RECORDS}),
+}
+
+
+def check_mutated(suffix: str, ops: list[tuple]) -> None:
+    data = mutate(VALID_FILES[suffix], ops)
+    if suffix in (".json", ".jsonl"):
+        assume(not crashes_pyarrow(data))
+    check(suffix, data)
+
+
+def test_the_valid_files_read():
+    for suffix in (".json", ".jsonl", ".csv", ".txt"):
+        check(suffix, VALID_FILES[suffix])
+    check(".zip", VALID_FILES[".zip"])
+
+
+@pytest.mark.parametrize("suffix", list(VALID_FILES))
+def test_mutated_files(suffix):
+    run_fuzz(FAST_EXAMPLES, lambda ops: check_mutated(suffix, ops))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("suffix", list(VALID_FILES))
+def test_thousands_of_mutated_files(suffix):
+    run_fuzz(SLOW_EXAMPLES, lambda ops: check_mutated(suffix, ops))

@@ -11,6 +11,8 @@ group for this in one process. DeepSpeed directories need DeepSpeed and GPUs to 
 
 from __future__ import annotations
 
+import collections
+import re
 import shutil
 import subprocess
 import sys
@@ -21,6 +23,7 @@ from pathlib import Path
 import pytest
 import torch
 from support import ROOT
+from weights_helpers import deepspeed_objects, deepspeed_optimizer_state
 
 from lit_llm.convert import main as convert_main
 from lit_llm.errors import CheckpointError
@@ -217,18 +220,22 @@ def test_init_weights_of_a_finetuning_run(fsdp_run, tmp_path):
 
 def write_deepspeed_like(checkpoint_file: Path, directory: Path, stage: int = 2) -> Path:
     """DeepSpeed's layout for Lightning's checkpoint: ``latest`` -> ``checkpoint/`` with rank 0's model states
-    (engine entries + Lightning's client state) and per-rank optimizer files (never read here: see the stand-in)."""
+    (engine entries + Lightning's client state) and per-rank optimizer files holding what ZeRO saves, DeepSpeed's own
+    objects included (only checked here, weights-only: merging them is the stand-in's job)."""
     checkpoint = torch.load(checkpoint_file, weights_only=True)
     client = {k: v for k, v in checkpoint.items() if k not in ("state_dict", "optimizer_states")}
-    engine = {"module": {}, "buffer_names": [], "optimizer": None, "param_shapes": [], "shared_params": {},
+    engine = {"module": {}, "buffer_names": [], "optimizer": None, "shared_params": {},
+              "param_shapes": [collections.OrderedDict(w=torch.Size([4, 2]))], "sparse_tensor_module_names": set(),
               "lr_scheduler": None, "skipped_steps": 0, "global_steps": 3, "global_samples": 12, "dp_world_size": 2,
               "mp_world_size": 1, "ds_version": "0.0.0", "ds_config": {"zero_optimization": {"stage": stage}}}
     folder = directory / "checkpoint"
     folder.mkdir(parents=True)
     states = "mp_rank_00_model_states.pt" if stage < 3 else "zero_pp_rank_0_mp_rank_00_model_states.pt"
     torch.save({**engine, **client}, folder / states)
-    for rank in range(2):
-        (folder / f"bf16_zero_pp_rank_{rank}_mp_rank_00_optim_states.pt").write_bytes(b"partition")
+    with deepspeed_objects() as ds:
+        for rank in range(2):
+            torch.save(deepspeed_optimizer_state(ds, stage, rank),
+                       folder / f"bf16_zero_pp_rank_{rank}_mp_rank_00_optim_states.pt")
     (directory / "latest").write_text("checkpoint\n")
     return directory
 
@@ -281,14 +288,15 @@ def test_deepspeed_keep_optimizer_warns_that_it_cannot(run, fake_zero_to_fp32, t
     assert "optimizer_states" not in _load(out)
 
 
-def test_objects_that_are_not_plain_data_are_left_out_with_a_warning(run, fake_zero_to_fp32, tmp_path):
+def test_objects_that_are_not_plain_data_are_refused(run, fake_zero_to_fp32, tmp_path):
+    """A Python object in the model states that is neither plain data nor one of DeepSpeed's own classes is not
+    unpickled (that could run code): one error naming the file and the class, before DeepSpeed reads anything."""
     directory = write_deepspeed_like(run / "last.ckpt", tmp_path / "last.ckpt")
     states = directory / "checkpoint" / "mp_rank_00_model_states.pt"
     torch.save({**torch.load(states, weights_only=True), "my_callback_thing": Path("x")}, states)
-    with pytest.warns(UserWarning, match="my_callback_thing"):
-        out = consolidate(directory, tmp_path / "one.ckpt")
-    merged = _load(out)  # loads with weights_only=True: the object is not in it
-    assert "my_callback_thing" not in merged and "hyper_parameters" in merged
+    with pytest.raises(CheckpointError, match=rf"{re.escape(str(states))} holds Python objects .*pathlib\.PosixPath"):
+        consolidate(directory, tmp_path / "one.ckpt")
+    assert fake_zero_to_fp32 == [] and not (tmp_path / "one.ckpt").exists()
 
 
 def test_deepspeed_without_deepspeed_is_one_error_naming_the_extra(run, tmp_path, monkeypatch):

@@ -2,7 +2,15 @@
 
 from __future__ import annotations
 
+import collections
+import contextlib
+import dataclasses
+import enum
+import sys
+import types
+from collections.abc import Iterator
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 
@@ -58,3 +66,59 @@ TEXT = (
     "It had always been his fate to have his judgement questioned, and his work admired by those who never "
     "understood it. The sketch of the donkey was the last thing he painted before he gave it up. "
 )
+
+
+@contextlib.contextmanager
+def deepspeed_objects() -> Iterator[SimpleNamespace]:
+    """Classes under the names DeepSpeed pickles into its checkpoint files (a loss scaler, the ZeRO stage enum, a
+    parameter fragment address), importable while the block runs, so that ``torch.save`` writes references to them
+    as DeepSpeed's own files do, without DeepSpeed installed."""
+
+    class LossScaler:
+        def __init__(self, scale: float = 1.0) -> None:
+            self.cur_scale, self.dynamic = scale, False
+
+    class ZeroStageEnum(enum.IntEnum):
+        optimizer_states = 1
+        gradients = 2
+        weights = 3
+
+    @dataclasses.dataclass
+    class fragment_address:  # noqa: N801 - DeepSpeed's name
+        numel: int
+        start: int
+
+    modules = {"deepspeed.runtime.fp16.loss_scaler": LossScaler, "deepspeed.runtime.zero.config": ZeroStageEnum,
+               "deepspeed.utils.tensor_fragment": fragment_address}
+    names = ["deepspeed", "deepspeed.runtime", "deepspeed.runtime.fp16", "deepspeed.runtime.zero", "deepspeed.utils",
+             *modules]
+    saved = {name: sys.modules.get(name) for name in names}
+    for name in names:
+        sys.modules[name] = types.ModuleType(name)
+    for name, cls in modules.items():
+        cls.__module__, cls.__qualname__ = name, cls.__name__
+        setattr(sys.modules[name], cls.__name__, cls)
+    try:
+        yield SimpleNamespace(LossScaler=LossScaler, ZeroStageEnum=ZeroStageEnum, fragment_address=fragment_address)
+    finally:
+        for name, module in saved.items():
+            if module is None:
+                sys.modules.pop(name, None)
+            else:
+                sys.modules[name] = module
+
+
+def deepspeed_optimizer_state(ds: SimpleNamespace, stage: int, rank: int) -> dict:
+    """What a ZeRO optimizer's ``state_dict`` holds, in the shape DeepSpeed saves it into ``*_optim_states.pt``."""
+    partition = torch.full((8,), float(rank))
+    return {
+        "optimizer_state_dict": {
+            "loss_scaler": ds.LossScaler(1.0), "dynamic_loss_scale": False, "overflow": False, "clip_grad": 1.0,
+            "base_optimizer_state": {"state": {0: {"step": torch.tensor(3.0), "exp_avg": partition.clone()}},
+                                     "param_groups": [{"lr": 1e-3, "betas": (0.9, 0.95), "params": [0]}]},
+            "single_partition_of_fp32_groups": [partition], "zero_stage": ds.ZeroStageEnum(stage),
+            "group_paddings": [0], "partition_count": [2], "ds_version": "0.0.0",
+            "param_slice_mappings": [collections.OrderedDict(w=ds.fragment_address(numel=8, start=0))],
+        },
+        "ds_config": {"zero_optimization": {"stage": stage}}, "ds_version": "0.0.0",
+    }
