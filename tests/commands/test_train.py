@@ -56,8 +56,9 @@ def tiny_overrides(config: Path, corpus: Path, root: Path, hardware: bool = True
 
 def test_every_yaml_is_tested():
     """Each YAML in configs/ and callbacks/ is exercised by a test below (this guards new files)."""
-    # Finetuning configs are run with fast_dev_run by tests/classify, tests/instruct and tests/dpo, over the same globs.
-    finetuning = {p for task in ("classify", "instruct", "dpo") for p in (ROOT / "configs" / task).glob("*.yaml")}
+    # Finetuning configs are run by tests/classify, tests/instruct, tests/dpo and tests/chat, over the same globs.
+    tasks = ("classify", "instruct", "dpo", "chat")
+    finetuning = {p for task in tasks for p in (ROOT / "configs" / task).glob("*.yaml")}
     covered = set(RUN_CONFIGS) | set(TRAINER_CONFIGS) | set(CALLBACK_PRESETS) | finetuning
     assert set(ALL_YAML) == covered
     assert {p.name for p in RUN_CONFIGS} >= {"quickstart.yaml", "verdict.yaml", "gpt2-124m.yaml"}
