@@ -38,7 +38,7 @@ from lit_llm.data.conversations import (
     fit_conversation,
     to_messages,
 )
-from lit_llm.data.instruct import PromptBatches
+from lit_llm.data.instruct import PromptedSplits
 from lit_llm.data.packed import PackedCollate, PackedDataset
 from lit_llm.data.sampler import ResumableLoader, ResumableSampler
 from lit_llm.data.sources import load_records
@@ -79,7 +79,7 @@ class TargetExamples(Dataset):
         return [len(item["ids"]) for item in self.items]
 
 
-class ChatDataModule(GPTDataModule):
+class ChatDataModule(PromptedSplits, GPTDataModule):
     """Conversations from any source, rendered with a chat template, loss on every assistant turn.
 
     Batches are ``(inputs, targets)`` (:class:`~lit_llm.data.collate.TargetCollate`) for training, validation and
@@ -422,33 +422,6 @@ class ChatDataModule(GPTDataModule):
         self._train_loader = ResumableLoader(dataset, sampler, batch_size=self.batch_size, drop_last=self.drop_last,
                                              **self._common())
         return self._train_loader
-
-    def _loader(self, dataset: TargetExamples) -> DataLoader | list:
-        if not len(dataset):
-            return []
-        return DataLoader(dataset, batch_size=self.batch_size, shuffle=False, drop_last=False, **self._common())
-
-    def val_dataloader(self) -> DataLoader | list:
-        """Validation batches in order; ``[]`` without a validation split."""
-        self.setup("validate")
-        return self._loader(self.datasets["val"])
-
-    def test_dataloader(self) -> DataLoader | list:
-        """Test-split batches for ``test`` (the loss on the test conversations)."""
-        self.setup("test")
-        return self._loader(self.datasets["test"])
-
-    def predict_dataloader(self) -> DataLoader | list:
-        """The test prompts (one per assistant turn) in batches of equal length."""
-        self.setup("predict")
-        if not self.test_prompt_ids:
-            return []
-        return DataLoader(self.prompt_batches(), batch_size=None, shuffle=False, num_workers=0)
-
-    def prompt_batches(self) -> PromptBatches:
-        """The test prompts as :class:`~lit_llm.data.instruct.PromptBatches` of up to ``batch_size`` prompts."""
-        self.setup("predict")
-        return PromptBatches(self.test_prompt_ids, self.batch_size)
 
 
 def _validate(args: dict[str, Any]) -> ChatTemplate:

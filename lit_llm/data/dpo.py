@@ -30,14 +30,13 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
-import numpy as np
 import torch
 from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
 from torch.utils.data import DataLoader, Dataset
 
-from lit_llm.data.base import GPTDataModule, record_source_problems
+from lit_llm.data.base import GPTDataModule, record_source_problems, split_positions
 from lit_llm.data.collate import IGNORE_INDEX
-from lit_llm.data.instruct import PromptBatches
+from lit_llm.data.instruct import PromptedSplits
 from lit_llm.data.prompts import format_prompt
 from lit_llm.data.quality import QualityConfig
 from lit_llm.data.sampler import ResumableLoader, ResumableSampler
@@ -149,7 +148,7 @@ class _Pair:
     rejected: str
 
 
-class DPODataModule(GPTDataModule):
+class DPODataModule(PromptedSplits, GPTDataModule):
     """Preference pairs from any source, formatted with a prompt template and batched with the book's DPO collate.
 
     Batches are dicts (see :func:`collate_preferences`) for training, validation and ``test``; ``predict`` and the
@@ -345,14 +344,9 @@ class DPODataModule(GPTDataModule):
         if self.quality is not None:
             source = [r for _, r in self.quality.rows("source", source, self._text_fields(source), dedup_only=True)]
         loaded = {"data.source": source}
-        order = np.arange(len(source))
-        if self.split == "shuffle":
-            order = np.random.default_rng(self.seed).permutation(len(source))
-        origin: dict[Split, tuple[str, list[int]]] = {}
-        start = 0
-        for name, count in zip(_SPLITS, self._cut(len(source))):
-            origin[name] = ("data.source", order[start : start + count].tolist())
-            start += count
+        positions = split_positions(len(source), split=self.split, fractions=self.split_fractions, seed=self.seed,
+                                    val_given=self.val_source is not None, test_given=self.test_source is not None)
+        origin: dict[Split, tuple[str, list[int]]] = {name: ("data.source", positions[name]) for name in _SPLITS}
         for name, spec in (("val", self.val_source), ("test", self.test_source)):
             if spec is not None:
                 key = f"data.{name}_source"
@@ -378,19 +372,6 @@ class DPODataModule(GPTDataModule):
             raise DataError(f"data.source={self.source}: the training split is empty ({len(source)} records, "
                             f"split_fractions {list(self.split_fractions)}); add records or raise the train fraction.")
         return out
-
-    def _cut(self, n: int) -> tuple[int, int, int]:
-        """Records of ``source`` going to train, test and validation (the book's ``int(n * fraction)`` cuts)."""
-        f_train, f_test, f_val = self.split_fractions
-        if self.test_source is not None:
-            f_test = 0.0
-        if self.val_source is not None:
-            f_val = 0.0
-        total = f_train + f_test + f_val
-        n_train, n_test = int(n * f_train / total), int(n * f_test / total)
-        if f_val == 0.0:
-            return n - n_test, n_test, 0
-        return n_train, n_test, n - n_train - n_test
 
     # ---- tokenizer -------------------------------------------------------------------------------------------
 
@@ -504,33 +485,6 @@ class DPODataModule(GPTDataModule):
         self._train_loader = ResumableLoader(dataset, sampler, batch_size=self.batch_size, drop_last=self.drop_last,
                                              **self._common())
         return self._train_loader
-
-    def _loader(self, split: Split) -> DataLoader | list:
-        self.setup(split)
-        dataset = self.datasets[split]
-        if not len(dataset):
-            return []
-        return DataLoader(dataset, batch_size=self.batch_size, shuffle=False, drop_last=False, **self._common())
-
-    def val_dataloader(self) -> DataLoader | list:
-        """Validation batches in order; ``[]`` without a validation split."""
-        return self._loader("val")
-
-    def test_dataloader(self) -> DataLoader | list:
-        """Test batches (the DPO loss and rewards on the test split)."""
-        return self._loader("test")
-
-    def predict_dataloader(self) -> DataLoader | list:
-        """The test prompts in batches of equal length; ``predict`` generates a response for each."""
-        self.setup("predict")
-        if not self.test_prompt_ids:
-            return []
-        return DataLoader(self.prompt_batches(), batch_size=None, shuffle=False, num_workers=0)
-
-    def prompt_batches(self) -> PromptBatches:
-        """The test prompts as :class:`~lit_llm.data.instruct.PromptBatches` of up to ``batch_size`` prompts."""
-        self.setup("predict")
-        return PromptBatches(self.test_prompt_ids, self.batch_size)
 
 
 # ---- record helpers ---------------------------------------------------------------------------------------------

@@ -76,7 +76,40 @@ class PromptBatches(Dataset):
         }
 
 
-class InstructDataModule(GPTDataModule):
+class PromptedSplits:
+    """The evaluation loaders that the DataModules of prompted records share (instructions, conversations, preference
+    pairs): validation and test batches in order through the DataModule's ``_common()`` loader settings, ``[]`` for
+    an empty split, and the test prompts (``test_prompt_ids``) in :class:`PromptBatches` for ``predict``."""
+
+    def _split_loader(self, split: str, stage: str) -> DataLoader | list:
+        self.setup(stage)
+        dataset = self.datasets[split]
+        if not len(dataset):
+            return []
+        return DataLoader(dataset, batch_size=self.batch_size, shuffle=False, drop_last=False, **self._common())
+
+    def val_dataloader(self) -> DataLoader | list:
+        """Validation batches in order; ``[]`` without a validation split."""
+        return self._split_loader("val", "validate")
+
+    def test_dataloader(self) -> DataLoader | list:
+        """Test-split batches in order, for ``test`` (the loss on the test split); ``[]`` without a test split."""
+        return self._split_loader("test", "test")
+
+    def predict_dataloader(self) -> DataLoader | list:
+        """The test prompts in batches of equal length; ``predict`` generates a response for each."""
+        self.setup("predict")
+        if not self.test_prompt_ids:
+            return []
+        return DataLoader(self.prompt_batches(), batch_size=None, shuffle=False, num_workers=0)
+
+    def prompt_batches(self) -> PromptBatches:
+        """The test prompts as :class:`PromptBatches` of up to ``batch_size`` prompts."""
+        self.setup("predict")
+        return PromptBatches(self.test_prompt_ids, self.batch_size)
+
+
+class InstructDataModule(PromptedSplits, GPTDataModule):
     """Instruction records from any source, formatted with a prompt template and batched with the book's collate.
 
     Batches are ``(inputs, targets)`` for training, validation and ``test`` (loss); ``predict`` yields the test
@@ -365,9 +398,6 @@ class InstructDataModule(GPTDataModule):
                 "their last tokens"
             )
 
-    def _loader(self, dataset: Examples) -> DataLoader:
-        return DataLoader(dataset, batch_size=self.batch_size, shuffle=False, drop_last=False, **self._common())
-
     def _common(self, packed: bool = False) -> dict[str, Any]:
         collate = (PackedCollate(self.eos_id, self.allowed_max_length) if packed
                    else InstructionCollate(self.eos_id, self.allowed_max_length, self.mask_prompt))
@@ -404,29 +434,6 @@ class InstructDataModule(GPTDataModule):
         self._train_loader = ResumableLoader(dataset, sampler, batch_size=self.batch_size, drop_last=self.drop_last,
                                              **self._common())
         return self._train_loader
-
-    def val_dataloader(self) -> DataLoader | list:
-        """Validation batches in order; ``[]`` without a validation split."""
-        self.setup("validate")
-        return self._loader(self.datasets["val"]) if len(self.datasets["val"]) else []
-
-    def test_dataloader(self) -> DataLoader | list:
-        """Test-split batches for ``test`` (the loss on the test split)."""
-        self.setup("test")
-        return self._loader(self.datasets["test"]) if len(self.datasets["test"]) else []
-
-    def predict_dataloader(self) -> DataLoader | list:
-        """The test prompts in batches of equal length; ``predict`` generates a response for each."""
-        self.setup("predict")
-        if not self.test_prompt_ids:
-            return []
-        return DataLoader(self.prompt_batches(), batch_size=None, shuffle=False, num_workers=0)
-
-    def prompt_batches(self) -> PromptBatches:
-        """The test prompts as :class:`PromptBatches` of up to ``batch_size`` prompts."""
-        self.setup("predict")
-        return PromptBatches(self.test_prompt_ids, self.batch_size)
-
 
 
 def _validate(args: dict[str, Any]) -> None:
