@@ -21,13 +21,12 @@ import warnings
 from collections.abc import Iterator, Sequence
 from typing import Any, Literal
 
-import torch
 from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
 from torch.utils.data import DataLoader, Dataset
 
 from lit_llm.data.base import SPLIT_ORDER, GPTDataModule, record_source_problems, split_positions
 from lit_llm.data.chat_template import DEFAULT_TEMPLATE, ChatTemplate, get_chat_template
-from lit_llm.data.collate import IGNORE_INDEX, LengthGroupedSampler, TargetCollate
+from lit_llm.data.collate import IGNORE_INDEX, TargetCollate
 from lit_llm.data.conversations import (
     FORMATS,
     BadConversation,
@@ -40,7 +39,7 @@ from lit_llm.data.conversations import (
 )
 from lit_llm.data.instruct import PromptedSplits
 from lit_llm.data.packed import PackedCollate, PackedDataset
-from lit_llm.data.sampler import ResumableLoader, ResumableSampler
+from lit_llm.data.sampler import ResumableLoader
 from lit_llm.data.sources import load_records
 from lit_llm.data.tokenizer import Tokenizer
 from lit_llm.errors import ConfigError, DataError
@@ -382,46 +381,21 @@ class ChatDataModule(PromptedSplits, GPTDataModule):
 
     # ---- loaders ---------------------------------------------------------------------------------------------
 
-    def collate(self, packed: bool = False) -> TargetCollate | PackedCollate:
-        """The collate: padded batches pad inputs with end-of-text and targets with -100; ``packed`` rows (training
-        with ``packing``) also give each token its conversation's index."""
-        return PackedCollate(self.eos_id, self.max_length) if packed else TargetCollate(self.eos_id)
-
-    def _common(self, packed: bool = False) -> dict[str, Any]:
-        return {
-            "num_workers": self.num_workers,
-            "pin_memory": self.pin_memory,
-            "persistent_workers": self.num_workers > 0,
-            "collate_fn": self.collate(packed),
-            "generator": torch.Generator().manual_seed(self.seed),
-        }
+    def collate(self) -> TargetCollate:
+        """The collate of padded batches: inputs padded with end-of-text, targets with -100."""
+        return TargetCollate(self.eos_id)
 
     def train_dataloader(self) -> DataLoader:
         """Training ``(inputs, targets)`` batches (``(inputs, targets, documents)`` with ``packing``) in a seeded order
         that resumes exactly mid-epoch."""
         self.setup("fit")
-        dataset: TargetExamples | PackedDataset = self.datasets["train"]
         if self.packing:
             assert self.packed_train is not None
-            dataset = self.packed_train
-        if self.drop_last and len(dataset) < self.batch_size:
-            unit = f"packed rows of {self.max_length} tokens" if self.packing else "conversations"
-            raise DataError(
-                f"the training split has {len(dataset)} {unit}, fewer than data.batch_size={self.batch_size}, "
-                "so drop_last leaves no batch. Lower data.batch_size, set data.drop_last=false, or add records."
-            )
-        if self.packing:
-            sampler = ResumableSampler(len(dataset), seed=self.seed, shuffle=self.shuffle)
-            self._train_loader = ResumableLoader(dataset, sampler, batch_size=self.batch_size,
-                                                 drop_last=self.drop_last, **self._common(packed=True))
-            return self._train_loader
-        if self.group_by_length:
-            sampler: ResumableSampler = LengthGroupedSampler(dataset.lengths, self.batch_size, seed=self.seed)
-        else:
-            sampler = ResumableSampler(len(dataset), seed=self.seed, shuffle=self.shuffle)
-        self._train_loader = ResumableLoader(dataset, sampler, batch_size=self.batch_size, drop_last=self.drop_last,
-                                             **self._common())
-        return self._train_loader
+            return self._training_loader(self.packed_train, f"packed rows of {self.max_length} tokens",
+                                         collate=PackedCollate(self.eos_id, self.max_length))
+        dataset = self.datasets["train"]
+        lengths = dataset.lengths if self.group_by_length else None
+        return self._training_loader(dataset, "conversations", lengths=lengths)
 
 
 def _validate(args: dict[str, Any]) -> ChatTemplate:

@@ -39,7 +39,7 @@ from lit_llm.data.collate import IGNORE_INDEX
 from lit_llm.data.instruct import PromptedSplits
 from lit_llm.data.prompts import format_prompt
 from lit_llm.data.quality import QualityConfig
-from lit_llm.data.sampler import ResumableLoader, ResumableSampler
+from lit_llm.data.sampler import ResumableLoader
 from lit_llm.data.sources import load_records
 from lit_llm.errors import ConfigError, DataError
 
@@ -456,16 +456,6 @@ class DPODataModule(PromptedSplits, GPTDataModule):
         """The collate of every loader (and of the task's reference pass)."""
         return PreferenceCollate(self.eos_id, self.allowed_max_length, self.mask_prompt)
 
-    def _common(self) -> dict[str, Any]:
-        return {
-            "num_workers": self.num_workers,
-            "pin_memory": self.pin_memory,
-            "persistent_workers": self.num_workers > 0,
-            "collate_fn": self.collate(),
-            # A private generator, so creating an iterator never draws from the global RNG that dropout uses.
-            "generator": torch.Generator().manual_seed(self.seed),
-        }
-
     def ordered_loader(self, split: Split, batch_size: int | None = None) -> DataLoader:
         """All pairs of ``split`` in order, on this process (for the task's pass of the reference model)."""
         self.setup("fit")
@@ -475,16 +465,7 @@ class DPODataModule(PromptedSplits, GPTDataModule):
     def train_dataloader(self) -> DataLoader:
         """Training batches in a seeded order that resumes exactly mid-epoch."""
         self.setup("fit")
-        dataset = self.datasets["train"]
-        if self.drop_last and len(dataset) < self.batch_size:
-            raise DataError(
-                f"the training split has {len(dataset)} pairs, fewer than data.batch_size={self.batch_size}, so "
-                "drop_last leaves no batch. Lower data.batch_size, set data.drop_last=false, or add records."
-            )
-        sampler = ResumableSampler(len(dataset), seed=self.seed, shuffle=self.shuffle)
-        self._train_loader = ResumableLoader(dataset, sampler, batch_size=self.batch_size, drop_last=self.drop_last,
-                                             **self._common())
-        return self._train_loader
+        return self._training_loader(self.datasets["train"], "pairs")
 
 
 # ---- record helpers ---------------------------------------------------------------------------------------------

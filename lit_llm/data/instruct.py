@@ -14,7 +14,7 @@ whitespace.
 from __future__ import annotations
 
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, Literal
 
 import torch
@@ -77,9 +77,38 @@ class PromptBatches(Dataset):
 
 
 class PromptedSplits:
-    """The evaluation loaders that the DataModules of prompted records share (instructions, conversations, preference
-    pairs): validation and test batches in order through the DataModule's ``_common()`` loader settings, ``[]`` for
-    an empty split, and the test prompts (``test_prompt_ids``) in :class:`PromptBatches` for ``predict``."""
+    """The loaders that the DataModules of prompted records share (instructions, conversations, preference pairs):
+    training batches in a seeded, exactly resumable order (shuffled, grouped by length or packed rows), validation and
+    test batches in order, ``[]`` for an empty split, and the test prompts (``test_prompt_ids``) in
+    :class:`PromptBatches` for ``predict``. Each DataModule gives its padded-batch ``collate()``."""
+
+    def _common(self, collate: Callable | None = None) -> dict[str, Any]:
+        """Settings of every loader; ``collate`` replaces the DataModule's ``collate()`` (packed rows)."""
+        return {
+            "num_workers": self.num_workers,
+            "pin_memory": self.pin_memory,
+            "persistent_workers": self.num_workers > 0,
+            "collate_fn": collate if collate is not None else self.collate(),
+            # A private generator, so creating an iterator never draws from the global RNG that dropout uses.
+            "generator": torch.Generator().manual_seed(self.seed),
+        }
+
+    def _training_loader(self, dataset: Dataset, unit: str, *, lengths: Sequence[int] | None = None,
+                         collate: Callable | None = None) -> ResumableLoader:
+        """The training loader of ``dataset`` (``unit`` names its items in errors): batches grouped by ``lengths``
+        when given, else shuffled with ``seed``; the loader is kept, its position saved in checkpoints."""
+        if self.drop_last and len(dataset) < self.batch_size:
+            raise DataError(
+                f"the training split has {len(dataset)} {unit}, fewer than data.batch_size={self.batch_size}, so "
+                "drop_last leaves no batch. Lower data.batch_size, set data.drop_last=false, or add records."
+            )
+        if lengths is not None:
+            sampler: ResumableSampler = LengthGroupedSampler(lengths, self.batch_size, seed=self.seed)
+        else:
+            sampler = ResumableSampler(len(dataset), seed=self.seed, shuffle=self.shuffle)
+        self._train_loader = ResumableLoader(dataset, sampler, batch_size=self.batch_size, drop_last=self.drop_last,
+                                             **self._common(collate))
+        return self._train_loader
 
     def _split_loader(self, split: str, stage: str) -> DataLoader | list:
         self.setup(stage)
@@ -398,42 +427,21 @@ class InstructDataModule(PromptedSplits, GPTDataModule):
                 "their last tokens"
             )
 
-    def _common(self, packed: bool = False) -> dict[str, Any]:
-        collate = (PackedCollate(self.eos_id, self.allowed_max_length) if packed
-                   else InstructionCollate(self.eos_id, self.allowed_max_length, self.mask_prompt))
-        return {
-            "num_workers": self.num_workers,
-            "pin_memory": self.pin_memory,
-            "persistent_workers": self.num_workers > 0,
-            "collate_fn": collate,
-            # A private generator, so creating an iterator never draws from the global RNG that dropout uses.
-            "generator": torch.Generator().manual_seed(self.seed),
-        }
+    def collate(self) -> InstructionCollate:
+        """The book's collate of padded batches (prompt masking with ``mask_prompt``)."""
+        return InstructionCollate(self.eos_id, self.allowed_max_length, self.mask_prompt)
 
     def train_dataloader(self) -> DataLoader:
         """Training ``(inputs, targets)`` batches (``(inputs, targets, documents)`` with ``packing``) in a seeded order
         that resumes exactly mid-epoch."""
         self.setup("fit")
-        dataset = self.packed_train if self.packing else self.datasets["train"]
-        if self.drop_last and len(dataset) < self.batch_size:
-            unit = f"packed rows of {self.allowed_max_length} tokens" if self.packing else "examples"
-            raise DataError(
-                f"the training split has {len(dataset)} {unit}, fewer than data.batch_size={self.batch_size}, so "
-                "drop_last leaves no batch. Lower data.batch_size, set data.drop_last=false, or add records."
-            )
         if self.packing:
-            sampler = ResumableSampler(len(dataset), seed=self.seed, shuffle=self.shuffle)
-            self._train_loader = ResumableLoader(dataset, sampler, batch_size=self.batch_size,
-                                                 drop_last=self.drop_last, **self._common(packed=True))
-            return self._train_loader
-        if self.group_by_length:
-            sampler: ResumableSampler = LengthGroupedSampler([len(x) for x in dataset.ids], self.batch_size,
-                                                             seed=self.seed)
-        else:
-            sampler = ResumableSampler(len(dataset), seed=self.seed, shuffle=self.shuffle)
-        self._train_loader = ResumableLoader(dataset, sampler, batch_size=self.batch_size, drop_last=self.drop_last,
-                                             **self._common())
-        return self._train_loader
+            assert self.packed_train is not None
+            return self._training_loader(self.packed_train, f"packed rows of {self.allowed_max_length} tokens",
+                                         collate=PackedCollate(self.eos_id, self.allowed_max_length))
+        dataset = self.datasets["train"]
+        lengths = [len(x) for x in dataset.ids] if self.group_by_length else None
+        return self._training_loader(dataset, "examples", lengths=lengths)
 
 
 def _validate(args: dict[str, Any]) -> None:
