@@ -40,7 +40,6 @@ from lit_llm.data.conversations import (
 from lit_llm.data.instruct import PromptedSplits
 from lit_llm.data.packed import PackedCollate, PackedDataset
 from lit_llm.data.sampler import ResumableLoader
-from lit_llm.data.sources import load_records
 from lit_llm.data.tokenizer import Tokenizer
 from lit_llm.errors import ConfigError, DataError
 
@@ -234,10 +233,6 @@ class ChatDataModule(PromptedSplits, GPTDataModule):
         if self._conversations is None:
             self._conversations = self._split_conversations()
         return self._conversations
-
-    def _load(self, spec: str | list[str], key: str) -> list[dict[str, Any]]:
-        sha = self.sha256 if key == "data.source" else None
-        return load_records(spec, sha256=sha, cache_dir=self.cache_dir, hf_split=self.hf_split, key=key).to_list()
 
     def _split_conversations(self) -> dict[Split, list[list[Message]]]:
         source = self._load(self.source, "data.source")

@@ -40,7 +40,6 @@ from lit_llm.data.instruct import PromptedSplits
 from lit_llm.data.prompts import format_prompt
 from lit_llm.data.quality import QualityConfig
 from lit_llm.data.sampler import ResumableLoader
-from lit_llm.data.sources import load_records
 from lit_llm.errors import ConfigError, DataError
 
 Split = Literal["train", "val", "test"]
@@ -266,10 +265,6 @@ class DPODataModule(PromptedSplits, GPTDataModule):
         return self.fields["chosen"]
 
     # ---- records ---------------------------------------------------------------------------------------------
-
-    def _load(self, spec: str | list[str], key: str) -> list[dict[str, Any]]:
-        sha = self.sha256 if key == "data.source" else None
-        return load_records(spec, sha256=sha, cache_dir=self.cache_dir, hf_split=self.hf_split, key=key).to_list()
 
     def _text_fields(self, records: list[dict[str, Any]]) -> list[str]:
         """The fields the quality stage compares: the prompt's and both responses'."""

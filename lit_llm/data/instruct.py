@@ -77,10 +77,16 @@ class PromptBatches(Dataset):
 
 
 class PromptedSplits:
-    """The loaders that the DataModules of prompted records share (instructions, conversations, preference pairs):
-    training batches in a seeded, exactly resumable order (shuffled, grouped by length or packed rows), validation and
-    test batches in order, ``[]`` for an empty split, and the test prompts (``test_prompt_ids``) in
-    :class:`PromptBatches` for ``predict``. Each DataModule gives its padded-batch ``collate()``."""
+    """What the DataModules of prompted records share (instructions, conversations, preference pairs): loading the
+    records of a setting, training batches in a seeded, exactly resumable order (shuffled, grouped by length or packed
+    rows), validation and test batches in order, ``[]`` for an empty split, and the test prompts
+    (``test_prompt_ids``) in :class:`PromptBatches` for ``predict``. Each DataModule gives its padded-batch
+    ``collate()``."""
+
+    def _load(self, spec: str | list[str], key: str) -> list[dict[str, Any]]:
+        """The records of the setting ``key`` (``data.source`` with its ``sha256``, ``data.val_source``, ...)."""
+        sha = self.sha256 if key == "data.source" else None
+        return load_records(spec, sha256=sha, cache_dir=self.cache_dir, hf_split=self.hf_split, key=key).to_list()
 
     def _common(self, collate: Callable | None = None) -> dict[str, Any]:
         """Settings of every loader; ``collate`` replaces the DataModule's ``collate()`` (packed rows)."""
@@ -253,11 +259,6 @@ class InstructDataModule(PromptedSplits, GPTDataModule):
         self._train_loader: ResumableLoader | None = None
 
     # ---- records ---------------------------------------------------------------------------------------------
-
-    def _load(self, spec: str | list[str], key: str) -> list[dict[str, Any]]:
-        sha = self.sha256 if key == "data.source" else None
-        records = load_records(spec, sha256=sha, cache_dir=self.cache_dir, hf_split=self.hf_split, key=key)
-        return records.to_list()
 
     def records(self) -> dict[Split, list[dict[str, Any]]]:
         """The original records of each split, after the ``empty_output: drop`` policy (loaded once)."""
