@@ -17,11 +17,12 @@ import time
 from pathlib import Path
 from typing import Any
 
+import pytest
 import pytorch_lightning as pl
 import torch
 
 from lit_llm.callbacks.checkpoint import AtomicCheckpointIO
-from lit_llm.train import cli
+from lit_llm.train import cli, main
 
 ROOT = Path(__file__).resolve().parents[2]
 QUICKSTART = ROOT / "configs" / "pretrain" / "quickstart.yaml"
@@ -311,3 +312,14 @@ def write_pydoc_corpus(folder: Path, chars: int) -> Path:
     path = folder / "corpus.txt"
     path.write_text("\n\n".join(load_builtin("pydoc")["text"])[:chars], encoding="utf-8")
     return path
+
+
+def one_line_error(capsys, args: list[str]) -> str:
+    """Run ``main(args)``, expect exit status 1 and one ``error:`` line as the end of stderr; return that line."""
+    with pytest.raises(SystemExit) as exit_:
+        main(args)
+    assert exit_.value.code == 1
+    err = capsys.readouterr().err  # (progress bars of `datasets` may come first)
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert "Traceback" not in err and len(errors) == 1 and err.endswith(errors[0] + "\n"), err
+    return errors[0]

@@ -6,20 +6,9 @@ from __future__ import annotations
 import warnings
 
 import pytest
-from faults import fit_args
+from faults import fit_args, one_line_error
 
 from lit_llm.train import main
-
-
-def one_line_error(capsys, args: list[str]) -> str:
-    """Run ``main(args)``, expect exit status 1 and one ``error:`` line as the end of stderr; return that line."""
-    with pytest.raises(SystemExit) as exit_:
-        main(args)
-    assert exit_.value.code == 1
-    err = capsys.readouterr().err  # (progress bars of `datasets` may come first)
-    errors = [line for line in err.splitlines() if line.startswith("error:")]
-    assert "Traceback" not in err and len(errors) == 1 and err.endswith(errors[0] + "\n"), err
-    return errors[0]
 
 
 @pytest.mark.parametrize("key", ["model.init_args.vocab_size", "model.init_args.model.vocab_size"])
